@@ -1,0 +1,284 @@
+//! Authentication: who a connection is after `hello`, and which rooms it may join.
+//!
+//! Owns: JWT verification (HS256 with a shared secret, RS256/ES256 with a PEM public
+//! key), guest names, the `rooms` claim patterns, and minting HS256 tokens for
+//! `hubbub token`. Must not: know about sockets or close codes; the session maps
+//! [`AuthError`] to the protocol's replies.
+
+use crate::protocol::valid_guest_name;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Leeway on `exp`, at `hello` and on a live connection. The protocol allows at most
+/// 5 s; one second absorbs clock skew between the token's minter and us.
+pub const EXP_LEEWAY_SECS: u64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("invalid token: {0}")]
+    InvalidToken(String),
+    #[error("token expired")]
+    Expired,
+    #[error("guest access is disabled on this server; a token is required")]
+    GuestsDisabled,
+    #[error("hello needs a guest name (1-32 of A-Z a-z 0-9 _ - .) or a token")]
+    NoIdentity,
+    #[error("tokens are not accepted: this server has no JWT key configured")]
+    NoKey,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read JWT public key {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("JWT public key {path} is neither an RSA nor an EC (P-256) public key in PEM")]
+    Parse { path: String },
+}
+
+/// The claims Hubbub reads from a token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exp: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rooms: Option<Vec<String>>,
+}
+
+/// An authenticated identity.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub user: String,
+    pub name: String,
+    /// Token expiry (Unix seconds), enforced on the live connection.
+    pub exp: Option<u64>,
+    pub rooms: RoomAccess,
+}
+
+/// Which rooms a user may join, from the JWT `rooms` claim.
+#[derive(Debug, Clone)]
+pub enum RoomAccess {
+    All,
+    Patterns(Vec<String>),
+}
+
+impl RoomAccess {
+    /// `*` as a trailing wildcard: `team-*` matches every room starting with `team-`,
+    /// a lone `*` matches all, anything else matches exactly.
+    pub fn allows(&self, room: &str) -> bool {
+        match self {
+            RoomAccess::All => true,
+            RoomAccess::Patterns(patterns) => patterns.iter().any(|p| match p.strip_suffix('*') {
+                Some(prefix) => room.starts_with(prefix),
+                None => p == room,
+            }),
+        }
+    }
+}
+
+/// Verifies `hello` credentials.
+pub struct Authenticator {
+    keys: Vec<(DecodingKey, Validation)>,
+    guests: bool,
+}
+
+impl Authenticator {
+    pub fn new(
+        secret: Option<&str>,
+        public_key_pem: Option<(&str, &[u8])>,
+        guests: bool,
+    ) -> Result<Self, KeyError> {
+        let mut keys = Vec::new();
+        if let Some(secret) = secret {
+            keys.push((
+                DecodingKey::from_secret(secret.as_bytes()),
+                validation(&[Algorithm::HS256]),
+            ));
+        }
+        if let Some((path, pem)) = public_key_pem {
+            if let Ok(k) = DecodingKey::from_rsa_pem(pem) {
+                keys.push((k, validation(&[Algorithm::RS256])));
+            } else if let Ok(k) = DecodingKey::from_ec_pem(pem) {
+                keys.push((k, validation(&[Algorithm::ES256])));
+            } else {
+                return Err(KeyError::Parse {
+                    path: path.to_owned(),
+                });
+            }
+        }
+        Ok(Authenticator { keys, guests })
+    }
+
+    pub fn guests_enabled(&self) -> bool {
+        self.guests
+    }
+
+    /// Authenticate a `hello`: a token wins over a name when both are given.
+    pub fn authenticate(
+        &self,
+        name: Option<&str>,
+        token: Option<&str>,
+    ) -> Result<Identity, AuthError> {
+        if let Some(token) = token {
+            return self.verify(token);
+        }
+        match name {
+            Some(name) if valid_guest_name(name) => {
+                if !self.guests {
+                    return Err(AuthError::GuestsDisabled);
+                }
+                Ok(Identity {
+                    user: name.to_owned(),
+                    name: name.to_owned(),
+                    exp: None,
+                    rooms: RoomAccess::All,
+                })
+            }
+            _ => Err(AuthError::NoIdentity),
+        }
+    }
+
+    fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        if self.keys.is_empty() {
+            return Err(AuthError::NoKey);
+        }
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| AuthError::InvalidToken(e.to_string()))?;
+        let mut last_err = AuthError::InvalidToken(format!("algorithm {:?} not accepted", header.alg));
+        for (key, validation) in &self.keys {
+            if !validation.algorithms.contains(&header.alg) {
+                continue;
+            }
+            match jsonwebtoken::decode::<Claims>(token, key, validation) {
+                Ok(data) => {
+                    let c = data.claims;
+                    if c.sub.is_empty() {
+                        return Err(AuthError::InvalidToken("empty sub".into()));
+                    }
+                    return Ok(Identity {
+                        name: c.name.filter(|n| !n.is_empty()).unwrap_or_else(|| c.sub.clone()),
+                        user: c.sub,
+                        exp: c.exp,
+                        rooms: match c.rooms {
+                            None => RoomAccess::All,
+                            Some(p) => RoomAccess::Patterns(p),
+                        },
+                    });
+                }
+                Err(e) => {
+                    last_err = match e.kind() {
+                        jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                        _ => AuthError::InvalidToken(e.to_string()),
+                    };
+                }
+            }
+        }
+        Err(last_err)
+    }
+}
+
+fn validation(algs: &[Algorithm]) -> Validation {
+    let mut v = Validation::new(algs[0]);
+    v.algorithms = algs.to_vec();
+    v.leeway = EXP_LEEWAY_SECS;
+    // `exp` is optional in Hubbub tokens, but enforced when present.
+    v.required_spec_claims.clear();
+    v.required_spec_claims.insert("sub".into());
+    v.validate_exp = true;
+    v.validate_aud = false;
+    v
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Mint an HS256 token (`hubbub token`).
+pub fn mint_hs256(
+    secret: &str,
+    sub: &str,
+    name: Option<&str>,
+    rooms: Option<Vec<String>>,
+    ttl_secs: Option<u64>,
+) -> Result<String, jsonwebtoken::errors::Error> {
+    let claims = Claims {
+        sub: sub.to_owned(),
+        name: name.map(str::to_owned),
+        exp: ttl_secs.map(|t| now_secs() + t),
+        rooms,
+    };
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trailing_star_is_a_prefix_match() {
+        let a = RoomAccess::Patterns(vec!["team-*".into(), "lobby".into()]);
+        assert!(a.allows("team-x"));
+        assert!(a.allows("lobby"));
+        assert!(!a.allows("lobby2"));
+        assert!(!a.allows("other"));
+        assert!(RoomAccess::Patterns(vec!["*".into()]).allows("anything"));
+    }
+
+    #[test]
+    fn minted_token_verifies_with_the_same_secret_only() {
+        let t = mint_hs256("s3", "alice", Some("Alice"), None, Some(60)).unwrap();
+        let ok = Authenticator::new(Some("s3"), None, false).unwrap();
+        let id = ok.authenticate(None, Some(&t)).unwrap();
+        assert_eq!((id.user.as_str(), id.name.as_str()), ("alice", "Alice"));
+        let bad = Authenticator::new(Some("other"), None, false).unwrap();
+        assert!(matches!(
+            bad.authenticate(None, Some(&t)),
+            Err(AuthError::InvalidToken(_))
+        ));
+    }
+
+    #[test]
+    fn expired_token_is_refused() {
+        let claims = Claims {
+            sub: "a".into(),
+            name: None,
+            exp: Some(now_secs() - 30),
+            rooms: None,
+        };
+        let t = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(b"k"),
+        )
+        .unwrap();
+        let auth = Authenticator::new(Some("k"), None, false).unwrap();
+        assert!(matches!(auth.authenticate(None, Some(&t)), Err(AuthError::Expired)));
+    }
+
+    #[test]
+    fn guests_can_be_disabled() {
+        let auth = Authenticator::new(None, None, false).unwrap();
+        assert!(matches!(
+            auth.authenticate(Some("bob"), None),
+            Err(AuthError::GuestsDisabled)
+        ));
+        let auth = Authenticator::new(None, None, true).unwrap();
+        assert!(matches!(
+            auth.authenticate(Some("bad name"), None),
+            Err(AuthError::NoIdentity)
+        ));
+    }
+}

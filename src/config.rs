@@ -1,0 +1,497 @@
+//! Configuration: command-line flags, `HUBBUB_*` environment variables and a TOML
+//! file, merged in that order of precedence (flag > environment > file > default).
+//!
+//! Owns: parsing and validating every setting into one [`Config`]. Must not: open
+//! sockets or files other than the config file itself.
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: String,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "hubbub",
+    version,
+    about = "Hubbub: a real-time chat server (WebSocket rooms, DMs, presence, durable history)",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<CliCommand>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CliCommand {
+    /// Run the server (the default when no subcommand is given).
+    Serve(ServeArgs),
+    /// Print a signed HS256 token, for tests and for backends that mint tokens.
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The shared secret (the server's --jwt-secret).
+    #[arg(long)]
+    pub secret: String,
+    /// The user id (`sub` claim).
+    #[arg(long)]
+    pub sub: String,
+    /// Display name (`name` claim).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Comma-separated room patterns the user may join (`rooms` claim), e.g. 'team-*,lobby'.
+    #[arg(long)]
+    pub rooms: Option<String>,
+    /// Lifetime: 30s, 15m, 1h, 7d. Default 1h.
+    #[arg(long, default_value = "1h")]
+    pub ttl: String,
+}
+
+/// Flags of `hubbub serve`. Every one is optional so that the environment and the
+/// config file can fill what a flag leaves out.
+#[derive(Debug, Args, Default)]
+pub struct ServeArgs {
+    /// TOML config file (keys are the flag names with `_` for `-`).
+    #[arg(long, env = "HUBBUB_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "HUBBUB_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Directory for the SQLite history [default: ./hubbub-data].
+    #[arg(long, env = "HUBBUB_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// History store: sqlite or memory [default: sqlite].
+    #[arg(long, env = "HUBBUB_STORE", value_name = "sqlite|memory")]
+    pub store: Option<String>,
+    /// Allow guest access (default: on unless a JWT key is configured).
+    #[arg(long, overrides_with = "no_guests")]
+    pub guests: bool,
+    /// Refuse guest access.
+    #[arg(long, overrides_with = "guests")]
+    pub no_guests: bool,
+    /// HS256 shared secret for JWTs.
+    #[arg(long, env = "HUBBUB_JWT_SECRET", value_name = "SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM public key (RSA for RS256 or EC P-256 for ES256) for JWTs.
+    #[arg(long, env = "HUBBUB_JWT_PUBLIC_KEY", value_name = "PEM_FILE")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// Comma-separated allowed Origins; empty allows all.
+    #[arg(long, env = "HUBBUB_ALLOWED_ORIGINS", value_name = "LIST")]
+    pub allowed_origins: Option<String>,
+    /// Seconds between server pings [default: 25].
+    #[arg(long, env = "HUBBUB_HEARTBEAT", value_name = "SECS")]
+    pub heartbeat: Option<String>,
+    /// Seconds a new connection has to say hello [default: 10].
+    #[arg(long, env = "HUBBUB_HELLO_TIMEOUT", value_name = "SECS")]
+    pub hello_timeout: Option<String>,
+    /// Largest WebSocket message in bytes; larger closes with 1009 [default: 65536].
+    #[arg(long, env = "HUBBUB_MAX_MESSAGE", value_name = "BYTES")]
+    pub max_message: Option<usize>,
+    /// Longest message text in Unicode code points [default: 4000].
+    #[arg(long, env = "HUBBUB_MAX_TEXT", value_name = "CHARS")]
+    pub max_text: Option<usize>,
+    /// Commands per second per connection (token bucket, burst 2x) [default: 20].
+    #[arg(long, env = "HUBBUB_RATE_LIMIT", value_name = "PER_SEC")]
+    pub rate_limit: Option<u32>,
+    /// Rooms one connection may join [default: 100].
+    #[arg(long, env = "HUBBUB_MAX_ROOMS_PER_CONN", value_name = "N")]
+    pub max_rooms_per_conn: Option<usize>,
+    /// Outgoing queue per connection, in messages [default: 1024].
+    #[arg(long, env = "HUBBUB_SEND_QUEUE", value_name = "N")]
+    pub send_queue: Option<usize>,
+    /// Outgoing queue per connection, in bytes [default: 1048576].
+    #[arg(long, env = "HUBBUB_SEND_QUEUE_BYTES", value_name = "BYTES")]
+    pub send_queue_bytes: Option<usize>,
+    /// Messages kept per room by --store memory [default: 1000].
+    #[arg(long, env = "HUBBUB_MEMORY_HISTORY", value_name = "N")]
+    pub memory_history: Option<usize>,
+    /// Log format: text or json [default: text].
+    #[arg(long, env = "HUBBUB_LOG_FORMAT", value_name = "text|json")]
+    pub log_format: Option<String>,
+}
+
+/// The config file: the same keys as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    store: Option<String>,
+    guests: Option<bool>,
+    jwt_secret: Option<String>,
+    jwt_public_key: Option<PathBuf>,
+    allowed_origins: Option<StrOrList>,
+    heartbeat: Option<NumOrStr>,
+    hello_timeout: Option<NumOrStr>,
+    max_message: Option<usize>,
+    max_text: Option<usize>,
+    rate_limit: Option<u32>,
+    max_rooms_per_conn: Option<usize>,
+    send_queue: Option<usize>,
+    send_queue_bytes: Option<usize>,
+    memory_history: Option<usize>,
+    log_format: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum StrOrList {
+    Str(String),
+    List(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum NumOrStr {
+    Int(i64),
+    Float(f64),
+    Str(String),
+}
+
+impl NumOrStr {
+    fn into_string(self) -> String {
+        match self {
+            NumOrStr::Int(i) => i.to_string(),
+            NumOrStr::Float(f) => f.to_string(),
+            NumOrStr::Str(s) => s,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    Sqlite,
+    Memory,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The effective configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub store: StoreKind,
+    pub guests: bool,
+    pub jwt_secret: Option<String>,
+    pub jwt_public_key: Option<PathBuf>,
+    pub allowed_origins: Vec<String>,
+    pub heartbeat: Duration,
+    pub hello_timeout: Duration,
+    pub max_message: usize,
+    pub max_text: usize,
+    pub rate_limit: u32,
+    pub max_rooms_per_conn: usize,
+    pub send_queue: usize,
+    pub send_queue_bytes: usize,
+    pub memory_history: usize,
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("./hubbub-data"),
+            store: StoreKind::Sqlite,
+            guests: true,
+            jwt_secret: None,
+            jwt_public_key: None,
+            allowed_origins: Vec::new(),
+            heartbeat: Duration::from_secs(25),
+            hello_timeout: Duration::from_secs(10),
+            max_message: 65536,
+            max_text: 4000,
+            rate_limit: 20,
+            max_rooms_per_conn: 100,
+            send_queue: 1024,
+            send_queue_bytes: 1 << 20,
+            memory_history: 1000,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+impl Config {
+    /// Merge flags (already merged with the environment by clap) over the config
+    /// file over the defaults. `guests_env` is `HUBBUB_GUESTS`, read by the caller.
+    pub fn resolve(args: ServeArgs, guests_env: Option<String>) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            None => FileConfig::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                    path: path.display().to_string(),
+                    source: Box::new(source),
+                })?
+            }
+        };
+        let d = Config::default();
+
+        let listen_s = args.listen.or(file.listen);
+        let listen = match listen_s {
+            None => d.listen,
+            Some(s) => s
+                .parse()
+                .map_err(|e| invalid("listen", format!("{s:?} is not an address: {e}")))?,
+        };
+        let store = match args.store.or(file.store).as_deref() {
+            None | Some("sqlite") => StoreKind::Sqlite,
+            Some("memory") => StoreKind::Memory,
+            Some(other) => return Err(invalid("store", format!("{other:?}: use sqlite or memory"))),
+        };
+        let jwt_secret = args.jwt_secret.or(file.jwt_secret).filter(|s| !s.is_empty());
+        let jwt_public_key = args.jwt_public_key.or(file.jwt_public_key);
+        let guests_flag = if args.guests {
+            Some(true)
+        } else if args.no_guests {
+            Some(false)
+        } else {
+            None
+        };
+        let guests_env = match guests_env {
+            None => None,
+            Some(v) => Some(parse_bool(&v).ok_or_else(|| {
+                invalid("guests", format!("HUBBUB_GUESTS={v:?}: use true or false"))
+            })?),
+        };
+        let guests = guests_flag
+            .or(guests_env)
+            .or(file.guests)
+            .unwrap_or(jwt_secret.is_none() && jwt_public_key.is_none());
+        let allowed_origins = match args.allowed_origins {
+            Some(s) => split_list(&s),
+            None => match file.allowed_origins {
+                None => Vec::new(),
+                Some(StrOrList::Str(s)) => split_list(&s),
+                Some(StrOrList::List(l)) => l.into_iter().filter(|s| !s.is_empty()).collect(),
+            },
+        };
+        let heartbeat = match args.heartbeat.or(file.heartbeat.map(NumOrStr::into_string)) {
+            None => d.heartbeat,
+            Some(s) => parse_secs("heartbeat", &s)?,
+        };
+        let hello_timeout = match args
+            .hello_timeout
+            .or(file.hello_timeout.map(NumOrStr::into_string))
+        {
+            None => d.hello_timeout,
+            Some(s) => parse_secs("hello_timeout", &s)?,
+        };
+        let log_format = match args.log_format.or(file.log_format).as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => return Err(invalid("log_format", format!("{other:?}: use text or json"))),
+        };
+        let c = Config {
+            listen,
+            data_dir: args.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
+            store,
+            guests,
+            jwt_secret,
+            jwt_public_key,
+            allowed_origins,
+            heartbeat,
+            hello_timeout,
+            max_message: args.max_message.or(file.max_message).unwrap_or(d.max_message),
+            max_text: args.max_text.or(file.max_text).unwrap_or(d.max_text),
+            rate_limit: args.rate_limit.or(file.rate_limit).unwrap_or(d.rate_limit),
+            max_rooms_per_conn: args
+                .max_rooms_per_conn
+                .or(file.max_rooms_per_conn)
+                .unwrap_or(d.max_rooms_per_conn),
+            send_queue: args.send_queue.or(file.send_queue).unwrap_or(d.send_queue),
+            send_queue_bytes: args
+                .send_queue_bytes
+                .or(file.send_queue_bytes)
+                .unwrap_or(d.send_queue_bytes),
+            memory_history: args
+                .memory_history
+                .or(file.memory_history)
+                .unwrap_or(d.memory_history),
+            log_format,
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let positive: [(&'static str, usize); 6] = [
+            ("max_message", self.max_message),
+            ("max_text", self.max_text),
+            ("max_rooms_per_conn", self.max_rooms_per_conn),
+            ("send_queue", self.send_queue),
+            ("send_queue_bytes", self.send_queue_bytes),
+            ("memory_history", self.memory_history),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if self.max_message < 256 {
+            return Err(invalid("max_message", "must be at least 256 bytes"));
+        }
+        if self.rate_limit == 0 {
+            return Err(invalid("rate_limit", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+fn parse_bool(s: &str) -> Option<bool> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Some(true),
+        "0" | "false" | "no" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+fn split_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Seconds, possibly fractional ("25", "0.5"), or with a unit ("500ms", "30s", "2m").
+pub fn parse_secs(key: &'static str, s: &str) -> Result<Duration, ConfigError> {
+    let bad = || invalid(key, format!("{s:?} is not a duration (e.g. 25, 0.5, 500ms, 30s)"));
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num.trim().parse().map_err(|_| bad())?;
+    if !v.is_finite() || v <= 0.0 {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs_f64(v * mult))
+}
+
+/// A token lifetime for `hubbub token --ttl`: 30s, 15m, 1h, 7d (a bare number is seconds).
+pub fn parse_ttl(s: &str) -> Result<u64, ConfigError> {
+    let bad = || invalid("ttl", format!("{s:?}: use a number with s, m, h or d (30s, 15m, 1h, 7d)"));
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 's')) => (&s[..i], 1),
+        Some((i, 'm')) => (&s[..i], 60),
+        Some((i, 'h')) => (&s[..i], 3600),
+        Some((i, 'd')) => (&s[..i], 86400),
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    if n == 0 {
+        return Err(bad());
+    }
+    n.checked_mul(mult).ok_or_else(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_units() {
+        assert_eq!(parse_ttl("30s").unwrap(), 30);
+        assert_eq!(parse_ttl("15m").unwrap(), 900);
+        assert_eq!(parse_ttl("1h").unwrap(), 3600);
+        assert_eq!(parse_ttl("7d").unwrap(), 604800);
+        assert!(parse_ttl("1w").is_err());
+        assert!(parse_ttl("0s").is_err());
+    }
+
+    #[test]
+    fn durations_accept_fractions_and_units() {
+        assert_eq!(parse_secs("k", "25").unwrap(), Duration::from_secs(25));
+        assert_eq!(parse_secs("k", "0.5").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_secs("k", "200ms").unwrap(), Duration::from_millis(200));
+        assert!(parse_secs("k", "-1").is_err());
+    }
+
+    #[test]
+    fn flag_beats_file_and_file_beats_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.toml");
+        std::fs::write(&path, "max_text = 100\nrate_limit = 7\n").unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            max_text: Some(50),
+            ..Default::default()
+        };
+        let c = Config::resolve(args, None).unwrap();
+        assert_eq!(c.max_text, 50);
+        assert_eq!(c.rate_limit, 7);
+        assert_eq!(c.max_rooms_per_conn, 100);
+    }
+
+    #[test]
+    fn unknown_file_key_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.toml");
+        std::fs::write(&path, "max_txt = 100\n").unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        assert!(matches!(
+            Config::resolve(args, None),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+
+    #[test]
+    fn a_jwt_key_turns_guests_off_unless_asked() {
+        let args = ServeArgs {
+            jwt_secret: Some("s".into()),
+            ..Default::default()
+        };
+        assert!(!Config::resolve(args, None).unwrap().guests);
+        let args = ServeArgs {
+            jwt_secret: Some("s".into()),
+            guests: true,
+            ..Default::default()
+        };
+        assert!(Config::resolve(args, None).unwrap().guests);
+    }
+}

@@ -1,0 +1,134 @@
+//! One connection's outgoing queue: bounded in frames and in bytes.
+//!
+//! Policy when it fills: the push that would cross either bound is refused, the
+//! queue is marked overflowed and the session is woken to close the connection
+//! with 4008 (slow consumer). Nothing ever waits on a full queue, so one slow
+//! reader cannot hold up a fan-out to everyone else.
+
+use axum::extract::ws::Utf8Bytes;
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use tokio::sync::Notify;
+
+pub struct Outbox {
+    /// std Mutex: held only for a push or a drain, never across an await.
+    inner: Mutex<Inner>,
+    notify: Notify,
+    max_frames: usize,
+    max_bytes: usize,
+}
+
+#[derive(Default)]
+struct Inner {
+    frames: VecDeque<Utf8Bytes>,
+    bytes: usize,
+    overflowed: bool,
+}
+
+/// What a drain found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Drained {
+    Ok,
+    Overflowed,
+}
+
+impl Outbox {
+    pub fn new(max_frames: usize, max_bytes: usize) -> Self {
+        Outbox {
+            inner: Mutex::new(Inner::default()),
+            notify: Notify::new(),
+            max_frames,
+            max_bytes,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // Every critical section leaves Inner consistent, so poison is harmless.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queue a frame. Returns false when the queue has overflowed (now or before).
+    pub fn push(&self, frame: Utf8Bytes) -> bool {
+        let mut g = self.lock();
+        if g.overflowed {
+            return false;
+        }
+        let len = frame.len();
+        if g.frames.len() >= self.max_frames || g.bytes + len > self.max_bytes {
+            // A single frame larger than the byte cap still goes into an empty queue:
+            // refusing it would close a connection that is keeping up.
+            if !g.frames.is_empty() {
+                g.overflowed = true;
+                g.frames.clear();
+                g.bytes = 0;
+                drop(g);
+                self.notify.notify_one();
+                return false;
+            }
+        }
+        let was_empty = g.frames.is_empty();
+        g.bytes += len;
+        g.frames.push_back(frame);
+        drop(g);
+        if was_empty {
+            self.notify.notify_one();
+        }
+        true
+    }
+
+    /// Move every queued frame into `out`.
+    pub fn drain_into(&self, out: &mut Vec<Utf8Bytes>) -> Drained {
+        let mut g = self.lock();
+        if g.overflowed {
+            return Drained::Overflowed;
+        }
+        out.extend(g.frames.drain(..));
+        g.bytes = 0;
+        Drained::Ok
+    }
+
+    pub fn is_overflowed(&self) -> bool {
+        self.lock().overflowed
+    }
+
+    /// Resolves after a push into an empty queue or an overflow. A wake-up hint only:
+    /// the session drains the queue whenever it is idle anyway.
+    pub async fn notified(&self) {
+        self.notify.notified().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overflow_in_frames_refuses_and_marks() {
+        let o = Outbox::new(2, 1 << 20);
+        assert!(o.push("a".into()));
+        assert!(o.push("b".into()));
+        assert!(!o.push("c".into()));
+        assert!(o.is_overflowed());
+        let mut v = Vec::new();
+        assert_eq!(o.drain_into(&mut v), Drained::Overflowed);
+    }
+
+    #[test]
+    fn overflow_in_bytes_refuses_and_marks() {
+        let o = Outbox::new(100, 10);
+        assert!(o.push("123456".into()));
+        assert!(!o.push("123456".into()));
+        assert!(o.is_overflowed());
+    }
+
+    #[test]
+    fn drain_empties_and_keeps_order() {
+        let o = Outbox::new(10, 100);
+        o.push("a".into());
+        o.push("b".into());
+        let mut v = Vec::new();
+        assert_eq!(o.drain_into(&mut v), Drained::Ok);
+        assert_eq!(v, vec![Utf8Bytes::from("a"), Utf8Bytes::from("b")]);
+        assert!(o.push("c".into()), "drained queue accepts again");
+    }
+}

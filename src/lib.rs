@@ -1,0 +1,28 @@
+//! Hubbub: a real-time chat and messaging server.
+//!
+//! The map of the crate, in the order a message travels:
+//!
+//! - [`server`]: the listener and HTTP surface (`/ws`, `/healthz`, `/readyz`,
+//!   `/metrics`), and graceful shutdown.
+//! - [`session`]: one connection's task: hello, commands, heartbeat, writing its
+//!   outgoing queue, closing with the right code.
+//! - [`protocol`]: the wire types (docs/PROTOCOL.md): parsing commands, encoding
+//!   events, error and close codes.
+//! - [`auth`]: JWT and guest identities, room permissions.
+//! - [`limits`]: the per-connection rate limit.
+//! - [`hub`]: rooms, DM pairs, presence, sequencing, group commit and fan-out.
+//! - [`broker`]: the seam where a stored message goes to every node (local today).
+//! - [`store`]: durable history (SQLite) and the in-memory store.
+//! - [`metrics`]: Prometheus metric names and handles.
+//! - [`config`]: flags, environment and config file.
+
+pub mod auth;
+pub mod broker;
+pub mod config;
+pub mod hub;
+pub mod limits;
+pub mod metrics;
+pub mod protocol;
+pub mod server;
+pub mod session;
+pub mod store;

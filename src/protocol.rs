@@ -1,0 +1,643 @@
+//! Wire types of the Hubbub protocol (docs/PROTOCOL.md): parsing client commands,
+//! encoding server events, error codes, close codes and the name rules.
+//!
+//! Owns: the exact JSON shapes on the wire. Must not: touch sockets, the hub or the
+//! store. Everything here is pure and synchronous so it can be unit-tested alone.
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+use std::fmt;
+
+/// Largest `history` / `limit` a client may ask for; larger counts are clamped.
+pub const MAX_HISTORY: u64 = 500;
+/// Default `history` / `limit` when the client gives none.
+pub const DEFAULT_HISTORY: u64 = 50;
+/// A rejoin returns at most this many missed messages; beyond it `recovered: false`.
+pub const MAX_RECOVERY: u64 = 1000;
+/// `meta`, serialized, may be at most this many bytes.
+pub const MAX_META_BYTES: usize = 1024;
+/// `client_id` may be at most this many characters.
+pub const MAX_CLIENT_ID_CHARS: usize = 64;
+/// A user id given to `direct` / `history.dm` may be at most this many characters.
+pub const MAX_USER_ID_CHARS: usize = 256;
+
+/// Close codes of the protocol (PROTOCOL.md, "Close codes").
+pub mod close {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const INVALID_UTF8: u16 = 1007;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    pub const INTERNAL: u16 = 1011;
+    pub const OVERLOADED: u16 = 1013;
+    pub const NO_HELLO: u16 = 4000;
+    pub const UNAUTHORIZED: u16 = 4001;
+    pub const SLOW_CONSUMER: u16 = 4008;
+    pub const RATE_LIMITED: u16 = 4029;
+}
+
+/// The error codes of the protocol (PROTOCOL.md, "Errors").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    NotJoined,
+    RateLimited,
+    TooLarge,
+    Conflict,
+    Unavailable,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::NotJoined => "not_joined",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// A command that failed: the code and the human text sent back in `error`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct CommandError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl CommandError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        CommandError {
+            code,
+            message: message.into(),
+        }
+    }
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::BadRequest, message)
+    }
+}
+
+/// The client-chosen `id` of a command: a string or an integer, echoed verbatim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum CommandId {
+    Int(i64),
+    Str(String),
+}
+
+impl fmt::Display for CommandId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CommandId::Int(i) => write!(f, "{i}"),
+            CommandId::Str(s) => write!(f, "{s:?}"),
+        }
+    }
+}
+
+/// `since` of a `join`: where the client's copy of a room's history ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Since {
+    pub seq: u64,
+    pub epoch: String,
+}
+
+/// Target of a `history` command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HistoryTarget {
+    Room(String),
+    Dm(String),
+}
+
+/// A parsed, validated client command.
+#[derive(Debug, Clone)]
+pub enum Command {
+    Hello {
+        name: Option<String>,
+        token: Option<String>,
+        batch: bool,
+    },
+    Join {
+        room: String,
+        since: Option<Since>,
+        history: u64,
+    },
+    Leave {
+        room: String,
+    },
+    Send {
+        room: String,
+        text: String,
+        meta: Option<Box<RawValue>>,
+        client_id: Option<String>,
+    },
+    Direct {
+        to: String,
+        text: String,
+        meta: Option<Box<RawValue>>,
+        client_id: Option<String>,
+    },
+    History {
+        target: HistoryTarget,
+        before: Option<u64>,
+        limit: u64,
+    },
+    Presence {
+        room: String,
+    },
+    Typing {
+        room: String,
+    },
+    Ping,
+}
+
+impl Command {
+    /// The command's `type`, for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::Hello { .. } => "hello",
+            Command::Join { .. } => "join",
+            Command::Leave { .. } => "leave",
+            Command::Send { .. } => "send",
+            Command::Direct { .. } => "direct",
+            Command::History { .. } => "history",
+            Command::Presence { .. } => "presence",
+            Command::Typing { .. } => "typing",
+            Command::Ping => "ping",
+        }
+    }
+}
+
+/// Why a frame could not become a command. `id` is kept whenever the frame had one,
+/// so that the `error` reply can carry it.
+#[derive(Debug, Clone)]
+pub struct ParseFailure {
+    pub id: Option<CommandId>,
+    pub error: CommandError,
+}
+
+/// Limits that parsing enforces (they come from the configuration).
+#[derive(Debug, Clone, Copy)]
+pub struct ParseLimits {
+    pub max_text: usize,
+}
+
+/// Parse one client frame (one JSON object) into a command and its `id`.
+pub fn parse_command(
+    frame: &str,
+    limits: ParseLimits,
+) -> Result<(Option<CommandId>, Command), ParseFailure> {
+    let value: Value = serde_json::from_str(frame).map_err(|e| ParseFailure {
+        id: None,
+        error: CommandError::bad_request(format!("invalid JSON: {e}")),
+    })?;
+    let Value::Object(obj) = value else {
+        return Err(ParseFailure {
+            id: None,
+            error: CommandError::bad_request("a message must be a JSON object"),
+        });
+    };
+    let id = match obj.get("id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(CommandId::Str(s.clone())),
+        Some(Value::Number(n)) if n.is_i64() => n.as_i64().map(CommandId::Int),
+        Some(Value::Number(n)) if n.is_u64() => {
+            return Err(ParseFailure {
+                id: None,
+                error: CommandError::bad_request(format!("id {n} is out of range")),
+            });
+        }
+        Some(_) => {
+            return Err(ParseFailure {
+                id: None,
+                error: CommandError::bad_request("id must be a string or an integer"),
+            });
+        }
+    };
+    let fields = Fields { obj: &obj };
+    match fields.parse(limits) {
+        Ok(cmd) => Ok((id, cmd)),
+        Err(error) => Err(ParseFailure { id, error }),
+    }
+}
+
+struct Fields<'a> {
+    obj: &'a Map<String, Value>,
+}
+
+impl Fields<'_> {
+    fn parse(&self, limits: ParseLimits) -> Result<Command, CommandError> {
+        let kind = match self.obj.get("type") {
+            Some(Value::String(s)) => s.as_str(),
+            Some(_) => return Err(CommandError::bad_request("type must be a string")),
+            None => return Err(CommandError::bad_request("missing field: type")),
+        };
+        Ok(match kind {
+            "hello" => Command::Hello {
+                name: self.opt_str("name")?.map(str::to_owned),
+                token: self.opt_str("token")?.map(str::to_owned),
+                batch: self.opt_bool("batch")?.unwrap_or(false),
+            },
+            "join" => Command::Join {
+                room: self.room("room")?,
+                since: self.since()?,
+                history: self.count("history")?,
+            },
+            "leave" => Command::Leave {
+                room: self.room("room")?,
+            },
+            "send" => Command::Send {
+                room: self.room("room")?,
+                text: self.text(limits)?,
+                meta: self.meta()?,
+                client_id: self.client_id()?,
+            },
+            "direct" => Command::Direct {
+                to: self.user_id("to")?,
+                text: self.text(limits)?,
+                meta: self.meta()?,
+                client_id: self.client_id()?,
+            },
+            "history" => {
+                let target = match (self.obj.get("room"), self.obj.get("dm")) {
+                    (Some(_), Some(_)) => {
+                        return Err(CommandError::bad_request(
+                            "give either room or dm, not both",
+                        ));
+                    }
+                    (Some(_), None) => HistoryTarget::Room(self.room("room")?),
+                    (None, Some(_)) => HistoryTarget::Dm(self.user_id("dm")?),
+                    (None, None) => {
+                        return Err(CommandError::bad_request("missing field: room or dm"));
+                    }
+                };
+                Command::History {
+                    target,
+                    before: self.opt_u64("before")?,
+                    limit: self.count("limit")?,
+                }
+            }
+            "presence" => Command::Presence {
+                room: self.room("room")?,
+            },
+            "typing" => Command::Typing {
+                room: self.room("room")?,
+            },
+            "ping" => Command::Ping,
+            other => {
+                return Err(CommandError::bad_request(format!(
+                    "unknown type {:?}",
+                    truncate(other, 64)
+                )));
+            }
+        })
+    }
+
+    fn opt_str(&self, key: &str) -> Result<Option<&str>, CommandError> {
+        match self.obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(CommandError::bad_request(format!("{key} must be a string"))),
+        }
+    }
+
+    fn req_str(&self, key: &str) -> Result<&str, CommandError> {
+        self.opt_str(key)?
+            .ok_or_else(|| CommandError::bad_request(format!("missing field: {key}")))
+    }
+
+    fn opt_bool(&self, key: &str) -> Result<Option<bool>, CommandError> {
+        match self.obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(CommandError::bad_request(format!("{key} must be a boolean"))),
+        }
+    }
+
+    fn opt_u64(&self, key: &str) -> Result<Option<u64>, CommandError> {
+        match self.obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| {
+                CommandError::bad_request(format!("{key} must be a non-negative integer"))
+            }),
+            Some(_) => Err(CommandError::bad_request(format!(
+                "{key} must be a non-negative integer"
+            ))),
+        }
+    }
+
+    /// A `history`/`limit` count: default 50, clamped to 500 (never refused for size).
+    fn count(&self, key: &str) -> Result<u64, CommandError> {
+        Ok(self
+            .opt_u64(key)?
+            .unwrap_or(DEFAULT_HISTORY)
+            .min(MAX_HISTORY))
+    }
+
+    fn room(&self, key: &str) -> Result<String, CommandError> {
+        let room = self.req_str(key)?;
+        if !valid_room_name(room) {
+            return Err(CommandError::bad_request(format!(
+                "bad room name {:?}: 1-64 characters from A-Z a-z 0-9 _ - . :",
+                truncate(room, 80)
+            )));
+        }
+        Ok(room.to_owned())
+    }
+
+    fn user_id(&self, key: &str) -> Result<String, CommandError> {
+        let user = self.req_str(key)?;
+        let chars = user.chars().count();
+        if chars == 0 || chars > MAX_USER_ID_CHARS {
+            return Err(CommandError::bad_request(format!(
+                "{key} must be a user id of 1-{MAX_USER_ID_CHARS} characters"
+            )));
+        }
+        Ok(user.to_owned())
+    }
+
+    fn text(&self, limits: ParseLimits) -> Result<String, CommandError> {
+        let text = self.req_str("text")?;
+        if text.is_empty() {
+            return Err(CommandError::bad_request("text must not be empty"));
+        }
+        // Byte length bounds the char count from above: skip the count for short text.
+        if text.len() > limits.max_text {
+            let chars = text.chars().count();
+            if chars > limits.max_text {
+                return Err(CommandError::new(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "text is {chars} characters; the limit is {}",
+                        limits.max_text
+                    ),
+                ));
+            }
+        }
+        Ok(text.to_owned())
+    }
+
+    fn meta(&self) -> Result<Option<Box<RawValue>>, CommandError> {
+        match self.obj.get("meta") {
+            None | Some(Value::Null) => Ok(None),
+            Some(v @ Value::Object(_)) => {
+                let s = serde_json::to_string(v)
+                    .map_err(|e| CommandError::bad_request(format!("meta: {e}")))?;
+                if s.len() > MAX_META_BYTES {
+                    return Err(CommandError::new(
+                        ErrorCode::TooLarge,
+                        format!(
+                            "meta is {} bytes serialized; the limit is {MAX_META_BYTES}",
+                            s.len()
+                        ),
+                    ));
+                }
+                RawValue::from_string(s)
+                    .map(Some)
+                    .map_err(|e| CommandError::bad_request(format!("meta: {e}")))
+            }
+            Some(_) => Err(CommandError::bad_request("meta must be a JSON object")),
+        }
+    }
+
+    fn client_id(&self) -> Result<Option<String>, CommandError> {
+        let Some(cid) = self.opt_str("client_id")? else {
+            return Ok(None);
+        };
+        if cid.is_empty() || cid.chars().count() > MAX_CLIENT_ID_CHARS {
+            return Err(CommandError::bad_request(format!(
+                "client_id must be 1-{MAX_CLIENT_ID_CHARS} characters"
+            )));
+        }
+        Ok(Some(cid.to_owned()))
+    }
+
+    fn since(&self) -> Result<Option<Since>, CommandError> {
+        match self.obj.get("since") {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Object(o)) => {
+                let seq = o.get("seq").and_then(Value::as_u64).ok_or_else(|| {
+                    CommandError::bad_request("since.seq must be a non-negative integer")
+                })?;
+                let epoch = o
+                    .get("epoch")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| CommandError::bad_request("since.epoch must be a string"))?;
+                Ok(Some(Since {
+                    seq,
+                    epoch: epoch.to_owned(),
+                }))
+            }
+            Some(_) => Err(CommandError::bad_request(
+                "since must be an object {\"seq\": N, \"epoch\": \"E\"}",
+            )),
+        }
+    }
+}
+
+fn truncate(s: &str, max_chars: usize) -> &str {
+    match s.char_indices().nth(max_chars) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// Room names: 1-64 characters from `A-Z a-z 0-9 _ - . :`.
+pub fn valid_room_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
+}
+
+/// Guest names: 1-32 characters from `A-Z a-z 0-9 _ - .`.
+pub fn valid_guest_name(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+/// One member in a presence list: one entry per user, not per connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Member {
+    pub user: String,
+    pub name: String,
+}
+
+/// Encode a server event. Serialization of our own types cannot fail (no maps with
+/// non-string keys, no non-finite floats), so a failure is a bug we log and survive.
+pub fn encode<T: Serialize>(event: &T) -> String {
+    serde_json::to_string(event).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "failed to encode a server event");
+        r#"{"type":"error","code":"internal","message":"encoding failed"}"#.to_owned()
+    })
+}
+
+#[derive(Serialize)]
+struct ErrorEvent<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a CommandId>,
+    code: ErrorCode,
+    message: &'a str,
+}
+
+/// `{"type":"error",...}` answering command `id` (or none).
+pub fn error_event(id: Option<&CommandId>, err: &CommandError) -> String {
+    encode(&ErrorEvent {
+        kind: "error",
+        id,
+        code: err.code,
+        message: &err.message,
+    })
+}
+
+#[derive(Serialize)]
+struct ClosingEvent<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    reason: &'a str,
+}
+
+/// `{"type":"closing","reason":...}`, sent just before a server-initiated close.
+pub fn closing_event(reason: &str) -> String {
+    encode(&ClosingEvent {
+        kind: "closing",
+        reason,
+    })
+}
+
+/// A reply that is only `type` and `id` plus fixed fields (pong, left).
+#[derive(Serialize)]
+pub struct Reply<'a, T: Serialize> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<&'a CommandId>,
+    #[serde(flatten)]
+    pub body: T,
+}
+
+pub fn reply<T: Serialize>(kind: &'static str, id: Option<&CommandId>, body: T) -> String {
+    encode(&Reply { kind, id, body })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: ParseLimits = ParseLimits { max_text: 10 };
+
+    fn err_of(frame: &str) -> ParseFailure {
+        parse_command(frame, LIMITS).expect_err("should fail")
+    }
+
+    #[test]
+    fn invalid_json_is_bad_request_without_id() {
+        let f = err_of("{nope");
+        assert_eq!(f.error.code, ErrorCode::BadRequest);
+        assert_eq!(f.id, None);
+    }
+
+    #[test]
+    fn missing_field_keeps_the_id() {
+        let f = err_of(r#"{"type":"join","id":7}"#);
+        assert_eq!(f.error.code, ErrorCode::BadRequest);
+        assert_eq!(f.id, Some(CommandId::Int(7)));
+        assert!(f.error.message.contains("room"));
+    }
+
+    #[test]
+    fn unknown_type_is_bad_request() {
+        let f = err_of(r#"{"type":"dance","id":"x"}"#);
+        assert_eq!(f.error.code, ErrorCode::BadRequest);
+        assert_eq!(f.id, Some(CommandId::Str("x".into())));
+    }
+
+    #[test]
+    fn text_over_max_text_code_points_is_too_large() {
+        // 11 code points, each 2 bytes.
+        let f = err_of(r#"{"type":"send","id":1,"room":"r","text":"ééééééééééé"}"#);
+        assert_eq!(f.error.code, ErrorCode::TooLarge);
+        // Exactly 10 code points of 2 bytes each passes although it is 20 bytes.
+        assert!(
+            parse_command(
+                r#"{"type":"send","room":"r","text":"éééééééééé"}"#,
+                LIMITS
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn history_counts_are_clamped_not_refused() {
+        let (_, cmd) =
+            parse_command(r#"{"type":"history","room":"r","limit":100000}"#, LIMITS).unwrap();
+        assert!(matches!(cmd, Command::History { limit: 500, .. }));
+    }
+
+    #[test]
+    fn room_names_follow_the_rules() {
+        assert!(valid_room_name("team-a:dev.1_x"));
+        assert!(!valid_room_name(""));
+        assert!(!valid_room_name("has space"));
+        assert!(!valid_room_name(&"a".repeat(65)));
+        assert!(valid_room_name(&"a".repeat(64)));
+        assert!(!valid_room_name("émoji"));
+    }
+
+    #[test]
+    fn guest_names_exclude_colon_and_space() {
+        assert!(valid_guest_name("alice_1.x-y"));
+        assert!(!valid_guest_name("a:b"));
+        assert!(!valid_guest_name("a b"));
+        assert!(!valid_guest_name(&"a".repeat(33)));
+    }
+
+    #[test]
+    fn meta_must_be_a_small_object() {
+        let f = err_of(r#"{"type":"send","room":"r","text":"x","meta":[1]}"#);
+        assert_eq!(f.error.code, ErrorCode::BadRequest);
+        let big = format!(
+            r#"{{"type":"send","room":"r","text":"x","meta":{{"k":"{}"}}}}"#,
+            "a".repeat(1100)
+        );
+        assert_eq!(err_of(&big).error.code, ErrorCode::TooLarge);
+    }
+
+    #[test]
+    fn client_id_over_64_chars_is_bad_request() {
+        let frame = format!(
+            r#"{{"type":"send","room":"r","text":"x","client_id":"{}"}}"#,
+            "c".repeat(65)
+        );
+        assert_eq!(err_of(&frame).error.code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn error_event_carries_id_code_and_message() {
+        let e = error_event(
+            Some(&CommandId::Str("a".into())),
+            &CommandError::new(ErrorCode::NotJoined, "join first"),
+        );
+        assert_eq!(
+            e,
+            r#"{"type":"error","id":"a","code":"not_joined","message":"join first"}"#
+        );
+    }
+}

@@ -1,0 +1,305 @@
+//! Command handling for one session: `hello` first, then the room, DM, history,
+//! presence, typing and ping commands, each answered with its reply or an `error`
+//! carrying the command's `id`.
+//!
+//! A command error never closes the connection; only the session-level rules do
+//! (no/second `hello` -> 4000, bad credentials -> 4001, persistent flooding -> 4029).
+
+use super::{Exit, Session};
+use crate::auth::{AuthError, EXP_LEEWAY_SECS, now_secs};
+use crate::hub::{Conn, MessageRef, Outgoing};
+use crate::limits::Verdict;
+use crate::metrics::Metrics;
+use crate::protocol::{
+    self, Command, CommandError, CommandId, ErrorCode, HistoryTarget, ParseLimits, close,
+};
+use crate::store::ChannelKey;
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+#[derive(Serialize)]
+struct Welcome<'a> {
+    user: &'a str,
+    name: &'a str,
+    conn: String,
+    heartbeat_ms: u64,
+    limits: Limits,
+}
+
+#[derive(Serialize)]
+struct Limits {
+    max_message: usize,
+    max_text: usize,
+    max_meta: usize,
+    max_client_id: usize,
+    max_history: u64,
+    max_rooms_per_conn: usize,
+    rate_limit: u32,
+    rate_burst: u32,
+    send_queue: usize,
+}
+
+impl Session {
+    pub(super) fn reply(&self, frame: String) {
+        self.outbox.push(frame.into());
+    }
+
+    pub(super) fn reply_error(&self, id: Option<&CommandId>, err: &CommandError) {
+        self.reply(protocol::error_event(id, err));
+    }
+
+    /// Handle one text frame. Returns how to end the session, if it must end.
+    pub(super) async fn on_text(&mut self, text: &str) -> Option<Exit> {
+        let limits = ParseLimits {
+            max_text: self.state.config.max_text,
+        };
+        let (id, cmd) = match protocol::parse_command(text, limits) {
+            Ok(parsed) => parsed,
+            Err(f) => {
+                Metrics::command("invalid");
+                self.reply_error(f.id.as_ref(), &f.error);
+                if self.conn.is_none() {
+                    return Some(Exit::close(close::NO_HELLO, "expected hello"));
+                }
+                return None;
+            }
+        };
+        Metrics::command(cmd.kind());
+        let id = id.as_ref();
+
+        if self.conn.is_none() {
+            return match cmd {
+                Command::Hello { name, token, batch } => {
+                    self.hello(id, name.as_deref(), token.as_deref(), batch)
+                }
+                _ => {
+                    self.reply_error(
+                        id,
+                        &CommandError::bad_request("the first message must be hello"),
+                    );
+                    Some(Exit::close(close::NO_HELLO, "expected hello"))
+                }
+            };
+        }
+        if let Command::Hello { .. } = cmd {
+            self.reply_error(id, &CommandError::bad_request("hello was already said"));
+            return Some(Exit::close(close::NO_HELLO, "second hello"));
+        }
+
+        if !matches!(cmd, Command::Leave { .. } | Command::Ping) {
+            match self.bucket.check(Instant::now().into_std()) {
+                Verdict::Allowed => {}
+                Verdict::Refused => {
+                    self.state.metrics.rate_limited.increment(1);
+                    if !matches!(cmd, Command::Typing { .. }) {
+                        self.reply_error(
+                            id,
+                            &CommandError::new(
+                                ErrorCode::RateLimited,
+                                format!(
+                                    "rate limit: {} commands per second (burst {})",
+                                    self.state.config.rate_limit,
+                                    self.state.config.rate_limit * 2
+                                ),
+                            ),
+                        );
+                    }
+                    return None;
+                }
+                Verdict::Close => {
+                    self.state.metrics.rate_limited.increment(1);
+                    return Some(Exit::announced(close::RATE_LIMITED, "rate limit exceeded persistently"));
+                }
+            }
+        }
+
+        if let Err(e) = self.dispatch(id, cmd).await {
+            self.reply_error(id, &e);
+        }
+        None
+    }
+
+    fn hello(
+        &mut self,
+        id: Option<&CommandId>,
+        name: Option<&str>,
+        token: Option<&str>,
+        batch: bool,
+    ) -> Option<Exit> {
+        let identity = match self.state.auth.authenticate(name, token) {
+            Ok(identity) => identity,
+            Err(AuthError::NoIdentity) => {
+                self.reply_error(id, &CommandError::bad_request(AuthError::NoIdentity.to_string()));
+                return Some(Exit::close(close::NO_HELLO, "no valid hello"));
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "hello refused");
+                self.reply_error(id, &CommandError::new(ErrorCode::Unauthorized, e.to_string()));
+                return Some(Exit::close(close::UNAUTHORIZED, "unauthorized"));
+            }
+        };
+        tracing::Span::current().record("user", identity.user.as_str());
+        let conn = Arc::new(Conn {
+            id: self.id,
+            user: identity.user.clone(),
+            name: identity.name.clone(),
+            outbox: self.outbox.clone(),
+        });
+        self.deadline = identity.exp.map(|exp| {
+            let left = (exp + EXP_LEEWAY_SECS).saturating_sub(now_secs());
+            Instant::now() + Duration::from_secs(left)
+        });
+        self.batch = batch;
+        let cfg = &self.state.config;
+        self.reply(protocol::reply(
+            "welcome",
+            id,
+            Welcome {
+                user: &conn.user,
+                name: &conn.name,
+                conn: self.id.to_string(),
+                heartbeat_ms: u64::try_from(cfg.heartbeat.as_millis()).unwrap_or(u64::MAX),
+                limits: Limits {
+                    max_message: cfg.max_message,
+                    max_text: cfg.max_text,
+                    max_meta: protocol::MAX_META_BYTES,
+                    max_client_id: protocol::MAX_CLIENT_ID_CHARS,
+                    max_history: protocol::MAX_HISTORY,
+                    max_rooms_per_conn: cfg.max_rooms_per_conn,
+                    rate_limit: cfg.rate_limit,
+                    rate_burst: cfg.rate_limit.saturating_mul(2),
+                    send_queue: cfg.send_queue,
+                },
+            },
+        ));
+        self.state.hub.register(&conn);
+        self.conn = Some(conn);
+        self.identity = Some(identity);
+        None
+    }
+
+    fn may_join(&self, room: &str) -> Result<(), CommandError> {
+        match &self.identity {
+            Some(i) if i.rooms.allows(room) => Ok(()),
+            _ => Err(CommandError::new(
+                ErrorCode::Forbidden,
+                format!("your token does not allow room {room:?}"),
+            )),
+        }
+    }
+
+    fn joined(&self, room: &str) -> Result<(), CommandError> {
+        if self.rooms.contains(room) {
+            Ok(())
+        } else {
+            Err(CommandError::new(
+                ErrorCode::NotJoined,
+                format!("join room {room:?} first"),
+            ))
+        }
+    }
+
+    async fn dispatch(&mut self, id: Option<&CommandId>, cmd: Command) -> Result<(), CommandError> {
+        let Some(conn) = self.conn.clone() else {
+            return Err(CommandError::bad_request("say hello first"));
+        };
+        let hub = self.state.hub.clone();
+        match cmd {
+            Command::Hello { .. } => Err(CommandError::bad_request("hello was already said")),
+            Command::Join { room, since, history } => {
+                self.may_join(&room)?;
+                let max = self.state.config.max_rooms_per_conn;
+                if !self.rooms.contains(&room) && self.rooms.len() >= max {
+                    return Err(CommandError::new(
+                        ErrorCode::TooLarge,
+                        format!("a connection may join at most {max} rooms"),
+                    ));
+                }
+                hub.join(&conn, id, &room, since, history).await?;
+                self.rooms.insert(room);
+                Ok(())
+            }
+            Command::Leave { room } => {
+                self.joined(&room)?;
+                hub.leave(&conn, &room);
+                self.rooms.remove(&room);
+                #[derive(Serialize)]
+                struct Left<'a> {
+                    room: &'a str,
+                }
+                self.reply(protocol::reply("left", id, Left { room: &room }));
+                Ok(())
+            }
+            Command::Send { room, text, meta, client_id } => {
+                self.joined(&room)?;
+                let out = Outgoing { text, meta, client_id };
+                hub.submit(&conn, id.cloned(), ChannelKey::Room(room), out).await
+            }
+            Command::Direct { to, text, meta, client_id } => {
+                if to == conn.user {
+                    return Err(CommandError::bad_request("a direct message to yourself is not allowed"));
+                }
+                let key = ChannelKey::dm(&conn.user, &to);
+                let out = Outgoing { text, meta, client_id };
+                hub.submit(&conn, id.cloned(), key, out).await
+            }
+            Command::History { target, before, limit } => {
+                let key = match &target {
+                    HistoryTarget::Room(room) => {
+                        self.may_join(room)?;
+                        ChannelKey::Room(room.clone())
+                    }
+                    HistoryTarget::Dm(peer) => {
+                        if *peer == conn.user {
+                            return Err(CommandError::bad_request("there is no direct-message history with yourself"));
+                        }
+                        ChannelKey::dm(&conn.user, peer)
+                    }
+                };
+                let msgs = hub.history(&key, before, limit).await?;
+                #[derive(Serialize)]
+                struct History<'a> {
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    room: Option<&'a str>,
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    dm: Option<&'a str>,
+                    messages: Vec<MessageRef<'a>>,
+                }
+                let (room, dm) = match &target {
+                    HistoryTarget::Room(r) => (Some(r.as_str()), None),
+                    HistoryTarget::Dm(p) => (None, Some(p.as_str())),
+                };
+                let messages = msgs
+                    .iter()
+                    .map(|m| MessageRef { msg: m, viewer: &conn.user })
+                    .collect();
+                self.reply(protocol::reply("history", id, History { room, dm, messages }));
+                Ok(())
+            }
+            Command::Presence { room } => {
+                self.may_join(&room)?;
+                #[derive(Serialize)]
+                struct Presence<'a> {
+                    room: &'a str,
+                    members: Vec<protocol::Member>,
+                }
+                let members = hub.presence(&room);
+                self.reply(protocol::reply("presence", id, Presence { room: &room, members }));
+                Ok(())
+            }
+            Command::Typing { room } => {
+                self.joined(&room)?;
+                hub.typing(&conn, &room);
+                Ok(())
+            }
+            Command::Ping => {
+                #[derive(Serialize)]
+                struct Pong {}
+                self.reply(protocol::reply("pong", id, Pong {}));
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! The memory store: each channel's history in a bounded ring, gone on restart.
+//!
+//! A fresh epoch on every start tells reconnecting clients that history was lost,
+//! so they get `recovered: false` instead of a silently wrong "nothing missed".
+
+use super::{ChannelInit, ChannelKey, StoredMessage, new_epoch};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+pub struct MemoryStore {
+    epoch: String,
+    ring: usize,
+    /// std Mutex: every operation is a short in-memory copy, never held across await.
+    channels: Mutex<HashMap<ChannelKey, VecDeque<Arc<StoredMessage>>>>,
+}
+
+impl MemoryStore {
+    pub fn new(ring: usize) -> Self {
+        MemoryStore {
+            epoch: new_epoch(),
+            ring: ring.max(1),
+            channels: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ChannelKey, VecDeque<Arc<StoredMessage>>>> {
+        // A panic while holding this lock leaves the map consistent (each operation
+        // is a single push/pop/scan), so a poisoned lock is safe to keep using.
+        self.channels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn load_channel(&self, key: &ChannelKey, since_ts: i64) -> ChannelInit {
+        let map = self.lock();
+        let Some(ring) = map.get(key) else {
+            return ChannelInit::default();
+        };
+        ChannelInit {
+            last_seq: ring.back().map_or(0, |m| m.seq),
+            client_ids: ring
+                .iter()
+                .filter(|m| m.ts >= since_ts)
+                .filter_map(|m| {
+                    m.client_id
+                        .as_ref()
+                        .map(|c| (m.from.clone(), c.clone(), m.seq, m.ts))
+                })
+                .collect(),
+        }
+    }
+
+    pub fn append(&self, batch: &[Arc<StoredMessage>]) {
+        let mut map = self.lock();
+        for m in batch {
+            let ring = map.entry(m.channel.clone()).or_default();
+            if ring.len() == self.ring {
+                ring.pop_front();
+            }
+            ring.push_back(m.clone());
+        }
+    }
+
+    pub fn range(&self, key: &ChannelKey, after: u64, upto: u64) -> Vec<Arc<StoredMessage>> {
+        let map = self.lock();
+        map.get(key).map_or_else(Vec::new, |ring| {
+            ring.iter()
+                .filter(|m| m.seq > after && m.seq <= upto)
+                .cloned()
+                .collect()
+        })
+    }
+
+    pub fn latest(&self, key: &ChannelKey, before: Option<u64>, limit: u64) -> Vec<Arc<StoredMessage>> {
+        let map = self.lock();
+        let Some(ring) = map.get(key) else {
+            return Vec::new();
+        };
+        let mut out: Vec<_> = ring
+            .iter()
+            .rev()
+            .filter(|m| before.is_none_or(|b| m.seq < b))
+            .take(usize::try_from(limit).unwrap_or(usize::MAX))
+            .cloned()
+            .collect();
+        out.reverse();
+        out
+    }
+}
