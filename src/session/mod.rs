@@ -262,9 +262,9 @@ impl Session {
                 Metrics::close(code);
                 if code == close::SLOW_CONSUMER {
                     pending.clear();
-                } else if code == close::GOING_AWAY {
-                    // Deliver what is already queued: it is stored, and sending it
-                    // now saves the client a recovery round trip.
+                } else {
+                    // Deliver what is already queued: the `error` that explains the
+                    // close, or stored messages that save a recovery round trip.
                     let _ = self.take_outbox(&mut scratch, &mut pending);
                 }
                 if announce {

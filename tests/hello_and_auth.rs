@@ -1,0 +1,211 @@
+//! `hello`: guests, JWTs (HS256, RS256, ES256), and the close codes of a bad start.
+
+mod common;
+
+use common::{Closed, Server, fixture, jwt_hs256, now_secs};
+use serde_json::json;
+use std::time::Duration;
+
+#[tokio::test]
+async fn guest_hello_gets_welcome_with_user_conn_heartbeat_and_limits() {
+    let s = Server::start(&["--heartbeat", "7"]).await;
+    let mut c = s.client().await;
+    let w = c.request(json!({"type": "hello", "name": "alice"})).await;
+    assert_eq!(w["type"], "welcome");
+    assert_eq!(w["user"], "alice");
+    assert!(w["conn"].is_string());
+    assert_eq!(w["heartbeat_ms"], 7000);
+    assert_eq!(w["limits"]["max_text"], 4000);
+    assert_eq!(w["limits"]["max_message"], 65536);
+}
+
+#[tokio::test]
+async fn hello_echoes_a_string_id() {
+    let s = Server::start(&[]).await;
+    let mut c = s.client().await;
+    c.send(json!({"type": "hello", "id": "h-1", "name": "bob"})).await;
+    let w = c.recv().await;
+    assert_eq!(w["id"], "h-1");
+}
+
+#[tokio::test]
+async fn hs256_token_sets_user_and_name() {
+    let s = Server::start(&["--jwt-secret", "sekrit"]).await;
+    let t = jwt_hs256("sekrit", json!({"sub": "u-42", "name": "Ada", "exp": now_secs() + 60}));
+    let mut c = s.client().await;
+    let w = c.request(json!({"type": "hello", "token": t})).await;
+    assert_eq!(w["type"], "welcome", "{w}");
+    assert_eq!(w["user"], "u-42");
+    assert_eq!(w["name"], "Ada");
+}
+
+#[tokio::test]
+async fn token_without_exp_is_accepted() {
+    let s = Server::start(&["--jwt-secret", "k"]).await;
+    let t = jwt_hs256("k", json!({"sub": "forever"}));
+    let mut c = s.client().await;
+    let w = c.request(json!({"type": "hello", "token": t})).await;
+    assert_eq!(w["user"], "forever");
+}
+
+async fn check_pem_token(public: &str, private: &str, alg: jsonwebtoken::Algorithm) {
+    let pub_path = fixture(public);
+    let s = Server::start(&["--jwt-public-key", pub_path.to_str().unwrap()]).await;
+    let pem = std::fs::read(fixture(private)).unwrap();
+    let key = match alg {
+        jsonwebtoken::Algorithm::RS256 => jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap(),
+        _ => jsonwebtoken::EncodingKey::from_ec_pem(&pem).unwrap(),
+    };
+    let t = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(alg),
+        &json!({"sub": "pem-user", "exp": now_secs() + 60}),
+        &key,
+    )
+    .unwrap();
+    let mut c = s.client().await;
+    let w = c.request(json!({"type": "hello", "token": t})).await;
+    assert_eq!(w["type"], "welcome", "{w}");
+    assert_eq!(w["user"], "pem-user");
+    // The same claims signed with HS256 and a guessed secret are refused.
+    let forged = jwt_hs256("guess", json!({"sub": "pem-user"}));
+    let mut c = s.client().await;
+    let e = c.request(json!({"type": "hello", "token": forged})).await;
+    assert_eq!(e["code"], "unauthorized");
+}
+
+#[tokio::test]
+async fn rs256_token_verifies_with_a_pem_public_key() {
+    check_pem_token("rsa_public.pem", "rsa_private.pem", jsonwebtoken::Algorithm::RS256).await;
+}
+
+#[tokio::test]
+async fn es256_token_verifies_with_a_pem_public_key() {
+    check_pem_token("ec_public.pem", "ec_private.pem", jsonwebtoken::Algorithm::ES256).await;
+}
+
+#[tokio::test]
+async fn expired_token_gets_unauthorized_then_4001() {
+    let s = Server::start(&["--jwt-secret", "k"]).await;
+    let t = jwt_hs256("k", json!({"sub": "late", "exp": now_secs() - 60}));
+    let mut c = s.client().await;
+    let e = c.request(json!({"type": "hello", "token": t})).await;
+    assert_eq!(e["type"], "error");
+    assert_eq!(e["code"], "unauthorized");
+    assert_eq!(c.expect_close(Duration::from_secs(5)).await.0, Closed::Code(4001));
+}
+
+#[tokio::test]
+async fn bad_signature_gets_unauthorized_then_4001() {
+    let s = Server::start(&["--jwt-secret", "k"]).await;
+    let t = jwt_hs256("other", json!({"sub": "x"}));
+    let mut c = s.client().await;
+    let e = c.request(json!({"type": "hello", "token": t})).await;
+    assert_eq!(e["code"], "unauthorized");
+    assert_eq!(c.expect_close(Duration::from_secs(5)).await.0, Closed::Code(4001));
+}
+
+#[tokio::test]
+async fn guest_hello_when_guests_are_off_gets_unauthorized_then_4001() {
+    let s = Server::start(&["--jwt-secret", "k"]).await;
+    let mut c = s.client().await;
+    let e = c.request(json!({"type": "hello", "name": "guest"})).await;
+    assert_eq!(e["code"], "unauthorized");
+    assert_eq!(c.expect_close(Duration::from_secs(5)).await.0, Closed::Code(4001));
+}
+
+#[tokio::test]
+async fn guests_can_be_turned_on_beside_a_jwt_key() {
+    let s = Server::start(&["--jwt-secret", "k", "--guests"]).await;
+    s.guest("visitor").await;
+}
+
+#[tokio::test]
+async fn hello_without_name_or_token_gets_bad_request_then_4000() {
+    let s = Server::start(&[]).await;
+    let mut c = s.client().await;
+    let e = c.request(json!({"type": "hello"})).await;
+    assert_eq!(e["code"], "bad_request");
+    assert_eq!(c.expect_close(Duration::from_secs(5)).await.0, Closed::Code(4000));
+}
+
+#[tokio::test]
+async fn invalid_guest_name_gets_bad_request_then_4000() {
+    let s = Server::start(&[]).await;
+    let mut c = s.client().await;
+    let e = c.request(json!({"type": "hello", "name": "has space"})).await;
+    assert_eq!(e["code"], "bad_request");
+    assert_eq!(c.expect_close(Duration::from_secs(5)).await.0, Closed::Code(4000));
+}
+
+#[tokio::test]
+async fn no_hello_in_time_closes_with_4000() {
+    let s = Server::start(&["--hello-timeout", "1"]).await;
+    let mut c = s.client().await;
+    let started = std::time::Instant::now();
+    assert_eq!(c.expect_close(Duration::from_secs(5)).await.0, Closed::Code(4000));
+    assert!(started.elapsed() >= Duration::from_millis(900));
+}
+
+#[tokio::test]
+async fn a_command_before_hello_closes_with_4000() {
+    let s = Server::start(&[]).await;
+    let mut c = s.client().await;
+    let e = c.request(json!({"type": "join", "room": "r"})).await;
+    assert_eq!(e["code"], "bad_request");
+    assert_eq!(c.expect_close(Duration::from_secs(5)).await.0, Closed::Code(4000));
+}
+
+#[tokio::test]
+async fn a_second_hello_closes_with_4000() {
+    let s = Server::start(&[]).await;
+    let mut c = s.guest("alice").await;
+    c.send(json!({"type": "hello", "name": "alice"})).await;
+    let (closed, seen) = c.expect_close(Duration::from_secs(5)).await;
+    assert_eq!(closed, Closed::Code(4000));
+    assert!(seen.iter().any(|v| v["code"] == "bad_request"), "{seen:?}");
+}
+
+#[tokio::test]
+async fn token_expiry_on_a_live_connection_sends_closing_then_4001() {
+    let s = Server::start(&["--jwt-secret", "k"]).await;
+    let t = jwt_hs256("k", json!({"sub": "brief", "exp": now_secs() + 2}));
+    let mut c = s.client().await;
+    let w = c.request(json!({"type": "hello", "token": t})).await;
+    assert_eq!(w["type"], "welcome");
+    let (closed, seen) = c.expect_close(Duration::from_secs(10)).await;
+    assert_eq!(closed, Closed::Code(4001));
+    assert!(seen.iter().any(|v| v["type"] == "closing"), "closing first: {seen:?}");
+}
+
+#[tokio::test]
+async fn rooms_claim_is_enforced_with_forbidden() {
+    let s = Server::start(&["--jwt-secret", "k"]).await;
+    let t = jwt_hs256("k", json!({"sub": "t", "rooms": ["team-*", "lobby"]}));
+    let mut c = s.client().await;
+    c.request(json!({"type": "hello", "token": t})).await;
+    assert_eq!(c.request(json!({"type": "join", "room": "team-red"})).await["type"], "joined");
+    assert_eq!(c.request(json!({"type": "join", "room": "lobby"})).await["type"], "joined");
+    let e = c.request(json!({"type": "join", "room": "secret"})).await;
+    assert_eq!(e["code"], "forbidden");
+    let e = c.request(json!({"type": "history", "room": "secret"})).await;
+    assert_eq!(e["code"], "forbidden");
+    let e = c.request(json!({"type": "presence", "room": "secret"})).await;
+    assert_eq!(e["code"], "forbidden");
+    // The connection stays usable.
+    assert_eq!(c.request(json!({"type": "ping"})).await["type"], "pong");
+}
+
+#[tokio::test]
+async fn token_subcommand_mints_a_token_the_server_accepts() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hubbub"))
+        .args(["token", "--secret", "s3", "--sub", "alice", "--name", "Alice", "--rooms", "team-*", "--ttl", "15m"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let s = Server::start(&["--jwt-secret", "s3"]).await;
+    let mut c = s.client().await;
+    let w = c.request(json!({"type": "hello", "token": token})).await;
+    assert_eq!((w["user"].as_str(), w["name"].as_str()), (Some("alice"), Some("Alice")));
+    assert_eq!(c.request(json!({"type": "join", "room": "lobby"})).await["code"], "forbidden");
+}
