@@ -355,7 +355,11 @@ impl Client {
         while self.closed.is_none() {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if left.is_zero() {
-                panic!("connection still open after {within:?}; saw {seen:?}");
+                panic!(
+                    "connection still open after {within:?}; saw {} messages, last {:?}",
+                    seen.len(),
+                    seen.last().map(|v| v["type"].clone())
+                );
             }
             if let Some(v) = self.try_recv(left).await {
                 seen.push(v);

@@ -1,0 +1,252 @@
+//! Bad input gets a clear `error` with the command's id and loses nothing; every
+//! limit is crossed at least once here.
+
+mod common;
+
+use common::{Client, Closed, Server};
+use futures_util::SinkExt;
+use serde_json::json;
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
+
+async fn still_usable(c: &mut Client) {
+    assert_eq!(c.request(json!({"type": "ping"})).await["type"], "pong");
+}
+
+#[tokio::test]
+async fn invalid_json_gets_bad_request_and_the_connection_stays_open() {
+    let s = Server::start(&[]).await;
+    let mut c = s.guest("alice").await;
+    c.send_text("{not json").await;
+    let e = c.recv().await;
+    assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some("bad_request")));
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()));
+    still_usable(&mut c).await;
+}
+
+#[tokio::test]
+async fn unknown_type_gets_bad_request_with_the_id() {
+    let s = Server::start(&[]).await;
+    let mut c = s.guest("alice").await;
+    let e = c.request(json!({"type": "teleport"})).await;
+    assert_eq!(e["code"], "bad_request");
+    still_usable(&mut c).await;
+}
+
+#[tokio::test]
+async fn binary_frame_gets_bad_request_not_a_close() {
+    let s = Server::start(&[]).await;
+    let mut c = s.guest("alice").await;
+    c.ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    let e = c.recv().await;
+    assert_eq!(e["code"], "bad_request");
+    still_usable(&mut c).await;
+}
+
+#[tokio::test]
+async fn missing_field_gets_bad_request_with_the_id() {
+    let s = Server::start(&[]).await;
+    let mut c = s.member("alice", "r").await;
+    let e = c.request(json!({"type": "send", "room": "r"})).await;
+    assert_eq!(e["code"], "bad_request");
+    assert!(e["message"].as_str().unwrap().contains("text"));
+    still_usable(&mut c).await;
+}
+
+#[tokio::test]
+async fn over_long_text_gets_too_large_with_the_id() {
+    let s = Server::start(&["--max-text", "10"]).await;
+    let mut c = s.member("alice", "r").await;
+    let e = c.request(json!({"type": "send", "room": "r", "text": "x".repeat(11)})).await;
+    assert_eq!(e["code"], "too_large");
+    let e = c.request(json!({"type": "direct", "to": "bob", "text": "x".repeat(11)})).await;
+    assert_eq!(e["code"], "too_large");
+    still_usable(&mut c).await;
+}
+
+#[tokio::test]
+async fn empty_text_gets_bad_request() {
+    let s = Server::start(&[]).await;
+    let mut c = s.member("alice", "r").await;
+    let e = c.request(json!({"type": "send", "room": "r", "text": ""})).await;
+    assert_eq!(e["code"], "bad_request");
+}
+
+#[tokio::test]
+async fn bad_room_name_gets_bad_request_with_the_id() {
+    let s = Server::start(&[]).await;
+    let mut c = s.guest("alice").await;
+    for room in ["", "has space", "emoji😀", &"r".repeat(65), "slash/room"] {
+        let e = c.request(json!({"type": "join", "room": room})).await;
+        assert_eq!(e["code"], "bad_request", "room {room:?}: {e}");
+    }
+    let e = c.request(json!({"type": "join", "room": 42})).await;
+    assert_eq!(e["code"], "bad_request");
+    assert_eq!(c.request(json!({"type": "join", "room": "ok:name.1_x-y"})).await["type"], "joined");
+}
+
+#[tokio::test]
+async fn meta_over_1_kib_is_too_large_and_client_id_over_64_is_bad_request() {
+    let s = Server::start(&[]).await;
+    let mut c = s.member("alice", "r").await;
+    let e = c.request(json!({"type": "send", "room": "r", "text": "x", "meta": {"blob": "m".repeat(1100)}})).await;
+    assert_eq!(e["code"], "too_large");
+    let e = c.request(json!({"type": "send", "room": "r", "text": "x", "client_id": "c".repeat(65)})).await;
+    assert_eq!(e["code"], "bad_request");
+    let e = c.request(json!({"type": "send", "room": "r", "text": "x", "meta": "not an object"})).await;
+    assert_eq!(e["code"], "bad_request");
+    // Nothing was stored by the refused sends.
+    let h = c.request(json!({"type": "history", "room": "r"})).await;
+    assert_eq!(h["messages"], json!([]));
+}
+
+#[tokio::test]
+async fn message_over_max_message_closes_with_1009() {
+    let s = Server::start(&["--max-message", "1024"]).await;
+    let mut c = s.member("alice", "r").await;
+    let big = json!({"type": "send", "room": "r", "text": "x".repeat(2000)}).to_string();
+    c.send_text(&big).await;
+    assert_eq!(c.expect_close(Duration::from_secs(5)).await.0, Closed::Code(1009));
+}
+
+#[tokio::test]
+async fn message_just_under_max_message_is_accepted() {
+    let s = Server::start(&["--max-message", "1024", "--max-text", "2000"]).await;
+    let mut c = s.member("alice", "r").await;
+    let mut cmd = json!({"type": "send", "id": 1, "room": "r", "text": ""});
+    let overhead = cmd.to_string().len();
+    cmd["text"] = json!("y".repeat(1024 - overhead));
+    assert_eq!(cmd.to_string().len(), 1024);
+    c.send_text(&cmd.to_string()).await;
+    assert_eq!(c.reply_to(json!(1)).await["type"], "ack");
+}
+
+#[tokio::test]
+async fn over_the_rate_limit_commands_get_rate_limited() {
+    let s = Server::start(&["--rate-limit", "5"]).await;
+    let mut c = s.member("alice", "r").await; // the join took one token of 10
+    let mut acked = 0;
+    let mut limited = 0;
+    for i in 0..15 {
+        let r = c.request(json!({"type": "send", "room": "r", "text": format!("{i}")})).await;
+        match r["type"].as_str() {
+            Some("ack") => acked += 1,
+            Some("error") => {
+                assert_eq!(r["code"], "rate_limited");
+                limited += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!((8..=10).contains(&acked), "burst is 2x rate: acked {acked}");
+    assert!(limited >= 5);
+    // ping is not rate limited.
+    still_usable(&mut c).await;
+}
+
+#[tokio::test]
+async fn flooding_past_the_limit_for_5_seconds_closes_with_4029() {
+    let s = Server::start(&["--rate-limit", "2"]).await;
+    let mut c = s.member("alice", "r").await;
+    let started = std::time::Instant::now();
+    for _ in 0..600 {
+        let cmd = json!({"type": "presence", "room": "r"}).to_string();
+        if c.ws.send(Message::text(cmd)).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if started.elapsed() > Duration::from_secs(8) {
+            break;
+        }
+    }
+    let (closed, seen) = c.expect_close(Duration::from_secs(10)).await;
+    assert_eq!(closed, Closed::Code(4029));
+    assert!(seen.iter().any(|v| v["code"] == "rate_limited"));
+    assert!(started.elapsed() >= Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn typing_over_the_limit_is_dropped_silently() {
+    let s = Server::start(&["--rate-limit", "1"]).await;
+    let mut c = s.member("alice", "r").await;
+    for _ in 0..5 {
+        c.send(json!({"type": "typing", "room": "r"})).await;
+    }
+    c.expect_no("error", Duration::from_millis(300)).await;
+}
+
+async fn slow_consumer_closes(s: &Server) -> f64 {
+    let (_, body) = s.http_get("/metrics").await;
+    body.lines()
+        .find(|l| l.starts_with("hubbub_slow_consumer_closes_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_reader_that_stops_is_closed_with_4008_while_others_keep_receiving() {
+    let s = Server::start(&["--store", "memory", "--rate-limit", "100000", "--send-queue", "64"]).await;
+    let mut stalled = s.member("stalled", "flood").await;
+    let mut healthy = s.member("healthy", "flood").await;
+    let total = 6000usize;
+    let url = s.url();
+    let flooder = tokio::spawn(async move {
+        let mut f = Client::connect(&url).await;
+        f.request(json!({"type": "hello", "name": "flooder"})).await;
+        f.request(json!({"type": "join", "room": "flood"})).await;
+        let text = "z".repeat(3000);
+        // Windows of 16 sends; the flooder reads its own acks so only the stalled
+        // client falls behind.
+        for window in 0..total / 16 {
+            for i in 0..16 {
+                let n = window * 16 + i;
+                f.send(json!({"type": "send", "room": "flood", "text": format!("{n}:{text}")})).await;
+            }
+            let mut acks = 0;
+            while acks < 16 {
+                if f.recv().await["type"] == "ack" {
+                    acks += 1;
+                }
+            }
+        }
+    });
+    let reader = tokio::spawn(async move {
+        let mut next = 1u64;
+        while next <= total as u64 {
+            let m = healthy.recv_type("message").await;
+            assert_eq!(m["seq"].as_u64(), Some(next), "healthy reader sees every message in order");
+            next += 1;
+        }
+    });
+    // As soon as the server reports the overflow, read the stalled client: it gets
+    // what was buffered, then the 4008 close (the server waits up to 5 s for it).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while slow_consumer_closes(&s).await < 1.0 {
+        assert!(std::time::Instant::now() < deadline, "no slow-consumer close");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (closed, _) = stalled.expect_close(Duration::from_secs(20)).await;
+    assert_eq!(closed, Closed::Code(4008));
+    reader.await.unwrap();
+    flooder.await.unwrap();
+}
+
+#[tokio::test]
+async fn disallowed_origin_gets_403_at_the_handshake() {
+    let s = Server::start(&["--allowed-origins", "https://chat.example.com,http://localhost:3000"]).await;
+    let err = Client::connect_with_origin(&s.url(), "https://evil.example.net").await.err().expect("refused");
+    match err {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => assert_eq!(resp.status(), 403),
+        other => panic!("expected HTTP 403, got {other:?}"),
+    }
+    assert!(Client::connect_with_origin(&s.url(), "http://localhost:3000").await.is_ok());
+    // No Origin header (not a browser): allowed.
+    s.guest("cli").await;
+}
+
+#[tokio::test]
+async fn without_an_allow_list_any_origin_is_accepted() {
+    let s = Server::start(&[]).await;
+    assert!(Client::connect_with_origin(&s.url(), "https://anywhere.example").await.is_ok());
+}

@@ -1,0 +1,130 @@
+//! The WebSocket layer itself: RFC 6455 close codes, close handshake, pings, and
+//! the server's heartbeat.
+
+mod common;
+
+use common::{RawWs, Server};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test]
+async fn invalid_utf8_in_a_text_frame_closes_with_1007() {
+    let s = Server::start(&[]).await;
+    let mut raw = RawWs::connect(s.addr).await;
+    raw.frame(0x81, &[0x7b, 0xff, 0xfe, 0x7d]).await;
+    assert_eq!(raw.read_close_code().await, Some(1007));
+}
+
+#[tokio::test]
+async fn reserved_bits_without_an_extension_close_with_1002() {
+    let s = Server::start(&[]).await;
+    let mut raw = RawWs::connect(s.addr).await;
+    raw.frame(0x80 | 0x40 | 0x1, b"{}").await; // RSV1 set
+    assert_eq!(raw.read_close_code().await, Some(1002));
+}
+
+#[tokio::test]
+async fn an_unknown_opcode_closes_with_1002() {
+    let s = Server::start(&[]).await;
+    let mut raw = RawWs::connect(s.addr).await;
+    raw.frame(0x83, b"x").await; // reserved data opcode 3
+    assert_eq!(raw.read_close_code().await, Some(1002));
+}
+
+#[tokio::test]
+async fn a_fragmented_control_frame_closes_with_1002() {
+    let s = Server::start(&[]).await;
+    let mut raw = RawWs::connect(s.addr).await;
+    raw.frame(0x09, b"p").await; // ping without FIN
+    assert_eq!(raw.read_close_code().await, Some(1002));
+}
+
+#[tokio::test]
+async fn a_client_close_is_answered_with_a_close() {
+    let s = Server::start(&[]).await;
+    let mut raw = RawWs::connect(s.addr).await;
+    raw.frame(0x88, &1000u16.to_be_bytes()).await;
+    assert_eq!(raw.read_close_code().await, Some(1000));
+}
+
+#[tokio::test]
+async fn a_ping_is_answered_with_a_pong_carrying_its_payload() {
+    let s = Server::start(&[]).await;
+    let mut raw = RawWs::connect(s.addr).await;
+    raw.frame(0x89, b"hello?").await;
+    let (op, payload) = raw.read_frame().await.expect("pong");
+    assert_eq!(op, 0xA);
+    assert_eq!(payload, b"hello?");
+}
+
+#[tokio::test]
+async fn fragmented_text_messages_are_reassembled() {
+    let s = Server::start(&[]).await;
+    let mut raw = RawWs::connect(s.addr).await;
+    raw.frame(0x01, br#"{"type":"hello","#).await;
+    raw.frame(0x80, br#""id":1,"name":"frag"}"#).await;
+    let (op, payload) = raw.read_frame().await.expect("welcome");
+    assert_eq!(op, 0x1);
+    let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(v["type"], "welcome");
+}
+
+#[tokio::test]
+async fn the_server_pings_every_heartbeat_interval() {
+    let s = Server::start(&["--heartbeat", "0.3"]).await;
+    let mut raw = RawWs::connect(s.addr).await;
+    raw.frame(0x81, br#"{"type":"hello","name":"hb"}"#).await;
+    let mut pings = 0;
+    let started = std::time::Instant::now();
+    while pings < 2 {
+        let (op, payload) = raw.read_frame().await.expect("frames");
+        if op == 0x9 {
+            pings += 1;
+            raw.frame(0x8A, &payload).await; // answer with a pong
+        }
+    }
+    assert!(started.elapsed() >= Duration::from_millis(500));
+}
+
+#[tokio::test]
+async fn a_silent_peer_is_dropped_after_two_intervals_and_its_presence_leaves() {
+    let s = Server::start(&["--heartbeat", "0.5"]).await;
+    let mut watcher = s.member("watcher", "r").await;
+    // A raw client that joins and then never answers anything.
+    let mut raw = RawWs::connect(s.addr).await;
+    raw.frame(0x81, br#"{"type":"hello","name":"ghost"}"#).await;
+    raw.frame(0x81, br#"{"type":"join","room":"r"}"#).await;
+    let j = watcher.recv_type("member").await;
+    assert_eq!((j["user"].as_str(), j["event"].as_str()), (Some("ghost"), Some("join")));
+    let started = std::time::Instant::now();
+    // The watcher answers pings (tungstenite does it while reading), the ghost does not.
+    let l = watcher.recv_type("member").await;
+    assert_eq!((l["user"].as_str(), l["event"].as_str()), (Some("ghost"), Some("leave")));
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(700) && took < Duration::from_secs(4), "dropped after {took:?}");
+    // The watcher itself, which answers, is still connected.
+    assert_eq!(watcher.request(json!({"type": "ping"})).await["type"], "pong");
+    // And the ghost's TCP connection was dropped: reading reaches EOF (read_frame
+    // panics if nothing arrives within the wait instead).
+    let mut frames = 0;
+    while raw.read_frame().await.is_some() {
+        frames += 1;
+        assert!(frames < 10, "only welcome, joined and pings were ever sent");
+    }
+}
+
+#[tokio::test]
+async fn tungstenite_client_close_handshake_completes_cleanly() {
+    let s = Server::start(&[]).await;
+    let mut c = s.guest("alice").await;
+    c.ws.send(Message::Close(None)).await.unwrap();
+    let mut saw_close = false;
+    while let Some(Ok(m)) = c.ws.next().await {
+        if m.is_close() {
+            saw_close = true;
+        }
+    }
+    assert!(saw_close);
+}
