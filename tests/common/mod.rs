@@ -74,6 +74,15 @@ impl Server {
             .expect("wait")
     }
 
+    /// Wait for an exit already asked for (e.g. a signal sent by the test).
+    pub async fn terminate_wait(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        tokio::time::timeout(Duration::from_secs(15), child.wait())
+            .await
+            .expect("server exits within 15 s")
+            .expect("wait")
+    }
+
     /// SIGKILL: no shutdown at all.
     pub async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

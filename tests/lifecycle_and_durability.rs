@@ -1,0 +1,264 @@
+//! Shutdown, restart, crash durability, the two stores, the HTTP endpoints,
+//! configuration precedence, group commit and batched frames.
+
+mod common;
+
+use common::{Client, Closed, Server, WAIT, signal};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Message;
+
+fn seqs(v: &Value) -> Vec<u64> {
+    v.as_array().unwrap().iter().map(|m| m["seq"].as_u64().unwrap()).collect()
+}
+
+#[tokio::test]
+async fn sigterm_sends_closing_and_1001_to_every_client_and_exits_0_quickly() {
+    let mut s = Server::start(&[]).await;
+    let mut a = s.member("alice", "r").await;
+    let mut b = s.guest("bob").await;
+    let started = Instant::now();
+    let status = {
+        let pid = s.pid();
+        signal(pid, "TERM");
+        let (ca, seen_a) = a.expect_close(WAIT).await;
+        let (cb, seen_b) = b.expect_close(WAIT).await;
+        assert_eq!(ca, Closed::Code(1001));
+        assert_eq!(cb, Closed::Code(1001));
+        assert!(seen_a.iter().any(|v| v["type"] == "closing"));
+        assert!(seen_b.iter().any(|v| v["type"] == "closing" && v["reason"].is_string()));
+        s.terminate_wait().await
+    };
+    assert!(status.success(), "exit status {status:?}");
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn after_a_restart_rejoin_with_since_recovers_exactly_the_missed_messages() {
+    let mut s = Server::start(&[]).await;
+    let mut a = s.member("alice", "r").await;
+    let mut b = s.guest("bob").await;
+    let j = b.request(json!({"type": "join", "room": "r"})).await;
+    let epoch = j["epoch"].clone();
+    for i in 1..=3 {
+        a.request(json!({"type": "send", "room": "r", "text": format!("before {i}")})).await;
+    }
+    let mut last_seen = 0;
+    while last_seen < 3 {
+        last_seen = b.recv_type("message").await["seq"].as_u64().unwrap();
+    }
+    drop(a);
+    drop(b);
+    let status = s.terminate().await;
+    assert!(status.success());
+    s.restart().await;
+    let mut a = s.member("alice", "r").await;
+    for i in 1..=2 {
+        a.request(json!({"type": "send", "room": "r", "text": format!("after {i}")})).await;
+    }
+    let mut b = s.guest("bob").await;
+    let j = b
+        .request(json!({"type": "join", "room": "r", "since": {"seq": last_seen, "epoch": epoch}}))
+        .await;
+    assert_eq!(j["epoch"], epoch, "epoch unchanged across a restart");
+    assert_eq!(j["recovered"], true);
+    assert_eq!(seqs(&j["messages"]), vec![4, 5]);
+    assert_eq!(j["messages"][0]["text"], "after 1");
+}
+
+#[tokio::test]
+async fn acked_messages_survive_sigkill() {
+    let mut s = Server::start(&["--rate-limit", "10000"]).await;
+    let mut a = s.member("alice", "r").await;
+    for i in 0..200 {
+        a.send(json!({"type": "send", "id": i, "room": "r", "text": format!("m{i}")})).await;
+    }
+    let mut acked = Vec::new();
+    while acked.len() < 200 {
+        let v = a.recv().await;
+        if v["type"] == "ack" {
+            acked.push(v["seq"].as_u64().unwrap());
+        }
+    }
+    s.kill().await; // no shutdown, no flush
+    s.restart().await;
+    let mut b = s.guest("bob").await;
+    let h = b.request(json!({"type": "history", "room": "r", "limit": 500})).await;
+    assert_eq!(seqs(&h["messages"]), (1..=200).collect::<Vec<u64>>());
+    assert_eq!(h["messages"][199]["text"], "m199");
+}
+
+#[tokio::test]
+async fn memory_store_gets_a_fresh_epoch_on_every_start() {
+    let mut s = Server::start(&["--store", "memory"]).await;
+    let mut a = s.member("alice", "r").await;
+    a.request(json!({"type": "send", "room": "r", "text": "gone soon"})).await;
+    let epoch1 = a.request(json!({"type": "join", "room": "r"})).await["epoch"].clone();
+    drop(a);
+    s.restart().await;
+    let mut a = s.guest("alice").await;
+    let j = a.request(json!({"type": "join", "room": "r", "since": {"seq": 1, "epoch": epoch1}})).await;
+    assert_ne!(j["epoch"], epoch1);
+    assert_eq!(j["recovered"], false, "history was lost, so nothing is claimed recovered");
+    assert_eq!(j["seq"], 0);
+}
+
+#[tokio::test]
+async fn memory_store_keeps_a_bounded_ring_per_room() {
+    let s = Server::start(&["--store", "memory", "--memory-history", "5", "--rate-limit", "1000"]).await;
+    let mut a = s.member("alice", "r").await;
+    for i in 1..=12 {
+        a.request(json!({"type": "send", "room": "r", "text": format!("{i}")})).await;
+    }
+    let h = a.request(json!({"type": "history", "room": "r", "limit": 100})).await;
+    assert_eq!(seqs(&h["messages"]), vec![8, 9, 10, 11, 12]);
+    // Sequence numbers keep counting past the ring.
+    let ack = a.request(json!({"type": "send", "room": "r", "text": "13"})).await;
+    assert_eq!(ack["seq"], 13);
+}
+
+#[tokio::test]
+async fn healthz_readyz_and_metrics_answer() {
+    let s = Server::start(&[]).await;
+    let (code, body) = s.http_get("/healthz").await;
+    assert_eq!((code, body.trim()), (200, "ok"));
+    let (code, _) = s.http_get("/readyz").await;
+    assert_eq!(code, 200);
+    let mut a = s.member("alice", "r").await;
+    a.request(json!({"type": "send", "room": "r", "text": "count me"})).await;
+    let (code, m) = s.http_get("/metrics").await;
+    assert_eq!(code, 200);
+    for name in [
+        "hubbub_connections ",
+        "hubbub_connections_total ",
+        "hubbub_rooms ",
+        "hubbub_messages_in_total{type=\"send\"}",
+        "hubbub_messages_out_total ",
+        "hubbub_deliveries_total ",
+        "hubbub_store_commit_seconds_bucket{le=",
+        "hubbub_store_commit_seconds_count ",
+    ] {
+        assert!(m.contains(name), "metrics lack {name:?}:\n{m}");
+    }
+    assert!(m.contains("# HELP hubbub_deliveries_total"));
+}
+
+fn metric(body: &str, name: &str) -> f64 {
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name}"))
+}
+
+#[tokio::test]
+async fn concurrent_sends_are_group_committed() {
+    let s = Server::start(&["--rate-limit", "10000"]).await;
+    let mut tasks = Vec::new();
+    for n in 0..10 {
+        let url = s.url();
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(&url).await;
+            c.request(json!({"type": "hello", "name": format!("u{n}")})).await;
+            c.request(json!({"type": "join", "room": format!("g{n}")})).await;
+            for i in 0..100 {
+                c.send(json!({"type": "send", "room": format!("g{n}"), "text": format!("{i}")})).await;
+            }
+            let mut acks = 0;
+            while acks < 100 {
+                if c.recv().await["type"] == "ack" {
+                    acks += 1;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (_, m) = s.http_get("/metrics").await;
+    let stored = metric(&m, "hubbub_messages_stored_total");
+    let commits = metric(&m, "hubbub_store_commit_batch_size_count");
+    assert_eq!(stored, 1000.0);
+    assert!(commits < stored / 2.0, "{commits} commits for {stored} messages: not grouped");
+}
+
+#[tokio::test]
+async fn batch_hello_lets_the_server_pack_several_messages_per_frame() {
+    let s = Server::start(&["--rate-limit", "10000"]).await;
+    let mut reader = Client::connect(&s.url()).await;
+    reader.request(json!({"type": "hello", "name": "batcher", "batch": true})).await;
+    reader.request(json!({"type": "join", "room": "b"})).await;
+    let mut a = s.member("alice", "b").await;
+    for i in 0..300 {
+        a.send(json!({"type": "send", "room": "b", "text": format!("{i}")})).await;
+    }
+    // Count raw frames and the objects they carry.
+    let mut frames = 0;
+    let mut seqs_seen = Vec::new();
+    while seqs_seen.len() < 300 {
+        let f = tokio::time::timeout(WAIT, reader.ws.next()).await.expect("frame").expect("open").expect("ok");
+        if let Message::Text(t) = f {
+            frames += 1;
+            for line in t.as_str().split('\n') {
+                let v: Value = serde_json::from_str(line).expect("each line is one JSON object");
+                if v["type"] == "message" {
+                    seqs_seen.push(v["seq"].as_u64().unwrap());
+                }
+            }
+        }
+    }
+    assert_eq!(seqs_seen, (1..=300).collect::<Vec<u64>>());
+    assert!(frames < 300, "{frames} frames for 300 messages: nothing was batched");
+}
+
+#[tokio::test]
+async fn without_batch_every_frame_is_exactly_one_object() {
+    let s = Server::start(&["--rate-limit", "10000"]).await;
+    let mut reader = s.member("plain", "b").await;
+    let mut a = s.member("alice", "b").await;
+    for i in 0..100 {
+        a.send(json!({"type": "send", "room": "b", "text": format!("{i}")})).await;
+    }
+    let mut n = 0;
+    while n < 100 {
+        let f = tokio::time::timeout(WAIT, reader.ws.next()).await.expect("frame").expect("open").expect("ok");
+        if let Message::Text(t) = f {
+            assert!(!t.as_str().contains('\n'));
+            let v: Value = serde_json::from_str(t.as_str()).unwrap();
+            if v["type"] == "message" {
+                n += 1;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn flags_override_environment_which_overrides_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("hubbub.toml");
+    std::fs::write(&file, "max_text = 100\nrate_limit = 7\nmax_rooms_per_conn = 3\n").unwrap();
+    let f = file.to_str().unwrap();
+    let s = Server::start_with_env(
+        dir.path(),
+        &["--config", f, "--max-text", "300"],
+        &[("HUBBUB_MAX_TEXT", "200"), ("HUBBUB_RATE_LIMIT", "9")],
+    )
+    .await;
+    let mut c = s.client().await;
+    let w = c.request(json!({"type": "hello", "name": "cfg"})).await;
+    assert_eq!(w["limits"]["max_text"], 300, "flag wins");
+    assert_eq!(w["limits"]["rate_limit"], 9, "environment beats the file");
+    assert_eq!(w["limits"]["max_rooms_per_conn"], 3, "the file beats the default");
+}
+
+#[tokio::test]
+async fn a_bad_config_value_is_refused_at_start_with_a_clear_message() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hubbub"))
+        .args(["--store", "postgresx", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("store"), "{err}");
+}
