@@ -150,7 +150,8 @@ impl Authenticator {
         }
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| AuthError::InvalidToken(e.to_string()))?;
-        let mut last_err = AuthError::InvalidToken(format!("algorithm {:?} not accepted", header.alg));
+        let mut last_err =
+            AuthError::InvalidToken(format!("algorithm {:?} not accepted", header.alg));
         for (key, validation) in &self.keys {
             if !validation.algorithms.contains(&header.alg) {
                 continue;
@@ -162,7 +163,10 @@ impl Authenticator {
                         return Err(AuthError::InvalidToken("empty sub".into()));
                     }
                     return Ok(Identity {
-                        name: c.name.filter(|n| !n.is_empty()).unwrap_or_else(|| c.sub.clone()),
+                        name: c
+                            .name
+                            .filter(|n| !n.is_empty())
+                            .unwrap_or_else(|| c.sub.clone()),
                         user: c.sub,
                         exp: c.exp,
                         rooms: match c.rooms {
@@ -265,7 +269,10 @@ mod tests {
         )
         .unwrap();
         let auth = Authenticator::new(Some("k"), None, false).unwrap();
-        assert!(matches!(auth.authenticate(None, Some(&t)), Err(AuthError::Expired)));
+        assert!(matches!(
+            auth.authenticate(None, Some(&t)),
+            Err(AuthError::Expired)
+        ));
     }
 
     #[test]

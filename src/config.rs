@@ -50,7 +50,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum CliCommand {
     /// Run the server (the default when no subcommand is given).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print a signed HS256 token, for tests and for backends that mint tokens.
     Token(TokenArgs),
 }
@@ -97,7 +97,12 @@ pub struct ServeArgs {
     #[arg(long, overrides_with = "guests")]
     pub no_guests: bool,
     /// HS256 shared secret for JWTs.
-    #[arg(long, env = "HUBBUB_JWT_SECRET", value_name = "SECRET", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "HUBBUB_JWT_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
     pub jwt_secret: Option<String>,
     /// PEM public key (RSA for RS256 or EC P-256 for ES256) for JWTs.
     #[arg(long, env = "HUBBUB_JWT_PUBLIC_KEY", value_name = "PEM_FILE")]
@@ -272,9 +277,14 @@ impl Config {
         let store = match args.store.or(file.store).as_deref() {
             None | Some("sqlite") => StoreKind::Sqlite,
             Some("memory") => StoreKind::Memory,
-            Some(other) => return Err(invalid("store", format!("{other:?}: use sqlite or memory"))),
+            Some(other) => {
+                return Err(invalid("store", format!("{other:?}: use sqlite or memory")));
+            }
         };
-        let jwt_secret = args.jwt_secret.or(file.jwt_secret).filter(|s| !s.is_empty());
+        let jwt_secret = args
+            .jwt_secret
+            .or(file.jwt_secret)
+            .filter(|s| !s.is_empty());
         let jwt_public_key = args.jwt_public_key.or(file.jwt_public_key);
         let guests_flag = if args.guests {
             Some(true)
@@ -315,7 +325,12 @@ impl Config {
         let log_format = match args.log_format.or(file.log_format).as_deref() {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
-            Some(other) => return Err(invalid("log_format", format!("{other:?}: use text or json"))),
+            Some(other) => {
+                return Err(invalid(
+                    "log_format",
+                    format!("{other:?}: use text or json"),
+                ));
+            }
         };
         let c = Config {
             listen,
@@ -327,7 +342,10 @@ impl Config {
             allowed_origins,
             heartbeat,
             hello_timeout,
-            max_message: args.max_message.or(file.max_message).unwrap_or(d.max_message),
+            max_message: args
+                .max_message
+                .or(file.max_message)
+                .unwrap_or(d.max_message),
             max_text: args.max_text.or(file.max_text).unwrap_or(d.max_text),
             rate_limit: args.rate_limit.or(file.rate_limit).unwrap_or(d.rate_limit),
             max_rooms_per_conn: args
@@ -391,7 +409,12 @@ fn split_list(s: &str) -> Vec<String> {
 
 /// Seconds, possibly fractional ("25", "0.5"), or with a unit ("500ms", "30s", "2m").
 pub fn parse_secs(key: &'static str, s: &str) -> Result<Duration, ConfigError> {
-    let bad = || invalid(key, format!("{s:?} is not a duration (e.g. 25, 0.5, 500ms, 30s)"));
+    let bad = || {
+        invalid(
+            key,
+            format!("{s:?} is not a duration (e.g. 25, 0.5, 500ms, 30s)"),
+        )
+    };
     let s = s.trim();
     let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
         (n, 0.001)
@@ -411,7 +434,12 @@ pub fn parse_secs(key: &'static str, s: &str) -> Result<Duration, ConfigError> {
 
 /// A token lifetime for `hubbub token --ttl`: 30s, 15m, 1h, 7d (a bare number is seconds).
 pub fn parse_ttl(s: &str) -> Result<u64, ConfigError> {
-    let bad = || invalid("ttl", format!("{s:?}: use a number with s, m, h or d (30s, 15m, 1h, 7d)"));
+    let bad = || {
+        invalid(
+            "ttl",
+            format!("{s:?}: use a number with s, m, h or d (30s, 15m, 1h, 7d)"),
+        )
+    };
     let s = s.trim();
     let (num, mult) = match s.char_indices().last() {
         Some((i, 's')) => (&s[..i], 1),
@@ -445,7 +473,10 @@ mod tests {
     fn durations_accept_fractions_and_units() {
         assert_eq!(parse_secs("k", "25").unwrap(), Duration::from_secs(25));
         assert_eq!(parse_secs("k", "0.5").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_secs("k", "200ms").unwrap(), Duration::from_millis(200));
+        assert_eq!(
+            parse_secs("k", "200ms").unwrap(),
+            Duration::from_millis(200)
+        );
         assert!(parse_secs("k", "-1").is_err());
     }
 

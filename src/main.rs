@@ -12,7 +12,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(CliCommand::Token(args)) => token(args),
-        Some(CliCommand::Serve(args)) => serve(args),
+        Some(CliCommand::Serve(args)) => serve(*args),
         None => serve(cli.serve),
     }
 }
@@ -26,8 +26,14 @@ fn token(args: TokenArgs) -> anyhow::Result<()> {
             .map(str::to_owned)
             .collect()
     });
-    let t = hubbub::auth::mint_hs256(&args.secret, &args.sub, args.name.as_deref(), rooms, Some(ttl))
-        .context("signing the token")?;
+    let t = hubbub::auth::mint_hs256(
+        &args.secret,
+        &args.sub,
+        args.name.as_deref(),
+        rooms,
+        Some(ttl),
+    )
+    .context("signing the token")?;
     println!("{t}");
     Ok(())
 }
@@ -78,8 +84,10 @@ async fn signals(shutdown: CancellationToken) {
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("HUBBUB_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -323,7 +323,9 @@ impl Fields<'_> {
         match self.obj.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(_) => Err(CommandError::bad_request(format!("{key} must be a boolean"))),
+            Some(_) => Err(CommandError::bad_request(format!(
+                "{key} must be a boolean"
+            ))),
         }
     }
 
@@ -575,13 +577,7 @@ mod tests {
         let f = err_of(r#"{"type":"send","id":1,"room":"r","text":"ééééééééééé"}"#);
         assert_eq!(f.error.code, ErrorCode::TooLarge);
         // Exactly 10 code points of 2 bytes each passes although it is 20 bytes.
-        assert!(
-            parse_command(
-                r#"{"type":"send","room":"r","text":"éééééééééé"}"#,
-                LIMITS
-            )
-            .is_ok()
-        );
+        assert!(parse_command(r#"{"type":"send","room":"r","text":"éééééééééé"}"#, LIMITS).is_ok());
     }
 
     #[test]

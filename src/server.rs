@@ -109,12 +109,13 @@ impl Server {
         let store = Store::open(&store_config).await?;
         let metrics = Metrics::new();
         let (hub, committer) = Hub::start(store, Broker::Local, metrics.clone());
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| ServerError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
         let state = Arc::new(AppState {
             config,
             hub,
@@ -189,7 +190,10 @@ impl Server {
 
         tracing::info!("shutting down: closing sessions");
         tracker.close();
-        if tokio::time::timeout(SESSION_DRAIN, tracker.wait()).await.is_err() {
+        if tokio::time::timeout(SESSION_DRAIN, tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("some sessions did not finish closing in time");
         }
         // Every acked message is already stored; this stores and acks the rest.
@@ -217,9 +221,11 @@ async fn ws_handler(
     if !allowed.is_empty() {
         // A handshake without Origin is not from a browser and is allowed.
         if let Some(origin) = headers.get(header::ORIGIN) {
-            let ok = origin
-                .to_str()
-                .is_ok_and(|o| allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(o)));
+            let ok = origin.to_str().is_ok_and(|o| {
+                allowed
+                    .iter()
+                    .any(|a| a == "*" || a.eq_ignore_ascii_case(o))
+            });
             if !ok {
                 tracing::info!(%remote, ?origin, "refused WebSocket handshake: origin not allowed");
                 return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
@@ -243,7 +249,11 @@ async fn readyz(State((state, _)): State<Shared>) -> Response {
     }
     match state.hub.store().check().await {
         Ok(()) => (StatusCode::OK, "ready\n").into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("store unavailable: {e}\n")).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("store unavailable: {e}\n"),
+        )
+            .into_response(),
     }
 }
 

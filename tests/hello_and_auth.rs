@@ -23,7 +23,8 @@ async fn guest_hello_gets_welcome_with_user_conn_heartbeat_and_limits() {
 async fn hello_echoes_a_string_id() {
     let s = Server::start(&[]).await;
     let mut c = s.client().await;
-    c.send(json!({"type": "hello", "id": "h-1", "name": "bob"})).await;
+    c.send(json!({"type": "hello", "id": "h-1", "name": "bob"}))
+        .await;
     let w = c.recv().await;
     assert_eq!(w["id"], "h-1");
 }
@@ -31,7 +32,10 @@ async fn hello_echoes_a_string_id() {
 #[tokio::test]
 async fn hs256_token_sets_user_and_name() {
     let s = Server::start(&["--jwt-secret", "sekrit"]).await;
-    let t = jwt_hs256("sekrit", json!({"sub": "u-42", "name": "Ada", "exp": now_secs() + 60}));
+    let t = jwt_hs256(
+        "sekrit",
+        json!({"sub": "u-42", "name": "Ada", "exp": now_secs() + 60}),
+    );
     let mut c = s.client().await;
     let w = c.request(json!({"type": "hello", "token": t})).await;
     assert_eq!(w["type"], "welcome", "{w}");
@@ -75,12 +79,22 @@ async fn check_pem_token(public: &str, private: &str, alg: jsonwebtoken::Algorit
 
 #[tokio::test]
 async fn rs256_token_verifies_with_a_pem_public_key() {
-    check_pem_token("rsa_public.pem", "rsa_private.pem", jsonwebtoken::Algorithm::RS256).await;
+    check_pem_token(
+        "rsa_public.pem",
+        "rsa_private.pem",
+        jsonwebtoken::Algorithm::RS256,
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn es256_token_verifies_with_a_pem_public_key() {
-    check_pem_token("ec_public.pem", "ec_private.pem", jsonwebtoken::Algorithm::ES256).await;
+    check_pem_token(
+        "ec_public.pem",
+        "ec_private.pem",
+        jsonwebtoken::Algorithm::ES256,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -91,7 +105,10 @@ async fn expired_token_gets_unauthorized_then_4001() {
     let e = c.request(json!({"type": "hello", "token": t})).await;
     assert_eq!(e["type"], "error");
     assert_eq!(e["code"], "unauthorized");
-    assert_eq!(c.expect_close(Duration::from_secs(5)).await.0, Closed::Code(4001));
+    assert_eq!(
+        c.expect_close(Duration::from_secs(5)).await.0,
+        Closed::Code(4001)
+    );
 }
 
 #[tokio::test]
@@ -101,7 +118,10 @@ async fn bad_signature_gets_unauthorized_then_4001() {
     let mut c = s.client().await;
     let e = c.request(json!({"type": "hello", "token": t})).await;
     assert_eq!(e["code"], "unauthorized");
-    assert_eq!(c.expect_close(Duration::from_secs(5)).await.0, Closed::Code(4001));
+    assert_eq!(
+        c.expect_close(Duration::from_secs(5)).await.0,
+        Closed::Code(4001)
+    );
 }
 
 #[tokio::test]
@@ -110,7 +130,10 @@ async fn guest_hello_when_guests_are_off_gets_unauthorized_then_4001() {
     let mut c = s.client().await;
     let e = c.request(json!({"type": "hello", "name": "guest"})).await;
     assert_eq!(e["code"], "unauthorized");
-    assert_eq!(c.expect_close(Duration::from_secs(5)).await.0, Closed::Code(4001));
+    assert_eq!(
+        c.expect_close(Duration::from_secs(5)).await.0,
+        Closed::Code(4001)
+    );
 }
 
 #[tokio::test]
@@ -125,16 +148,24 @@ async fn hello_without_name_or_token_gets_bad_request_then_4000() {
     let mut c = s.client().await;
     let e = c.request(json!({"type": "hello"})).await;
     assert_eq!(e["code"], "bad_request");
-    assert_eq!(c.expect_close(Duration::from_secs(5)).await.0, Closed::Code(4000));
+    assert_eq!(
+        c.expect_close(Duration::from_secs(5)).await.0,
+        Closed::Code(4000)
+    );
 }
 
 #[tokio::test]
 async fn invalid_guest_name_gets_bad_request_then_4000() {
     let s = Server::start(&[]).await;
     let mut c = s.client().await;
-    let e = c.request(json!({"type": "hello", "name": "has space"})).await;
+    let e = c
+        .request(json!({"type": "hello", "name": "has space"}))
+        .await;
     assert_eq!(e["code"], "bad_request");
-    assert_eq!(c.expect_close(Duration::from_secs(5)).await.0, Closed::Code(4000));
+    assert_eq!(
+        c.expect_close(Duration::from_secs(5)).await.0,
+        Closed::Code(4000)
+    );
 }
 
 #[tokio::test]
@@ -142,7 +173,10 @@ async fn no_hello_in_time_closes_with_4000() {
     let s = Server::start(&["--hello-timeout", "1"]).await;
     let mut c = s.client().await;
     let started = std::time::Instant::now();
-    assert_eq!(c.expect_close(Duration::from_secs(5)).await.0, Closed::Code(4000));
+    assert_eq!(
+        c.expect_close(Duration::from_secs(5)).await.0,
+        Closed::Code(4000)
+    );
     assert!(started.elapsed() >= Duration::from_millis(900));
 }
 
@@ -152,7 +186,10 @@ async fn a_command_before_hello_closes_with_4000() {
     let mut c = s.client().await;
     let e = c.request(json!({"type": "join", "room": "r"})).await;
     assert_eq!(e["code"], "bad_request");
-    assert_eq!(c.expect_close(Duration::from_secs(5)).await.0, Closed::Code(4000));
+    assert_eq!(
+        c.expect_close(Duration::from_secs(5)).await.0,
+        Closed::Code(4000)
+    );
 }
 
 #[tokio::test]
@@ -174,7 +211,10 @@ async fn token_expiry_on_a_live_connection_sends_closing_then_4001() {
     assert_eq!(w["type"], "welcome");
     let (closed, seen) = c.expect_close(Duration::from_secs(10)).await;
     assert_eq!(closed, Closed::Code(4001));
-    assert!(seen.iter().any(|v| v["type"] == "closing"), "closing first: {seen:?}");
+    assert!(
+        seen.iter().any(|v| v["type"] == "closing"),
+        "closing first: {seen:?}"
+    );
 }
 
 #[tokio::test]
@@ -183,13 +223,23 @@ async fn rooms_claim_is_enforced_with_forbidden() {
     let t = jwt_hs256("k", json!({"sub": "t", "rooms": ["team-*", "lobby"]}));
     let mut c = s.client().await;
     c.request(json!({"type": "hello", "token": t})).await;
-    assert_eq!(c.request(json!({"type": "join", "room": "team-red"})).await["type"], "joined");
-    assert_eq!(c.request(json!({"type": "join", "room": "lobby"})).await["type"], "joined");
+    assert_eq!(
+        c.request(json!({"type": "join", "room": "team-red"})).await["type"],
+        "joined"
+    );
+    assert_eq!(
+        c.request(json!({"type": "join", "room": "lobby"})).await["type"],
+        "joined"
+    );
     let e = c.request(json!({"type": "join", "room": "secret"})).await;
     assert_eq!(e["code"], "forbidden");
-    let e = c.request(json!({"type": "history", "room": "secret"})).await;
+    let e = c
+        .request(json!({"type": "history", "room": "secret"}))
+        .await;
     assert_eq!(e["code"], "forbidden");
-    let e = c.request(json!({"type": "presence", "room": "secret"})).await;
+    let e = c
+        .request(json!({"type": "presence", "room": "secret"}))
+        .await;
     assert_eq!(e["code"], "forbidden");
     // The connection stays usable.
     assert_eq!(c.request(json!({"type": "ping"})).await["type"], "pong");
@@ -198,7 +248,10 @@ async fn rooms_claim_is_enforced_with_forbidden() {
 #[tokio::test]
 async fn token_subcommand_mints_a_token_the_server_accepts() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_hubbub"))
-        .args(["token", "--secret", "s3", "--sub", "alice", "--name", "Alice", "--rooms", "team-*", "--ttl", "15m"])
+        .args([
+            "token", "--secret", "s3", "--sub", "alice", "--name", "Alice", "--rooms", "team-*",
+            "--ttl", "15m",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -206,6 +259,12 @@ async fn token_subcommand_mints_a_token_the_server_accepts() {
     let s = Server::start(&["--jwt-secret", "s3"]).await;
     let mut c = s.client().await;
     let w = c.request(json!({"type": "hello", "token": token})).await;
-    assert_eq!((w["user"].as_str(), w["name"].as_str()), (Some("alice"), Some("Alice")));
-    assert_eq!(c.request(json!({"type": "join", "room": "lobby"})).await["code"], "forbidden");
+    assert_eq!(
+        (w["user"].as_str(), w["name"].as_str()),
+        (Some("alice"), Some("Alice"))
+    );
+    assert_eq!(
+        c.request(json!({"type": "join", "room": "lobby"})).await["code"],
+        "forbidden"
+    );
 }

@@ -10,7 +10,11 @@ use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
 
 fn seqs(v: &Value) -> Vec<u64> {
-    v.as_array().unwrap().iter().map(|m| m["seq"].as_u64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect()
 }
 
 #[tokio::test]
@@ -27,11 +31,19 @@ async fn sigterm_sends_closing_and_1001_to_every_client_and_exits_0_quickly() {
         assert_eq!(ca, Closed::Code(1001));
         assert_eq!(cb, Closed::Code(1001));
         assert!(seen_a.iter().any(|v| v["type"] == "closing"));
-        assert!(seen_b.iter().any(|v| v["type"] == "closing" && v["reason"].is_string()));
+        assert!(
+            seen_b
+                .iter()
+                .any(|v| v["type"] == "closing" && v["reason"].is_string())
+        );
         s.terminate_wait().await
     };
     assert!(status.success(), "exit status {status:?}");
-    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -42,7 +54,8 @@ async fn after_a_restart_rejoin_with_since_recovers_exactly_the_missed_messages(
     let j = b.request(json!({"type": "join", "room": "r"})).await;
     let epoch = j["epoch"].clone();
     for i in 1..=3 {
-        a.request(json!({"type": "send", "room": "r", "text": format!("before {i}")})).await;
+        a.request(json!({"type": "send", "room": "r", "text": format!("before {i}")}))
+            .await;
     }
     let mut last_seen = 0;
     while last_seen < 3 {
@@ -55,7 +68,8 @@ async fn after_a_restart_rejoin_with_since_recovers_exactly_the_missed_messages(
     s.restart().await;
     let mut a = s.member("alice", "r").await;
     for i in 1..=2 {
-        a.request(json!({"type": "send", "room": "r", "text": format!("after {i}")})).await;
+        a.request(json!({"type": "send", "room": "r", "text": format!("after {i}")}))
+            .await;
     }
     let mut b = s.guest("bob").await;
     let j = b
@@ -72,7 +86,8 @@ async fn acked_messages_survive_sigkill() {
     let mut s = Server::start(&["--rate-limit", "10000"]).await;
     let mut a = s.member("alice", "r").await;
     for i in 0..200 {
-        a.send(json!({"type": "send", "id": i, "room": "r", "text": format!("m{i}")})).await;
+        a.send(json!({"type": "send", "id": i, "room": "r", "text": format!("m{i}")}))
+            .await;
     }
     let mut acked = Vec::new();
     while acked.len() < 200 {
@@ -84,7 +99,9 @@ async fn acked_messages_survive_sigkill() {
     s.kill().await; // no shutdown, no flush
     s.restart().await;
     let mut b = s.guest("bob").await;
-    let h = b.request(json!({"type": "history", "room": "r", "limit": 500})).await;
+    let h = b
+        .request(json!({"type": "history", "room": "r", "limit": 500}))
+        .await;
     assert_eq!(seqs(&h["messages"]), (1..=200).collect::<Vec<u64>>());
     assert_eq!(h["messages"][199]["text"], "m199");
 }
@@ -93,28 +110,47 @@ async fn acked_messages_survive_sigkill() {
 async fn memory_store_gets_a_fresh_epoch_on_every_start() {
     let mut s = Server::start(&["--store", "memory"]).await;
     let mut a = s.member("alice", "r").await;
-    a.request(json!({"type": "send", "room": "r", "text": "gone soon"})).await;
+    a.request(json!({"type": "send", "room": "r", "text": "gone soon"}))
+        .await;
     let epoch1 = a.request(json!({"type": "join", "room": "r"})).await["epoch"].clone();
     drop(a);
     s.restart().await;
     let mut a = s.guest("alice").await;
-    let j = a.request(json!({"type": "join", "room": "r", "since": {"seq": 1, "epoch": epoch1}})).await;
+    let j = a
+        .request(json!({"type": "join", "room": "r", "since": {"seq": 1, "epoch": epoch1}}))
+        .await;
     assert_ne!(j["epoch"], epoch1);
-    assert_eq!(j["recovered"], false, "history was lost, so nothing is claimed recovered");
+    assert_eq!(
+        j["recovered"], false,
+        "history was lost, so nothing is claimed recovered"
+    );
     assert_eq!(j["seq"], 0);
 }
 
 #[tokio::test]
 async fn memory_store_keeps_a_bounded_ring_per_room() {
-    let s = Server::start(&["--store", "memory", "--memory-history", "5", "--rate-limit", "1000"]).await;
+    let s = Server::start(&[
+        "--store",
+        "memory",
+        "--memory-history",
+        "5",
+        "--rate-limit",
+        "1000",
+    ])
+    .await;
     let mut a = s.member("alice", "r").await;
     for i in 1..=12 {
-        a.request(json!({"type": "send", "room": "r", "text": format!("{i}")})).await;
+        a.request(json!({"type": "send", "room": "r", "text": format!("{i}")}))
+            .await;
     }
-    let h = a.request(json!({"type": "history", "room": "r", "limit": 100})).await;
+    let h = a
+        .request(json!({"type": "history", "room": "r", "limit": 100}))
+        .await;
     assert_eq!(seqs(&h["messages"]), vec![8, 9, 10, 11, 12]);
     // Sequence numbers keep counting past the ring.
-    let ack = a.request(json!({"type": "send", "room": "r", "text": "13"})).await;
+    let ack = a
+        .request(json!({"type": "send", "room": "r", "text": "13"}))
+        .await;
     assert_eq!(ack["seq"], 13);
 }
 
@@ -126,7 +162,8 @@ async fn healthz_readyz_and_metrics_answer() {
     let (code, _) = s.http_get("/readyz").await;
     assert_eq!(code, 200);
     let mut a = s.member("alice", "r").await;
-    a.request(json!({"type": "send", "room": "r", "text": "count me"})).await;
+    a.request(json!({"type": "send", "room": "r", "text": "count me"}))
+        .await;
     let (code, m) = s.http_get("/metrics").await;
     assert_eq!(code, 200);
     for name in [
@@ -160,10 +197,13 @@ async fn concurrent_sends_are_group_committed() {
         let url = s.url();
         tasks.push(tokio::spawn(async move {
             let mut c = Client::connect(&url).await;
-            c.request(json!({"type": "hello", "name": format!("u{n}")})).await;
-            c.request(json!({"type": "join", "room": format!("g{n}")})).await;
+            c.request(json!({"type": "hello", "name": format!("u{n}")}))
+                .await;
+            c.request(json!({"type": "join", "room": format!("g{n}")}))
+                .await;
             for i in 0..100 {
-                c.send(json!({"type": "send", "room": format!("g{n}"), "text": format!("{i}")})).await;
+                c.send(json!({"type": "send", "room": format!("g{n}"), "text": format!("{i}")}))
+                    .await;
             }
             let mut acks = 0;
             while acks < 100 {
@@ -180,24 +220,34 @@ async fn concurrent_sends_are_group_committed() {
     let stored = metric(&m, "hubbub_messages_stored_total");
     let commits = metric(&m, "hubbub_store_commit_batch_size_count");
     assert_eq!(stored, 1000.0);
-    assert!(commits < stored / 2.0, "{commits} commits for {stored} messages: not grouped");
+    assert!(
+        commits < stored / 2.0,
+        "{commits} commits for {stored} messages: not grouped"
+    );
 }
 
 #[tokio::test]
 async fn batch_hello_lets_the_server_pack_several_messages_per_frame() {
     let s = Server::start(&["--rate-limit", "10000"]).await;
     let mut reader = Client::connect(&s.url()).await;
-    reader.request(json!({"type": "hello", "name": "batcher", "batch": true})).await;
+    reader
+        .request(json!({"type": "hello", "name": "batcher", "batch": true}))
+        .await;
     reader.request(json!({"type": "join", "room": "b"})).await;
     let mut a = s.member("alice", "b").await;
     for i in 0..300 {
-        a.send(json!({"type": "send", "room": "b", "text": format!("{i}")})).await;
+        a.send(json!({"type": "send", "room": "b", "text": format!("{i}")}))
+            .await;
     }
     // Count raw frames and the objects they carry.
     let mut frames = 0;
     let mut seqs_seen = Vec::new();
     while seqs_seen.len() < 300 {
-        let f = tokio::time::timeout(WAIT, reader.ws.next()).await.expect("frame").expect("open").expect("ok");
+        let f = tokio::time::timeout(WAIT, reader.ws.next())
+            .await
+            .expect("frame")
+            .expect("open")
+            .expect("ok");
         if let Message::Text(t) = f {
             frames += 1;
             for line in t.as_str().split('\n') {
@@ -209,7 +259,10 @@ async fn batch_hello_lets_the_server_pack_several_messages_per_frame() {
         }
     }
     assert_eq!(seqs_seen, (1..=300).collect::<Vec<u64>>());
-    assert!(frames < 300, "{frames} frames for 300 messages: nothing was batched");
+    assert!(
+        frames < 300,
+        "{frames} frames for 300 messages: nothing was batched"
+    );
 }
 
 #[tokio::test]
@@ -218,11 +271,16 @@ async fn without_batch_every_frame_is_exactly_one_object() {
     let mut reader = s.member("plain", "b").await;
     let mut a = s.member("alice", "b").await;
     for i in 0..100 {
-        a.send(json!({"type": "send", "room": "b", "text": format!("{i}")})).await;
+        a.send(json!({"type": "send", "room": "b", "text": format!("{i}")}))
+            .await;
     }
     let mut n = 0;
     while n < 100 {
-        let f = tokio::time::timeout(WAIT, reader.ws.next()).await.expect("frame").expect("open").expect("ok");
+        let f = tokio::time::timeout(WAIT, reader.ws.next())
+            .await
+            .expect("frame")
+            .expect("open")
+            .expect("ok");
         if let Message::Text(t) = f {
             assert!(!t.as_str().contains('\n'));
             let v: Value = serde_json::from_str(t.as_str()).unwrap();
@@ -237,7 +295,11 @@ async fn without_batch_every_frame_is_exactly_one_object() {
 async fn flags_override_environment_which_overrides_the_config_file() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("hubbub.toml");
-    std::fs::write(&file, "max_text = 100\nrate_limit = 7\nmax_rooms_per_conn = 3\n").unwrap();
+    std::fs::write(
+        &file,
+        "max_text = 100\nrate_limit = 7\nmax_rooms_per_conn = 3\n",
+    )
+    .unwrap();
     let f = file.to_str().unwrap();
     let s = Server::start_with_env(
         dir.path(),
@@ -249,7 +311,10 @@ async fn flags_override_environment_which_overrides_the_config_file() {
     let w = c.request(json!({"type": "hello", "name": "cfg"})).await;
     assert_eq!(w["limits"]["max_text"], 300, "flag wins");
     assert_eq!(w["limits"]["rate_limit"], 9, "environment beats the file");
-    assert_eq!(w["limits"]["max_rooms_per_conn"], 3, "the file beats the default");
+    assert_eq!(
+        w["limits"]["max_rooms_per_conn"], 3,
+        "the file beats the default"
+    );
 }
 
 #[tokio::test]
@@ -261,4 +326,41 @@ async fn a_bad_config_value_is_refused_at_start_with_a_clear_message() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("store"), "{err}");
+}
+
+#[tokio::test]
+async fn sends_in_flight_at_sigterm_are_acked_before_the_close() {
+    let mut s = Server::start(&["--rate-limit", "10000"]).await;
+    let mut a = s.member("alice", "r").await;
+    for i in 0..300 {
+        a.send(json!({"type": "send", "id": i, "room": "r", "text": format!("{i}")}))
+            .await;
+    }
+    signal(s.pid(), "TERM");
+    let (closed, seen) = a.expect_close(WAIT).await;
+    assert_eq!(closed, Closed::Code(1001));
+    let acks: Vec<u64> = seen
+        .iter()
+        .filter(|v| v["type"] == "ack")
+        .map(|v| v["seq"].as_u64().unwrap())
+        .collect();
+    assert!(s.terminate_wait().await.success());
+    // Every acked message is on disk after the restart.
+    s.restart().await;
+    let mut b = s.guest("bob").await;
+    let h = b
+        .request(json!({"type": "history", "room": "r", "limit": 500}))
+        .await;
+    let stored = seqs(&h["messages"]);
+    for seq in &acks {
+        assert!(
+            stored.contains(seq),
+            "acked seq {seq} missing after restart"
+        );
+    }
+    assert_eq!(
+        stored,
+        (1..=stored.len() as u64).collect::<Vec<_>>(),
+        "gapless"
+    );
 }

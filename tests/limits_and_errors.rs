@@ -19,7 +19,10 @@ async fn invalid_json_gets_bad_request_and_the_connection_stays_open() {
     let mut c = s.guest("alice").await;
     c.send_text("{not json").await;
     let e = c.recv().await;
-    assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some("bad_request")));
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("bad_request"))
+    );
     assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()));
     still_usable(&mut c).await;
 }
@@ -57,9 +60,13 @@ async fn missing_field_gets_bad_request_with_the_id() {
 async fn over_long_text_gets_too_large_with_the_id() {
     let s = Server::start(&["--max-text", "10"]).await;
     let mut c = s.member("alice", "r").await;
-    let e = c.request(json!({"type": "send", "room": "r", "text": "x".repeat(11)})).await;
+    let e = c
+        .request(json!({"type": "send", "room": "r", "text": "x".repeat(11)}))
+        .await;
     assert_eq!(e["code"], "too_large");
-    let e = c.request(json!({"type": "direct", "to": "bob", "text": "x".repeat(11)})).await;
+    let e = c
+        .request(json!({"type": "direct", "to": "bob", "text": "x".repeat(11)}))
+        .await;
     assert_eq!(e["code"], "too_large");
     still_usable(&mut c).await;
 }
@@ -68,7 +75,9 @@ async fn over_long_text_gets_too_large_with_the_id() {
 async fn empty_text_gets_bad_request() {
     let s = Server::start(&[]).await;
     let mut c = s.member("alice", "r").await;
-    let e = c.request(json!({"type": "send", "room": "r", "text": ""})).await;
+    let e = c
+        .request(json!({"type": "send", "room": "r", "text": ""}))
+        .await;
     assert_eq!(e["code"], "bad_request");
 }
 
@@ -82,18 +91,30 @@ async fn bad_room_name_gets_bad_request_with_the_id() {
     }
     let e = c.request(json!({"type": "join", "room": 42})).await;
     assert_eq!(e["code"], "bad_request");
-    assert_eq!(c.request(json!({"type": "join", "room": "ok:name.1_x-y"})).await["type"], "joined");
+    assert_eq!(
+        c.request(json!({"type": "join", "room": "ok:name.1_x-y"}))
+            .await["type"],
+        "joined"
+    );
 }
 
 #[tokio::test]
 async fn meta_over_1_kib_is_too_large_and_client_id_over_64_is_bad_request() {
     let s = Server::start(&[]).await;
     let mut c = s.member("alice", "r").await;
-    let e = c.request(json!({"type": "send", "room": "r", "text": "x", "meta": {"blob": "m".repeat(1100)}})).await;
+    let e = c
+        .request(
+            json!({"type": "send", "room": "r", "text": "x", "meta": {"blob": "m".repeat(1100)}}),
+        )
+        .await;
     assert_eq!(e["code"], "too_large");
-    let e = c.request(json!({"type": "send", "room": "r", "text": "x", "client_id": "c".repeat(65)})).await;
+    let e = c
+        .request(json!({"type": "send", "room": "r", "text": "x", "client_id": "c".repeat(65)}))
+        .await;
     assert_eq!(e["code"], "bad_request");
-    let e = c.request(json!({"type": "send", "room": "r", "text": "x", "meta": "not an object"})).await;
+    let e = c
+        .request(json!({"type": "send", "room": "r", "text": "x", "meta": "not an object"}))
+        .await;
     assert_eq!(e["code"], "bad_request");
     // Nothing was stored by the refused sends.
     let h = c.request(json!({"type": "history", "room": "r"})).await;
@@ -106,7 +127,10 @@ async fn message_over_max_message_closes_with_1009() {
     let mut c = s.member("alice", "r").await;
     let big = json!({"type": "send", "room": "r", "text": "x".repeat(2000)}).to_string();
     c.send_text(&big).await;
-    assert_eq!(c.expect_close(Duration::from_secs(5)).await.0, Closed::Code(1009));
+    assert_eq!(
+        c.expect_close(Duration::from_secs(5)).await.0,
+        Closed::Code(1009)
+    );
 }
 
 #[tokio::test]
@@ -128,7 +152,9 @@ async fn over_the_rate_limit_commands_get_rate_limited() {
     let mut acked = 0;
     let mut limited = 0;
     for i in 0..15 {
-        let r = c.request(json!({"type": "send", "room": "r", "text": format!("{i}")})).await;
+        let r = c
+            .request(json!({"type": "send", "room": "r", "text": format!("{i}")}))
+            .await;
         match r["type"].as_str() {
             Some("ack") => acked += 1,
             Some("error") => {
@@ -186,7 +212,15 @@ async fn slow_consumer_closes(s: &Server) -> f64 {
 
 #[tokio::test]
 async fn a_reader_that_stops_is_closed_with_4008_while_others_keep_receiving() {
-    let s = Server::start(&["--store", "memory", "--rate-limit", "100000", "--send-queue", "64"]).await;
+    let s = Server::start(&[
+        "--store",
+        "memory",
+        "--rate-limit",
+        "100000",
+        "--send-queue",
+        "64",
+    ])
+    .await;
     let mut stalled = s.member("stalled", "flood").await;
     let mut healthy = s.member("healthy", "flood").await;
     let total = 6000usize;
@@ -201,7 +235,8 @@ async fn a_reader_that_stops_is_closed_with_4008_while_others_keep_receiving() {
         for window in 0..total / 16 {
             for i in 0..16 {
                 let n = window * 16 + i;
-                f.send(json!({"type": "send", "room": "flood", "text": format!("{n}:{text}")})).await;
+                f.send(json!({"type": "send", "room": "flood", "text": format!("{n}:{text}")}))
+                    .await;
             }
             let mut acks = 0;
             while acks < 16 {
@@ -215,7 +250,11 @@ async fn a_reader_that_stops_is_closed_with_4008_while_others_keep_receiving() {
         let mut next = 1u64;
         while next <= total as u64 {
             let m = healthy.recv_type("message").await;
-            assert_eq!(m["seq"].as_u64(), Some(next), "healthy reader sees every message in order");
+            assert_eq!(
+                m["seq"].as_u64(),
+                Some(next),
+                "healthy reader sees every message in order"
+            );
             next += 1;
         }
     });
@@ -223,7 +262,10 @@ async fn a_reader_that_stops_is_closed_with_4008_while_others_keep_receiving() {
     // what was buffered, then the 4008 close (the server waits up to 5 s for it).
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while slow_consumer_closes(&s).await < 1.0 {
-        assert!(std::time::Instant::now() < deadline, "no slow-consumer close");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no slow-consumer close"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (closed, _) = stalled.expect_close(Duration::from_secs(20)).await;
@@ -234,13 +276,24 @@ async fn a_reader_that_stops_is_closed_with_4008_while_others_keep_receiving() {
 
 #[tokio::test]
 async fn disallowed_origin_gets_403_at_the_handshake() {
-    let s = Server::start(&["--allowed-origins", "https://chat.example.com,http://localhost:3000"]).await;
-    let err = Client::connect_with_origin(&s.url(), "https://evil.example.net").await.err().expect("refused");
+    let s = Server::start(&[
+        "--allowed-origins",
+        "https://chat.example.com,http://localhost:3000",
+    ])
+    .await;
+    let err = Client::connect_with_origin(&s.url(), "https://evil.example.net")
+        .await
+        .err()
+        .expect("refused");
     match err {
         tokio_tungstenite::tungstenite::Error::Http(resp) => assert_eq!(resp.status(), 403),
         other => panic!("expected HTTP 403, got {other:?}"),
     }
-    assert!(Client::connect_with_origin(&s.url(), "http://localhost:3000").await.is_ok());
+    assert!(
+        Client::connect_with_origin(&s.url(), "http://localhost:3000")
+            .await
+            .is_ok()
+    );
     // No Origin header (not a browser): allowed.
     s.guest("cli").await;
 }
@@ -248,5 +301,9 @@ async fn disallowed_origin_gets_403_at_the_handshake() {
 #[tokio::test]
 async fn without_an_allow_list_any_origin_is_accepted() {
     let s = Server::start(&[]).await;
-    assert!(Client::connect_with_origin(&s.url(), "https://anywhere.example").await.is_ok());
+    assert!(
+        Client::connect_with_origin(&s.url(), "https://anywhere.example")
+            .await
+            .is_ok()
+    );
 }

@@ -97,15 +97,27 @@ async fn a_silent_peer_is_dropped_after_two_intervals_and_its_presence_leaves() 
     raw.frame(0x81, br#"{"type":"hello","name":"ghost"}"#).await;
     raw.frame(0x81, br#"{"type":"join","room":"r"}"#).await;
     let j = watcher.recv_type("member").await;
-    assert_eq!((j["user"].as_str(), j["event"].as_str()), (Some("ghost"), Some("join")));
+    assert_eq!(
+        (j["user"].as_str(), j["event"].as_str()),
+        (Some("ghost"), Some("join"))
+    );
     let started = std::time::Instant::now();
     // The watcher answers pings (tungstenite does it while reading), the ghost does not.
     let l = watcher.recv_type("member").await;
-    assert_eq!((l["user"].as_str(), l["event"].as_str()), (Some("ghost"), Some("leave")));
+    assert_eq!(
+        (l["user"].as_str(), l["event"].as_str()),
+        (Some("ghost"), Some("leave"))
+    );
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(700) && took < Duration::from_secs(4), "dropped after {took:?}");
+    assert!(
+        took >= Duration::from_millis(700) && took < Duration::from_secs(4),
+        "dropped after {took:?}"
+    );
     // The watcher itself, which answers, is still connected.
-    assert_eq!(watcher.request(json!({"type": "ping"})).await["type"], "pong");
+    assert_eq!(
+        watcher.request(json!({"type": "ping"})).await["type"],
+        "pong"
+    );
     // And the ghost's TCP connection was dropped: reading reaches EOF (read_frame
     // panics if nothing arrives within the wait instead).
     let mut frames = 0;

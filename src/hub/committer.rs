@@ -38,6 +38,8 @@ pub enum Job {
         seq: u64,
         ts: i64,
     },
+    /// Everything before this is stored and delivered: reply.
+    Barrier(oneshot::Sender<()>),
     /// Everything before this is stored and delivered: reply and stop.
     Stop(oneshot::Sender<()>),
 }
@@ -78,13 +80,26 @@ pub async fn run(mut rx: mpsc::Receiver<Job>, store: Arc<Store>, hub: Arc<Hub>, 
         let mut stop = None;
         for job in jobs.drain(..) {
             match job {
-                Job::Append { channel, msg, reply } => {
+                Job::Append {
+                    channel,
+                    msg,
+                    reply,
+                } => {
                     hub.broker.publish(&hub, &channel, &msg);
                     if let Some((conn, id)) = reply {
                         send_ack(&conn, id.as_ref(), &msg.channel, msg.seq, msg.ts);
                     }
                 }
-                Job::Ack { conn, id, key, seq, ts } => send_ack(&conn, id.as_ref(), &key, seq, ts),
+                Job::Ack {
+                    conn,
+                    id,
+                    key,
+                    seq,
+                    ts,
+                } => send_ack(&conn, id.as_ref(), &key, seq, ts),
+                Job::Barrier(tx) => {
+                    let _ = tx.send(());
+                }
                 Job::Stop(tx) => stop = Some(tx),
             }
         }
@@ -101,7 +116,9 @@ async fn commit(store: &Store, msgs: &[Arc<StoredMessage>], metrics: &Metrics, h
         let started = Instant::now();
         match store.append(msgs).await {
             Ok(()) => {
-                metrics.commit_seconds.record(started.elapsed().as_secs_f64());
+                metrics
+                    .commit_seconds
+                    .record(started.elapsed().as_secs_f64());
                 metrics.commit_batch.record(msgs.len() as f64);
                 metrics.stored.increment(msgs.len() as u64);
                 hub.store_failing.store(false, Ordering::Relaxed);

@@ -111,7 +111,8 @@ impl ChannelInner {
     }
 
     fn remember_client_id(&mut self, user: String, cid: String, seq: u64, ts: i64) {
-        self.client_id_order.push_back((ts, user.clone(), cid.clone()));
+        self.client_id_order
+            .push_back((ts, user.clone(), cid.clone()));
         self.client_ids.insert((user, cid), (seq, ts));
     }
 
@@ -213,7 +214,11 @@ pub struct Hub {
 
 impl Hub {
     /// Create the hub and start its committer task.
-    pub fn start(store: Arc<Store>, broker: Broker, metrics: Metrics) -> (Arc<Hub>, tokio::task::JoinHandle<()>) {
+    pub fn start(
+        store: Arc<Store>,
+        broker: Broker,
+        metrics: Metrics,
+    ) -> (Arc<Hub>, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(JOB_QUEUE);
         let hub = Arc::new(Hub {
             channels: Mutex::new(HashMap::new()),
@@ -233,7 +238,8 @@ impl Hub {
     }
 
     pub fn store_failing(&self) -> bool {
-        self.store_failing.load(std::sync::atomic::Ordering::Relaxed)
+        self.store_failing
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn epoch(&self) -> &str {
@@ -245,6 +251,15 @@ impl Hub {
     pub async fn drain(&self) {
         let (tx, rx) = oneshot::channel();
         if self.jobs.send(Job::Stop(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Resolves once every message submitted before this call is stored, delivered
+    /// and acked.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.jobs.send(Job::Barrier(tx)).await.is_ok() {
             let _ = rx.await;
         }
     }
@@ -319,7 +334,10 @@ impl Hub {
         // Reserve queue space first: a full committer queue is refused here, before a
         // seq is taken, so a refusal can never leave a gap in the sequence.
         let permit = self.jobs.try_reserve().map_err(|_| {
-            CommandError::new(ErrorCode::Unavailable, "server is overloaded; retry shortly")
+            CommandError::new(
+                ErrorCode::Unavailable,
+                "server is overloaded; retry shortly",
+            )
         })?;
         loop {
             let ch = self.channel(&key).await?;
@@ -330,17 +348,19 @@ impl Hub {
             let ts = now_ms();
             g.last_active = Instant::now();
             g.prune_client_ids(ts);
-            if let Some(cid) = &out.client_id {
-                if let Some(&(seq, ts)) = g.client_ids.get(&(conn.user.clone(), cid.clone())) {
-                    permit.send(Job::Ack {
-                        conn: conn.clone(),
-                        id,
-                        key: key.clone(),
-                        seq,
-                        ts,
-                    });
-                    return Ok(());
-                }
+            let known = out
+                .client_id
+                .as_ref()
+                .and_then(|cid| g.client_ids.get(&(conn.user.clone(), cid.clone())).copied());
+            if let Some((seq, ts)) = known {
+                permit.send(Job::Ack {
+                    conn: conn.clone(),
+                    id,
+                    key: key.clone(),
+                    seq,
+                    ts,
+                });
+                return Ok(());
             }
             let seq = g.next_seq;
             g.next_seq += 1;
@@ -400,7 +420,9 @@ impl Hub {
                 let users = lock(&self.users);
                 let mut n = 0u64;
                 for viewer in [a, b] {
-                    let Some(conns) = users.get(viewer) else { continue };
+                    let Some(conns) = users.get(viewer) else {
+                        continue;
+                    };
                     let frame = Utf8Bytes::from(protocol::encode(&msg.event(viewer)));
                     for c in conns {
                         if c.send(frame.clone()) {
@@ -463,12 +485,8 @@ impl Hub {
                 }
                 msgs.extend(g.recent.iter().filter(|m| m.seq > s0).cloned());
             }
-            let mut recovered = from.is_some();
-            if let Some(after) = from {
-                if s1 - after > MAX_RECOVERY {
-                    recovered = false;
-                }
-            }
+            // More than MAX_RECOVERY committed since `since` while we read: too many.
+            let recovered = from.is_some_and(|after| s1 - after <= MAX_RECOVERY);
             if !recovered {
                 let keep = usize::try_from(history).unwrap_or(usize::MAX);
                 if msgs.len() > keep {
@@ -507,7 +525,10 @@ impl Hub {
                     members: g.members_list(),
                     messages: msgs
                         .iter()
-                        .map(|m| MessageRef { msg: m, viewer: &conn.user })
+                        .map(|m| MessageRef {
+                            msg: m,
+                            viewer: &conn.user,
+                        })
                         .collect(),
                     recovered,
                 },

@@ -1,7 +1,7 @@
 //! One connection's outgoing queue: bounded in frames and in bytes.
 //!
-//! Policy when it fills: the push that would cross either bound is refused, the
-//! queue is marked overflowed and the session is woken to close the connection
+//! Policy when it fills: a push into a queue that already holds `max_frames`
+//! frames or `max_bytes` bytes is refused, the queue is marked overflowed and the session is woken to close the connection
 //! with 4008 (slow consumer). Nothing ever waits on a full queue, so one slow
 //! reader cannot hold up a fan-out to everyone else.
 
@@ -54,17 +54,17 @@ impl Outbox {
             return false;
         }
         let len = frame.len();
-        if g.frames.len() >= self.max_frames || g.bytes + len > self.max_bytes {
-            // A single frame larger than the byte cap still goes into an empty queue:
-            // refusing it would close a connection that is keeping up.
-            if !g.frames.is_empty() {
-                g.overflowed = true;
-                g.frames.clear();
-                g.bytes = 0;
-                drop(g);
-                self.notify.notify_one();
-                return false;
-            }
+        // Full when the frames, or the bytes *already* queued, reach their bounds.
+        // Checking the bytes before adding this frame lets one large reply (a
+        // `joined` with 1,000 recovered messages can be megabytes) into a queue that
+        // is keeping up, while the queue stays bounded by max_bytes + one frame.
+        if g.frames.len() >= self.max_frames || g.bytes >= self.max_bytes {
+            g.overflowed = true;
+            g.frames.clear();
+            g.bytes = 0;
+            drop(g);
+            self.notify.notify_one();
+            return false;
         }
         let was_empty = g.frames.is_empty();
         g.bytes += len;
@@ -117,8 +117,17 @@ mod tests {
     fn overflow_in_bytes_refuses_and_marks() {
         let o = Outbox::new(100, 10);
         assert!(o.push("123456".into()));
-        assert!(!o.push("123456".into()));
+        assert!(o.push("123456".into()), "6 bytes queued is under the cap");
+        assert!(!o.push("1".into()), "12 bytes queued is at the cap");
         assert!(o.is_overflowed());
+    }
+
+    #[test]
+    fn one_frame_larger_than_the_byte_cap_fits_a_queue_under_the_cap() {
+        let o = Outbox::new(100, 10);
+        assert!(o.push("abc".into()));
+        assert!(o.push("x".repeat(1000).into()));
+        assert!(!o.is_overflowed());
     }
 
     #[test]

@@ -9,7 +9,6 @@ use super::{Exit, Session};
 use crate::auth::{AuthError, EXP_LEEWAY_SECS, now_secs};
 use crate::hub::{Conn, MessageRef, Outgoing};
 use crate::limits::Verdict;
-use crate::metrics::Metrics;
 use crate::protocol::{
     self, Command, CommandError, CommandId, ErrorCode, HistoryTarget, ParseLimits, close,
 };
@@ -58,7 +57,7 @@ impl Session {
         let (id, cmd) = match protocol::parse_command(text, limits) {
             Ok(parsed) => parsed,
             Err(f) => {
-                Metrics::command("invalid");
+                self.state.metrics.command("invalid");
                 self.reply_error(f.id.as_ref(), &f.error);
                 if self.conn.is_none() {
                     return Some(Exit::close(close::NO_HELLO, "expected hello"));
@@ -66,7 +65,7 @@ impl Session {
                 return None;
             }
         };
-        Metrics::command(cmd.kind());
+        self.state.metrics.command(cmd.kind());
         let id = id.as_ref();
 
         if self.conn.is_none() {
@@ -110,7 +109,10 @@ impl Session {
                 }
                 Verdict::Close => {
                     self.state.metrics.rate_limited.increment(1);
-                    return Some(Exit::announced(close::RATE_LIMITED, "rate limit exceeded persistently"));
+                    return Some(Exit::announced(
+                        close::RATE_LIMITED,
+                        "rate limit exceeded persistently",
+                    ));
                 }
             }
         }
@@ -131,12 +133,18 @@ impl Session {
         let identity = match self.state.auth.authenticate(name, token) {
             Ok(identity) => identity,
             Err(AuthError::NoIdentity) => {
-                self.reply_error(id, &CommandError::bad_request(AuthError::NoIdentity.to_string()));
+                self.reply_error(
+                    id,
+                    &CommandError::bad_request(AuthError::NoIdentity.to_string()),
+                );
                 return Some(Exit::close(close::NO_HELLO, "no valid hello"));
             }
             Err(e) => {
                 tracing::info!(error = %e, "hello refused");
-                self.reply_error(id, &CommandError::new(ErrorCode::Unauthorized, e.to_string()));
+                self.reply_error(
+                    id,
+                    &CommandError::new(ErrorCode::Unauthorized, e.to_string()),
+                );
                 return Some(Exit::close(close::UNAUTHORIZED, "unauthorized"));
             }
         };
@@ -208,7 +216,11 @@ impl Session {
         let hub = self.state.hub.clone();
         match cmd {
             Command::Hello { .. } => Err(CommandError::bad_request("hello was already said")),
-            Command::Join { room, since, history } => {
+            Command::Join {
+                room,
+                since,
+                history,
+            } => {
                 self.may_join(&room)?;
                 let max = self.state.config.max_rooms_per_conn;
                 if !self.rooms.contains(&room) && self.rooms.len() >= max {
@@ -232,20 +244,45 @@ impl Session {
                 self.reply(protocol::reply("left", id, Left { room: &room }));
                 Ok(())
             }
-            Command::Send { room, text, meta, client_id } => {
+            Command::Send {
+                room,
+                text,
+                meta,
+                client_id,
+            } => {
                 self.joined(&room)?;
-                let out = Outgoing { text, meta, client_id };
-                hub.submit(&conn, id.cloned(), ChannelKey::Room(room), out).await
+                let out = Outgoing {
+                    text,
+                    meta,
+                    client_id,
+                };
+                hub.submit(&conn, id.cloned(), ChannelKey::Room(room), out)
+                    .await
             }
-            Command::Direct { to, text, meta, client_id } => {
+            Command::Direct {
+                to,
+                text,
+                meta,
+                client_id,
+            } => {
                 if to == conn.user {
-                    return Err(CommandError::bad_request("a direct message to yourself is not allowed"));
+                    return Err(CommandError::bad_request(
+                        "a direct message to yourself is not allowed",
+                    ));
                 }
                 let key = ChannelKey::dm(&conn.user, &to);
-                let out = Outgoing { text, meta, client_id };
+                let out = Outgoing {
+                    text,
+                    meta,
+                    client_id,
+                };
                 hub.submit(&conn, id.cloned(), key, out).await
             }
-            Command::History { target, before, limit } => {
+            Command::History {
+                target,
+                before,
+                limit,
+            } => {
                 let key = match &target {
                     HistoryTarget::Room(room) => {
                         self.may_join(room)?;
@@ -253,7 +290,9 @@ impl Session {
                     }
                     HistoryTarget::Dm(peer) => {
                         if *peer == conn.user {
-                            return Err(CommandError::bad_request("there is no direct-message history with yourself"));
+                            return Err(CommandError::bad_request(
+                                "there is no direct-message history with yourself",
+                            ));
                         }
                         ChannelKey::dm(&conn.user, peer)
                     }
@@ -273,9 +312,16 @@ impl Session {
                 };
                 let messages = msgs
                     .iter()
-                    .map(|m| MessageRef { msg: m, viewer: &conn.user })
+                    .map(|m| MessageRef {
+                        msg: m,
+                        viewer: &conn.user,
+                    })
                     .collect();
-                self.reply(protocol::reply("history", id, History { room, dm, messages }));
+                self.reply(protocol::reply(
+                    "history",
+                    id,
+                    History { room, dm, messages },
+                ));
                 Ok(())
             }
             Command::Presence { room } => {
@@ -286,7 +332,14 @@ impl Session {
                     members: Vec<protocol::Member>,
                 }
                 let members = hub.presence(&room);
-                self.reply(protocol::reply("presence", id, Presence { room: &room, members }));
+                self.reply(protocol::reply(
+                    "presence",
+                    id,
+                    Presence {
+                        room: &room,
+                        members,
+                    },
+                ));
                 Ok(())
             }
             Command::Typing { room } => {

@@ -31,6 +31,8 @@ use tracing::Instrument;
 
 /// How long a server-initiated close may take to reach a client that does not read.
 const CLOSE_FLUSH: Duration = Duration::from_secs(5);
+/// How long a session waits at shutdown for its in-flight sends to be acked.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(3);
 /// How long we wait for the client's answering close frame.
 const CLOSE_ECHO: Duration = Duration::from_secs(2);
 /// Largest batched frame (`batch: true`) we build.
@@ -112,7 +114,10 @@ type Sink = SplitSink<WebSocket, Message>;
 
 /// Write `pending` and flush. Cancellation-safe: a frame leaves `pending` only once
 /// the sink has taken it, so a cancelled call loses nothing.
-async fn write_pending(sink: &mut Sink, pending: &mut VecDeque<Message>) -> Result<(), axum::Error> {
+async fn write_pending(
+    sink: &mut Sink,
+    pending: &mut VecDeque<Message>,
+) -> Result<(), axum::Error> {
     poll_fn(|cx| {
         while !pending.is_empty() {
             ready!(sink.poll_ready_unpin(cx))?;
@@ -137,7 +142,9 @@ impl Session {
         let shutdown = self.state.shutdown.clone();
 
         let exit = loop {
-            if pending.is_empty() && self.take_outbox(&mut scratch, &mut pending) == Drained::Overflowed {
+            if pending.is_empty()
+                && self.take_outbox(&mut scratch, &mut pending) == Drained::Overflowed
+            {
                 break self.slow_consumer();
             }
             let writing = !pending.is_empty() || need_flush;
@@ -199,7 +206,11 @@ impl Session {
 
     /// Move queued frames into `pending`, joining them with newlines when the client
     /// asked for batches.
-    fn take_outbox(&self, scratch: &mut Vec<Utf8Bytes>, pending: &mut VecDeque<Message>) -> Drained {
+    fn take_outbox(
+        &self,
+        scratch: &mut Vec<Utf8Bytes>,
+        pending: &mut VecDeque<Message>,
+    ) -> Drained {
         scratch.clear();
         if self.outbox.drain_into(scratch) == Drained::Overflowed {
             return Drained::Overflowed;
@@ -232,7 +243,10 @@ impl Session {
     fn slow_consumer(&self) -> Exit {
         self.state.metrics.slow_consumer_closes.increment(1);
         tracing::info!("closing slow consumer: outgoing queue overflowed");
-        Exit::announced(close::SLOW_CONSUMER, "slow consumer: outgoing queue overflowed")
+        Exit::announced(
+            close::SLOW_CONSUMER,
+            "slow consumer: outgoing queue overflowed",
+        )
     }
 
     async fn finish(
@@ -244,6 +258,17 @@ impl Session {
         mut scratch: Vec<Utf8Bytes>,
     ) {
         tracing::debug!(?exit, "session ending");
+        if matches!(
+            exit,
+            Exit::Close {
+                code: close::GOING_AWAY,
+                ..
+            }
+        ) {
+            // Shutdown: let our in-flight sends be stored and acked before we say
+            // goodbye, so the client need not resend them.
+            let _ = tokio::time::timeout(SHUTDOWN_FLUSH, self.state.hub.flush()).await;
+        }
         // Leave rooms first, so others see `member leave` even if the close stalls.
         if let Some(conn) = self.conn.take() {
             let rooms = std::mem::take(&mut self.rooms);
@@ -255,10 +280,15 @@ impl Session {
                 Metrics::close(1006);
             }
             Exit::PeerClosed => {
-                let _ = tokio::time::timeout(CLOSE_ECHO, write_pending(&mut sink, &mut pending)).await;
+                let _ =
+                    tokio::time::timeout(CLOSE_ECHO, write_pending(&mut sink, &mut pending)).await;
                 Metrics::close(close::NORMAL);
             }
-            Exit::Close { code, reason, announce } => {
+            Exit::Close {
+                code,
+                reason,
+                announce,
+            } => {
                 Metrics::close(code);
                 if code == close::SLOW_CONSUMER {
                     pending.clear();
@@ -274,7 +304,8 @@ impl Session {
                     code,
                     reason: Utf8Bytes::from_static(reason),
                 })));
-                let sent = tokio::time::timeout(CLOSE_FLUSH, write_pending(&mut sink, &mut pending)).await;
+                let sent =
+                    tokio::time::timeout(CLOSE_FLUSH, write_pending(&mut sink, &mut pending)).await;
                 if matches!(sent, Ok(Ok(()))) {
                     // Wait briefly for the client's close frame, then drop TCP.
                     let _ = tokio::time::timeout(CLOSE_ECHO, async {

@@ -73,7 +73,12 @@ impl MemoryStore {
         })
     }
 
-    pub fn latest(&self, key: &ChannelKey, before: Option<u64>, limit: u64) -> Vec<Arc<StoredMessage>> {
+    pub fn latest(
+        &self,
+        key: &ChannelKey,
+        before: Option<u64>,
+        limit: u64,
+    ) -> Vec<Arc<StoredMessage>> {
         let map = self.lock();
         let Some(ring) = map.get(key) else {
             return Vec::new();

@@ -21,7 +21,15 @@ pub struct SqliteStore {
     epoch: String,
 }
 
-type Row7 = (i64, i64, String, String, String, Option<String>, Option<String>);
+type Row7 = (
+    i64,
+    i64,
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+);
 
 impl SqliteStore {
     pub async fn open(data_dir: &Path) -> Result<Self, StoreError> {
@@ -57,10 +65,11 @@ impl SqliteStore {
         since_ts: i64,
     ) -> Result<ChannelInit, StoreError> {
         let channel = key.storage_key();
-        let last: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM messages WHERE channel = ?")
-            .bind(&channel)
-            .fetch_one(&self.pool)
-            .await?;
+        let last: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(seq) FROM messages WHERE channel = ?")
+                .bind(&channel)
+                .fetch_one(&self.pool)
+                .await?;
         let rows = sqlx::query(
             "SELECT sender, client_id, seq, ts FROM messages \
              WHERE channel = ? AND ts >= ? AND client_id IS NOT NULL",

@@ -60,7 +60,10 @@ impl Server {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().and_then(|c| c.id()).expect("server running")
+        self.child
+            .as_ref()
+            .and_then(|c| c.id())
+            .expect("server running")
     }
 
     /// Send SIGTERM and wait for the exit status.
@@ -204,7 +207,10 @@ pub async fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) ->
         .nth(1)
         .and_then(|c| c.parse().ok())
         .expect("status line");
-    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -230,7 +236,9 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(url: &str) -> Client {
-        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("ws connect");
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("ws connect");
         Client::from_ws(ws)
     }
 
@@ -263,17 +271,17 @@ impl Client {
     }
 
     pub async fn send_text(&mut self, t: &str) {
-        self.ws.send(Message::text(t.to_string())).await.expect("send");
+        self.ws
+            .send(Message::text(t.to_string()))
+            .await
+            .expect("send");
     }
 
     /// Next protocol object (splitting batched frames), within `WAIT`.
     pub async fn recv(&mut self) -> Value {
         match self.try_recv(WAIT).await {
             Some(v) => v,
-            None => panic!(
-                "expected a message within {WAIT:?}, got {:?}",
-                self.closed
-            ),
+            None => panic!("expected a message within {WAIT:?}, got {:?}", self.closed),
         }
     }
 
@@ -287,7 +295,9 @@ impl Client {
         }
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let frame = tokio::time::timeout_at(deadline, self.ws.next()).await.ok()?;
+            let frame = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()?;
             match frame {
                 Some(Ok(Message::Text(t))) => {
                     for line in t.as_str().split('\n') {
@@ -348,7 +358,10 @@ impl Client {
             match next {
                 Some(v) if v["id"] == id => break v,
                 Some(v) => held.push_back(v),
-                None => panic!("no reply to id {id} within {WAIT:?} (closed: {:?}); got {held:?}", self.closed),
+                None => panic!(
+                    "no reply to id {id} within {WAIT:?} (closed: {:?}); got {held:?}",
+                    self.closed
+                ),
             }
         };
         held.extend(self.buffered.drain(..));
@@ -397,7 +410,10 @@ impl Client {
     pub async fn close(mut self) {
         let _ = self.ws.close(None).await;
         // Read until the server's close arrives.
-        let _ = tokio::time::timeout(WAIT, async { while let Some(Ok(_)) = self.ws.next().await {} }).await;
+        let _ = tokio::time::timeout(WAIT, async {
+            while let Some(Ok(_)) = self.ws.next().await {}
+        })
+        .await;
     }
 }
 
@@ -415,7 +431,10 @@ impl RawWs {
             "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
         );
-        stream.write_all(req.as_bytes()).await.expect("write handshake");
+        stream
+            .write_all(req.as_bytes())
+            .await
+            .expect("write handshake");
         let mut buf = Vec::new();
         let mut chunk = [0u8; 1024];
         loop {
@@ -544,5 +563,7 @@ pub fn now_secs() -> u64 {
 }
 
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
