@@ -268,3 +268,47 @@ async fn token_subcommand_mints_a_token_the_server_accepts() {
         "forbidden"
     );
 }
+
+#[tokio::test]
+async fn serve_subcommand_takes_the_same_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_hubbub"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            "memory",
+            "--max-text",
+            "9",
+        ])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = lines.next_line().await.unwrap().unwrap();
+    let addr = line
+        .strip_prefix("hubbub listening on http://")
+        .expect(&line)
+        .to_string();
+    let mut c = common::Client::connect(&format!("ws://{addr}/ws")).await;
+    let w = c.request(json!({"type": "hello", "name": "sub"})).await;
+    assert_eq!(w["limits"]["max_text"], 9);
+    assert!(
+        !dir.path().join("hubbub-data").exists(),
+        "memory store writes nothing"
+    );
+}
+
+#[tokio::test]
+async fn hubbub_guests_false_in_the_environment_turns_guests_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with_env(dir.path(), &[], &[("HUBBUB_GUESTS", "false")]).await;
+    let mut c = s.client().await;
+    let e = c.request(json!({"type": "hello", "name": "guest"})).await;
+    assert_eq!(e["code"], "unauthorized");
+}

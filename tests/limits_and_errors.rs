@@ -210,17 +210,13 @@ async fn slow_consumer_closes(s: &Server) -> f64 {
         .unwrap_or(0.0)
 }
 
-#[tokio::test]
-async fn a_reader_that_stops_is_closed_with_4008_while_others_keep_receiving() {
-    let s = Server::start(&[
-        "--store",
-        "memory",
-        "--rate-limit",
-        "100000",
-        "--send-queue",
-        "64",
-    ])
-    .await;
+/// A client stops reading while another floods its room: it must be closed with
+/// 4008 once its queue (bounded by `flags`) overflows, and a reading client in the
+/// same room must keep receiving every message in order.
+async fn stalled_reader_case(flags: &[&str]) {
+    let mut args = vec!["--store", "memory", "--rate-limit", "100000"];
+    args.extend_from_slice(flags);
+    let s = Server::start(&args).await;
     let mut stalled = s.member("stalled", "flood").await;
     let mut healthy = s.member("healthy", "flood").await;
     let total = 6000usize;
@@ -275,6 +271,17 @@ async fn a_reader_that_stops_is_closed_with_4008_while_others_keep_receiving() {
 }
 
 #[tokio::test]
+async fn a_reader_that_stops_is_closed_with_4008_when_its_queue_is_full_in_messages() {
+    stalled_reader_case(&["--send-queue", "64"]).await;
+}
+
+#[tokio::test]
+async fn a_reader_that_stops_is_closed_with_4008_when_its_queue_is_full_in_bytes() {
+    // 100,000 messages would never fill; 96 KiB of 3 KB messages does.
+    stalled_reader_case(&["--send-queue", "100000", "--send-queue-bytes", "98304"]).await;
+}
+
+#[tokio::test]
 async fn disallowed_origin_gets_403_at_the_handshake() {
     let s = Server::start(&[
         "--allowed-origins",
@@ -306,4 +313,31 @@ async fn without_an_allow_list_any_origin_is_accepted() {
             .await
             .is_ok()
     );
+}
+
+#[tokio::test]
+async fn history_limit_over_500_is_clamped_not_refused() {
+    let s = Server::start(&["--rate-limit", "100000", "--send-queue", "4096"]).await;
+    let mut a = s.member("alice", "r").await;
+    for i in 0..510 {
+        a.send(json!({"type": "send", "room": "r", "text": format!("{i}")}))
+            .await;
+    }
+    let mut acks = 0;
+    while acks < 510 {
+        if a.recv().await["type"] == "ack" {
+            acks += 1;
+        }
+    }
+    let h = a
+        .request(json!({"type": "history", "room": "r", "limit": 100000}))
+        .await;
+    let msgs = h["messages"].as_array().unwrap();
+    assert_eq!(msgs.len(), 500);
+    assert_eq!(msgs[0]["seq"], 11);
+    assert_eq!(msgs[499]["seq"], 510);
+    let j = a
+        .request(json!({"type": "join", "room": "r", "history": 9999}))
+        .await;
+    assert_eq!(j["messages"].as_array().unwrap().len(), 500);
 }
