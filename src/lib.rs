@@ -15,6 +15,7 @@
 //! - [`store`]: durable history (SQLite) and the in-memory store.
 //! - [`metrics`]: Prometheus metric names and handles.
 //! - [`config`]: flags, environment and config file.
+//! - [`web`]: the embedded chat page and JavaScript SDK.
 
 pub mod auth;
 pub mod broker;
@@ -26,3 +27,4 @@ pub mod protocol;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod web;

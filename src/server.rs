@@ -145,7 +145,7 @@ impl Server {
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics_handler))
-            .route("/", get(index))
+            .merge(crate::web::routes())
             .with_state((state.clone(), tracker.clone()));
 
         let sweeper = {
@@ -266,8 +266,4 @@ async fn metrics_handler(State((state, _)): State<Shared>) -> Response {
             .into_response(),
         None => (StatusCode::NOT_FOUND, "metrics are not enabled\n").into_response(),
     }
-}
-
-async fn index() -> &'static str {
-    "Hubbub chat server. Connect a WebSocket client to /ws (protocol: docs/PROTOCOL.md).\n"
 }

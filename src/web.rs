@@ -1,0 +1,42 @@
+//! The embedded browser client: the chat page (`/`), its script and stylesheet, and
+//! the JavaScript SDK (`/hubbub.js`), compiled into the binary so that a user needs
+//! nothing but `hubbub` to get a working chat.
+//!
+//! Owns: serving the files in `web/` with the right content types. Must not: know
+//! anything about the protocol (the SDK does, in the browser).
+
+use axum::Router;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+
+const INDEX_HTML: &str = include_str!("../web/index.html");
+const APP_JS: &str = include_str!("../web/app.js");
+const SDK_JS: &str = include_str!("../web/hubbub.js");
+const STYLE_CSS: &str = include_str!("../web/style.css");
+
+const HTML: &str = "text/html; charset=utf-8";
+const JS: &str = "text/javascript; charset=utf-8";
+const CSS: &str = "text/css; charset=utf-8";
+
+fn file(content_type: &'static str, body: &'static str) -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            // The files change with the binary; let browsers revalidate each load.
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        body,
+    )
+}
+
+/// Routes for the page and the SDK; merged into the server's router.
+pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
+    Router::new()
+        .route("/", get(|| async { file(HTML, INDEX_HTML) }))
+        .route("/index.html", get(|| async { file(HTML, INDEX_HTML) }))
+        .route("/app.js", get(|| async { file(JS, APP_JS) }))
+        .route("/hubbub.js", get(|| async { file(JS, SDK_JS) }))
+        .route("/style.css", get(|| async { file(CSS, STYLE_CSS) }))
+}

@@ -1,0 +1,460 @@
+// The Hubbub chat page: rooms, DMs, presence, typing, scrollback, unread counts and a
+// visible connection status, on top of the SDK in /hubbub.js. Every piece of user text
+// is put on the page with textContent, never as HTML.
+import { Hubbub } from "/hubbub.js";
+
+const $ = (id) => document.getElementById(id);
+const el = (tag, cls, text) => {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+};
+
+/** Conversations: "r:<room>" or "d:<user>". */
+const convs = new Map(); // key -> { kind, id, messages: Map(seq -> msg), pending: Map(client_id -> {...}), unread, members: Map, oldest, complete }
+let current = null; // key
+let hub = null;
+let me = null;
+let statusTimer = null;
+const typingTimers = new Map(); // user -> { name, timer }
+let lastTypingSent = 0;
+
+const ERROR_TEXT = {
+  rate_limited: "You're sending too fast — wait a moment.",
+  too_large: "That's too long.",
+  forbidden: "You're not allowed in that room.",
+  not_joined: "Join the room first.",
+  bad_request: "The server didn't accept that.",
+  unavailable: "The server is busy — try again shortly.",
+  unauthorized: "Not authorized.",
+  timeout: "No answer from the server.",
+  closed: "Not connected.",
+};
+const explain = (e) => {
+  const base = ERROR_TEXT[e.code] || "Something went wrong.";
+  return e.message && e.message !== e.code ? `${base} (${e.message})` : base;
+};
+
+function conv(key) {
+  if (!convs.has(key)) {
+    const [kind, ...rest] = key.split(":");
+    convs.set(key, {
+      kind: kind === "r" ? "room" : "dm",
+      id: rest.join(":"),
+      messages: new Map(),
+      pending: new Map(),
+      unread: 0,
+      members: new Map(),
+      oldest: null,
+      complete: false,
+    });
+  }
+  return convs.get(key);
+}
+const keyOf = (m) => (m.room !== undefined ? `r:${m.room}` : `d:${m.dm}`);
+
+// ---------- login ----------
+
+$("login-name").value = localStorage.getItem("hubbub.name") || "";
+$("login-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const name = $("login-name").value.trim();
+  const token = $("login-token").value.trim();
+  if (!token && !/^[A-Za-z0-9_.-]{1,32}$/.test(name)) {
+    $("login-error").textContent = "Names are 1-32 letters, digits, _ - or . (no spaces).";
+    return;
+  }
+  $("login-error").textContent = "";
+  if (!token) localStorage.setItem("hubbub.name", name);
+  start(token ? { token } : { name });
+});
+
+function start(identity) {
+  const proto = location.protocol === "https:" ? "wss" : "ws";
+  hub = new Hubbub({ url: `${proto}://${location.host}/ws`, ...identity });
+  hub.on("state", showState);
+  hub.on("message", onMessage);
+  hub.on("member", onMember);
+  hub.on("typing", onTyping);
+  hub.on("closing", (c) => setStatus("closing", `Server: ${c.reason || "closing"}`));
+  hub.on("welcome", (w) => {
+    me = w.user;
+    $("me").textContent = w.name === w.user ? w.user : `${w.name} (${w.user})`;
+  });
+  $("login-submit").disabled = true;
+  hub
+    .connect()
+    .then(() => {
+      $("login").hidden = true;
+      $("app").hidden = false;
+      $("join-room").focus();
+      const last = localStorage.getItem("hubbub.rooms");
+      for (const room of last ? JSON.parse(last) : []) joinRoom(room, false);
+    })
+    .catch((e) => {
+      $("login-submit").disabled = false;
+      $("login-error").textContent = explain(e);
+    });
+}
+
+// ---------- connection status ----------
+
+function setStatus(state, text) {
+  const s = $("status");
+  s.dataset.state = state;
+  s.textContent = text;
+}
+
+function showState(s) {
+  if (statusTimer) clearInterval(statusTimer);
+  statusTimer = null;
+  if (s.state === "open") setStatus("open", "Connected");
+  else if (s.state === "connecting") setStatus("connecting", "Connecting…");
+  else if (s.state === "reconnecting") {
+    const until = Date.now() + s.delay;
+    const tick = () => {
+      const left = Math.max(0, Math.ceil((until - Date.now()) / 1000));
+      setStatus("reconnecting", left > 0 ? `Reconnecting in ${left} s…` : "Reconnecting…");
+    };
+    tick();
+    statusTimer = setInterval(tick, 250);
+  } else if (s.state === "closed") {
+    setStatus("closed", s.code === 4001 ? "Signed out: token expired or invalid" : "Disconnected");
+  }
+}
+
+// ---------- rooms and DMs ----------
+
+function saveRooms() {
+  localStorage.setItem("hubbub.rooms", JSON.stringify(hub.rooms()));
+}
+
+$("join-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const room = $("join-room").value.trim();
+  if (!room) return;
+  if (!/^[A-Za-z0-9_.:\-]{1,64}$/.test(room)) {
+    $("join-error").textContent = "Room names are 1-64 letters, digits, _ - . or : (no spaces).";
+    return;
+  }
+  joinRoom(room, true);
+});
+
+function joinRoom(room, open) {
+  $("join-error").textContent = "";
+  const c = conv(`r:${room}`);
+  hub
+    .join(room, { history: 50 })
+    .then((j) => {
+      c.members = new Map(j.members.map((m) => [m.user, m.name]));
+      if (c.oldest === null && j.messages.length) c.oldest = j.messages[0].seq;
+      if (j.messages.length === 0 || j.messages[0].seq === 1) c.complete = true;
+      $("join-room").value = "";
+      saveRooms();
+      renderLists();
+      if (open || current === null) {
+        openConv(`r:${room}`);
+        if (open) $("composer-text").focus();
+      } else if (current === `r:${room}`) renderMembers();
+    })
+    .catch((e) => {
+      $("join-error").textContent = `${room}: ${explain(e)}`;
+    });
+}
+
+$("leave").addEventListener("click", () => {
+  if (!current || conv(current).kind !== "room") return;
+  const key = current;
+  const room = conv(key).id;
+  hub
+    .leave(room)
+    .then(() => {
+      convs.delete(key);
+      saveRooms();
+      current = null;
+      const next = [...convs.keys()][0];
+      if (next) openConv(next);
+      else renderEmpty();
+      renderLists();
+    })
+    .catch((e) => ($("composer-error").textContent = explain(e)));
+});
+
+function openDm(user) {
+  const key = `d:${user}`;
+  const c = conv(key);
+  renderLists();
+  openConv(key);
+  if (!c.loaded) {
+    c.loaded = true;
+    hub
+      .history({ dm: user, limit: 50 })
+      .then((h) => {
+        for (const m of h.messages) c.messages.set(m.seq, m);
+        if (h.messages.length) c.oldest = h.messages[0].seq;
+        if (h.messages.length < 50) c.complete = true;
+        if (current === key) renderMessages(true);
+      })
+      .catch((e) => ($("composer-error").textContent = explain(e)));
+  }
+}
+
+function openConv(key) {
+  current = key;
+  const c = conv(key);
+  c.unread = 0;
+  $("chat-title").textContent = c.kind === "room" ? `# ${c.id}` : `@ ${c.id}`;
+  $("leave").hidden = c.kind !== "room";
+  $("composer-text").disabled = false;
+  $("composer-send").disabled = false;
+  $("composer-text").placeholder = c.kind === "room" ? `Message #${c.id}` : `Message @${c.id}`;
+  $("composer-error").textContent = "";
+  for (const user of [...typingTimers.keys()]) clearTyping(user);
+  document.body.classList.remove("show-sidebar", "show-members");
+  $("menu-toggle").setAttribute("aria-expanded", "false");
+  renderLists();
+  renderMessages(true);
+  renderMembers();
+}
+
+function renderEmpty() {
+  $("chat-title").textContent = "No room yet";
+  $("message-list").replaceChildren();
+  $("empty").hidden = false;
+  $("leave").hidden = true;
+  $("composer-text").disabled = true;
+  $("composer-send").disabled = true;
+  $("member-list").replaceChildren();
+}
+
+function renderLists() {
+  const rooms = $("room-list");
+  const dms = $("dm-list");
+  rooms.replaceChildren();
+  dms.replaceChildren();
+  for (const [key, c] of convs) {
+    const li = el("li");
+    const b = el("button", "conv" + (key === current ? " active" : ""));
+    b.type = "button";
+    b.dataset.key = key;
+    b.append(el("span", "conv-name", c.kind === "room" ? `# ${c.id}` : `@ ${c.id}`));
+    if (c.unread > 0) {
+      const badge = el("span", "badge", String(c.unread));
+      badge.setAttribute("aria-label", `${c.unread} unread`);
+      b.append(badge);
+    }
+    if (key === current) b.setAttribute("aria-current", "true");
+    b.addEventListener("click", () => (c.kind === "room" ? openConv(key) : openDm(c.id)));
+    li.append(b);
+    (c.kind === "room" ? rooms : dms).append(li);
+  }
+  $("dm-empty").hidden = dms.children.length > 0;
+}
+
+function renderMembers() {
+  const list = $("member-list");
+  list.replaceChildren();
+  if (!current) return;
+  const c = conv(current);
+  const members = c.kind === "room" ? [...c.members] : [[me, me], [c.id, c.id]];
+  members.sort((a, b) => a[0].localeCompare(b[0]));
+  for (const [user, name] of members) {
+    const li = el("li", "member");
+    li.append(el("span", "dot"), el("span", "member-name", name === user ? user : `${name} (${user})`));
+    if (user === me) li.append(el("span", "muted small", " you"));
+    else if (c.kind === "room") {
+      const dm = el("button", "link-button small", "Message");
+      dm.type = "button";
+      dm.setAttribute("aria-label", `Message ${user}`);
+      dm.addEventListener("click", () => openDm(user));
+      li.append(dm);
+    }
+    list.append(li);
+  }
+}
+
+// ---------- messages ----------
+
+function timeOf(ts) {
+  const d = new Date(ts);
+  return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+}
+
+function messageNode(m, state) {
+  const mine = m.from === me || state === "pending" || state === "failed";
+  const li = el("li", "msg" + (mine ? " mine" : "") + (state ? ` ${state}` : ""));
+  if (m.seq !== undefined) li.dataset.seq = String(m.seq);
+  if (m.client_id) li.dataset.clientId = m.client_id;
+  const head = el("div", "msg-head");
+  head.append(el("span", "msg-from", mine ? "You" : m.name || m.from));
+  head.append(el("time", "msg-time", state === "pending" ? "sending…" : m.ts ? timeOf(m.ts) : ""));
+  const body = el("div", "msg-text", m.text);
+  li.append(head, body);
+  if (state === "failed") li.append(el("div", "msg-error error", m.error));
+  return li;
+}
+
+function renderMessages(toBottom) {
+  const list = $("message-list");
+  const box = $("messages");
+  list.replaceChildren();
+  if (!current) return;
+  const c = conv(current);
+  const sorted = [...c.messages.values()].sort((a, b) => a.seq - b.seq);
+  for (const m of sorted) list.append(messageNode(m));
+  for (const p of c.pending.values()) list.append(messageNode(p, p.state));
+  $("empty").hidden = sorted.length + c.pending.size > 0;
+  $("empty").textContent = "No messages yet. Say hello!";
+  $("load-older").hidden = c.complete || sorted.length === 0;
+  if (toBottom) box.scrollTop = box.scrollHeight;
+}
+
+function nearBottom() {
+  const box = $("messages");
+  return box.scrollHeight - box.scrollTop - box.clientHeight < 80;
+}
+
+function onMessage(m) {
+  const key = keyOf(m);
+  const c = conv(key);
+  c.messages.set(m.seq, m);
+  if (c.oldest === null || m.seq < c.oldest) c.oldest = m.seq;
+  if (m.client_id && c.pending.has(m.client_id)) c.pending.delete(m.client_id);
+  if (key === current) {
+    const stick = nearBottom() || m.from === me;
+    renderMessages(stick);
+    if (m.from !== undefined) clearTyping(m.from);
+  } else {
+    if (m.from !== me) c.unread += 1;
+    renderLists();
+  }
+}
+
+async function loadOlder() {
+  if (!current) return;
+  const key = current;
+  const c = conv(key);
+  if (c.complete || c.loadingOlder || c.oldest === null) return;
+  c.loadingOlder = true;
+  const box = $("messages");
+  const fromBottom = box.scrollHeight - box.scrollTop;
+  try {
+    const q = c.kind === "room" ? { room: c.id } : { dm: c.id };
+    const h = await hub.history({ ...q, before: c.oldest, limit: 50 });
+    for (const m of h.messages) c.messages.set(m.seq, m);
+    if (h.messages.length) c.oldest = h.messages[0].seq;
+    if (h.messages.length < 50 || c.oldest === 1) c.complete = true;
+    if (current === key) {
+      renderMessages(false);
+      box.scrollTop = box.scrollHeight - fromBottom; // keep the reader's place
+    }
+  } catch (e) {
+    $("composer-error").textContent = explain(e);
+  } finally {
+    c.loadingOlder = false;
+  }
+}
+$("messages").addEventListener("scroll", () => {
+  if ($("messages").scrollTop < 40) loadOlder();
+});
+$("load-older").addEventListener("click", loadOlder);
+
+function newClientId() {
+  return crypto.randomUUID ? crypto.randomUUID() : `${Date.now()}-${Math.random().toString(36).slice(2)}`;
+}
+
+$("composer").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  sendCurrent();
+});
+$("composer-text").addEventListener("keydown", (ev) => {
+  if (ev.key === "Enter" && !ev.shiftKey) {
+    ev.preventDefault();
+    sendCurrent();
+  }
+});
+$("composer-text").addEventListener("input", () => {
+  const c = current && conv(current);
+  if (!c || c.kind !== "room") return;
+  const now = Date.now();
+  if (now - lastTypingSent > 2000) {
+    lastTypingSent = now;
+    hub.typing(c.id);
+  }
+});
+
+function sendCurrent() {
+  if (!current) return;
+  const input = $("composer-text");
+  const text = input.value;
+  if (!text.trim()) return;
+  const key = current;
+  const c = conv(key);
+  const clientId = newClientId();
+  const pending = { text, from: me, client_id: clientId, state: "pending" };
+  c.pending.set(clientId, pending);
+  input.value = "";
+  $("composer-error").textContent = "";
+  renderMessages(true);
+  const p = c.kind === "room" ? hub.send(c.id, text, { clientId }) : hub.direct(c.id, text, { clientId });
+  p.then((ack) => {
+    // The message event normally arrives too; if it has not yet, keep the bubble
+    // until it does (it carries the same client_id).
+    pending.seq = ack.seq;
+  }).catch((e) => {
+    pending.state = "failed";
+    pending.error = explain(e);
+    if (current === key) {
+      renderMessages(false);
+      $("composer-error").textContent = explain(e);
+    }
+  });
+}
+
+// ---------- presence and typing ----------
+
+function onMember(ev) {
+  const c = conv(`r:${ev.room}`);
+  if (ev.event === "join") c.members.set(ev.user, ev.name);
+  else c.members.delete(ev.user);
+  if (current === `r:${ev.room}`) renderMembers();
+}
+
+function renderTyping() {
+  const names = [...typingTimers.values()].map((t) => t.name);
+  $("typing").textContent =
+    names.length === 0 ? "" : names.length === 1 ? `${names[0]} is typing…` : `${names.join(", ")} are typing…`;
+}
+
+function clearTyping(user) {
+  const t = typingTimers.get(user);
+  if (t) {
+    clearTimeout(t.timer);
+    typingTimers.delete(user);
+    renderTyping();
+  }
+}
+
+function onTyping(ev) {
+  if (current !== `r:${ev.room}`) return;
+  clearTyping(ev.user);
+  const timer = setTimeout(() => {
+    typingTimers.delete(ev.user);
+    renderTyping();
+  }, 4000);
+  typingTimers.set(ev.user, { name: ev.name, timer });
+  renderTyping();
+}
+
+// ---------- narrow screens ----------
+
+$("menu-toggle").addEventListener("click", () => {
+  const open = document.body.classList.toggle("show-sidebar");
+  $("menu-toggle").setAttribute("aria-expanded", String(open));
+});
+
+$("members-toggle").addEventListener("click", () => {
+  const open = document.body.classList.toggle("show-members");
+  $("members-toggle").setAttribute("aria-expanded", String(open));
+});

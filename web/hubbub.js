@@ -1,0 +1,461 @@
+// hubbub.js — the JavaScript SDK for the Hubbub wire protocol (docs/PROTOCOL.md).
+//
+// An ES module with no dependencies, served by the Hubbub binary at /hubbub.js:
+//
+//   import { Hubbub } from "/hubbub.js";
+//   const hub = new Hubbub({ url: "ws://localhost:8080/ws", name: "alice" });
+//   hub.on("message", (m) => console.log(m.from, m.text));
+//   hub.on("state", (s) => console.log(s.state, s.delay));
+//   await hub.connect();
+//   await hub.join("lobby");
+//   await hub.send("lobby", "hello!");
+//
+// What it guarantees:
+// - Every command returns a promise resolved by the reply with the same `id`, or
+//   rejected with a HubbubError (the server's `error`, or a timeout).
+// - After an unexpected close it reconnects with exponential backoff (1 s doubling to
+//   30 s, with jitter; reset once a connection has stayed up for 10 s), says `hello`
+//   again and rejoins every room with `since` = the last `seq` it delivered, then
+//   catches up direct messages from `history`.
+// - Each message is delivered exactly once and in `seq` order per room / DM peer
+//   (dedupe by `seq`), whether it came live, in `joined` or from `history`.
+// - `send`/`direct` always carry a `client_id`. Made while disconnected, they are
+//   queued and sent after reconnecting; in flight when the connection dropped, they
+//   are sent again with the same `client_id`. Either way the server stores them once.
+// - After close 4001 (unauthorized / token expired) it does not reconnect.
+
+export const BACKOFF_START_MS = 1000;
+export const BACKOFF_MAX_MS = 30000;
+/// A connection that stayed up this long resets the backoff.
+export const STABLE_MS = 10000;
+
+export class HubbubError extends Error {
+  constructor(code, message, command) {
+    super(message || code);
+    this.name = "HubbubError";
+    /** The protocol error code: bad_request, rate_limited, too_large, timeout, closed... */
+    this.code = code;
+    /** The command that failed, when known. */
+    this.command = command;
+  }
+}
+
+/** Backoff delay before reconnect attempt `attempt` (0-based): 1 s, 2 s, 4 s ... 30 s,
+ *  each scaled by a random factor in [0.75, 1.25) and capped at 30 s. */
+export function backoffDelay(attempt, random = Math.random) {
+  const base = Math.min(BACKOFF_MAX_MS, BACKOFF_START_MS * 2 ** Math.min(attempt, 16));
+  return Math.min(BACKOFF_MAX_MS, Math.round(base * (0.75 + random() * 0.5)));
+}
+
+function randomId() {
+  const c = globalThis.crypto;
+  if (c && typeof c.randomUUID === "function") return c.randomUUID();
+  return `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`;
+}
+
+export class Hubbub {
+  /**
+   * @param {object} opts
+   * @param {string} opts.url        ws:// or wss:// URL of /ws
+   * @param {string} [opts.name]     guest name
+   * @param {string} [opts.token]    JWT (wins over name)
+   * @param {boolean} [opts.batch]   ask the server to batch frames (default true)
+   * @param {number} [opts.timeout]  reply timeout in ms (default 10000)
+   * @param {boolean} [opts.reconnect] reconnect after unexpected closes (default true)
+   * @param {Function} [opts.WebSocket] WebSocket constructor (default globalThis.WebSocket)
+   * @param {object} [opts.timers]   { setTimeout, clearTimeout, random } for tests
+   */
+  constructor(opts) {
+    this.url = opts.url;
+    this.name = opts.name;
+    this.token = opts.token;
+    this.batch = opts.batch !== false;
+    this.timeout = opts.timeout ?? 10000;
+    this.autoReconnect = opts.reconnect !== false;
+    this.WS = opts.WebSocket || globalThis.WebSocket;
+    const t = opts.timers || {};
+    this._setTimeout = t.setTimeout || ((f, ms) => setTimeout(f, ms));
+    this._clearTimeout = t.clearTimeout || ((h) => clearTimeout(h));
+    this._random = t.random || Math.random;
+
+    /** connecting | open | reconnecting | closed */
+    this.state = "closed";
+    this.user = null;
+    this.welcome = null;
+    this._ws = null;
+    this._nextId = 1;
+    this._pending = new Map(); // id -> { resolve, reject, timer, cmd }
+    this._rooms = new Map(); // room -> { seq, epoch, history }
+    this._dms = new Map(); // peer -> last seq delivered
+    this._sendQueue = []; // sends waiting for a connection: { cmd, resolve, reject }
+    this._inflight = new Map(); // id -> send entry awaiting ack
+    this._handlers = new Map();
+    this._attempt = 0;
+    this._retryTimer = null;
+    this._stableTimer = null;
+    this._closedByUser = false;
+    this._connectWaiters = [];
+    /** While DMs are caught up after a reconnect, live DMs wait here so that the
+     *  catch-up (older seqs) is delivered first. */
+    this._heldDms = null;
+  }
+
+  /** Subscribe to an event: message, member, typing, error, state, welcome, closing.
+   *  Returns a function that unsubscribes. */
+  on(event, fn) {
+    if (!this._handlers.has(event)) this._handlers.set(event, new Set());
+    this._handlers.get(event).add(fn);
+    return () => this._handlers.get(event)?.delete(fn);
+  }
+
+  _emit(event, payload) {
+    for (const fn of this._handlers.get(event) || []) {
+      try {
+        fn(payload);
+      } catch (e) {
+        // A failing handler must not break the connection.
+        console.error("hubbub handler failed", e);
+      }
+    }
+  }
+
+  _setState(state, extra = {}) {
+    this.state = state;
+    this._emit("state", { state, ...extra });
+  }
+
+  /** Open the connection and say hello. Resolves with `welcome`. */
+  connect() {
+    this._closedByUser = false;
+    if (this.state === "open") return Promise.resolve(this.welcome);
+    const p = new Promise((resolve, reject) => this._connectWaiters.push({ resolve, reject }));
+    if (this.state === "closed") this._open("connecting");
+    return p;
+  }
+
+  /** Close for good (no reconnect). Pending commands are rejected. */
+  close() {
+    this._closedByUser = true;
+    this._clearTimers();
+    const ws = this._ws;
+    this._ws = null;
+    if (ws) {
+      try {
+        ws.close(1000);
+      } catch {
+        /* already closed */
+      }
+    }
+    this._failPending(new HubbubError("closed", "connection closed by the client"));
+    for (const s of this._sendQueue.splice(0)) s.reject(new HubbubError("closed", "client closed"));
+    this._setState("closed", { code: 1000, reason: "closed by the client" });
+  }
+
+  _clearTimers() {
+    if (this._retryTimer) this._clearTimeout(this._retryTimer);
+    if (this._stableTimer) this._clearTimeout(this._stableTimer);
+    this._retryTimer = this._stableTimer = null;
+  }
+
+  _open(state) {
+    this._setState(state);
+    let ws;
+    try {
+      ws = new this.WS(this.url);
+    } catch (e) {
+      this._onClose(null, 1006, String(e));
+      return;
+    }
+    this._ws = ws;
+    ws.onopen = () => this._onOpen(ws);
+    ws.onmessage = (ev) => this._onFrame(ws, ev.data);
+    ws.onclose = (ev) => this._onClose(ws, ev.code, ev.reason);
+    ws.onerror = () => {
+      /* onclose follows with the code */
+    };
+  }
+
+  async _onOpen(ws) {
+    if (ws !== this._ws) return;
+    const hello = { type: "hello", batch: this.batch };
+    if (this.token) hello.token = this.token;
+    else hello.name = this.name;
+    let welcome;
+    try {
+      welcome = await this._request(hello);
+    } catch (e) {
+      // unauthorized / bad_request: the server closes (4001 / 4000) right after.
+      this._emit("error", e);
+      return;
+    }
+    if (ws !== this._ws) return;
+    this.user = welcome.user;
+    this.welcome = welcome;
+    this._emit("welcome", welcome);
+    this._stableTimer = this._setTimeout(() => {
+      this._attempt = 0;
+    }, STABLE_MS);
+    // Rejoin rooms, then catch up DMs, then flush sends made while away.
+    const rejoins = [...this._rooms.entries()].map(([room, r]) =>
+      this._joinCmd(room, r.epoch ? { seq: r.seq, epoch: r.epoch } : null, r.history).catch((e) =>
+        this._emit("error", e),
+      ),
+    );
+    await Promise.all(rejoins);
+    if (ws !== this._ws) return;
+    this._heldDms = [];
+    const catchUps = [...this._dms.keys()].map((peer) =>
+      this._request({ type: "history", dm: peer, limit: 500 })
+        .then((h) => this._deliverAll((h.messages || []).map((m) => ({ ...m, _catchUp: true }))))
+        .catch((e) => this._emit("error", e)),
+    );
+    await Promise.all(catchUps);
+    const held = this._heldDms || [];
+    this._heldDms = null;
+    if (ws !== this._ws) return;
+    held.sort((a, b) => a.seq - b.seq);
+    this._deliverAll(held);
+    this._setState("open");
+    for (const w of this._connectWaiters.splice(0)) w.resolve(welcome);
+    for (const s of this._sendQueue.splice(0)) this._transmitSend(s);
+  }
+
+  _onFrame(ws, data) {
+    if (ws !== this._ws || typeof data !== "string") return;
+    for (const line of data.split("\n")) {
+      if (!line) continue;
+      let msg;
+      try {
+        msg = JSON.parse(line);
+      } catch {
+        continue;
+      }
+      this._onMessage(msg);
+    }
+  }
+
+  _onMessage(msg) {
+    if (msg.id !== undefined && this._pending.has(msg.id)) {
+      const p = this._pending.get(msg.id);
+      this._pending.delete(msg.id);
+      this._inflight.delete(msg.id);
+      this._clearTimeout(p.timer);
+      if (msg.type === "error") p.reject(new HubbubError(msg.code, msg.message, p.cmd));
+      else p.resolve(msg);
+      return;
+    }
+    switch (msg.type) {
+      case "message":
+        this._deliver(msg);
+        break;
+      case "member":
+      case "typing":
+        this._emit(msg.type, msg);
+        break;
+      case "closing":
+        this._emit("closing", msg);
+        break;
+      case "error":
+        this._emit("error", new HubbubError(msg.code, msg.message));
+        break;
+      default:
+        break;
+    }
+  }
+
+  /** Deliver a message event once, in seq order, per room or DM peer. */
+  _deliver(m) {
+    if (m.room !== undefined) {
+      const r = this._rooms.get(m.room);
+      if (!r) return; // a room we left
+      if (m.seq <= r.seq) return; // already delivered
+      r.seq = m.seq;
+    } else if (m.dm !== undefined) {
+      if (this._heldDms && !m._catchUp) {
+        this._heldDms.push(m);
+        return;
+      }
+      const last = this._dms.get(m.dm) ?? 0;
+      if (m.seq <= last) return;
+      this._dms.set(m.dm, m.seq);
+    }
+    if (m._catchUp) {
+      m = { ...m };
+      delete m._catchUp;
+    }
+    this._emit("message", m);
+  }
+
+  _deliverAll(messages) {
+    for (const m of messages || []) this._deliver(m);
+  }
+
+  _onClose(ws, code, reason) {
+    if (ws && ws !== this._ws) return;
+    this._ws = null;
+    this._heldDms = null;
+    if (this._stableTimer) this._clearTimeout(this._stableTimer);
+    this._stableTimer = null;
+    // Commands other than sends fail; sends wait to be retransmitted.
+    for (const [id, p] of this._pending) {
+      this._clearTimeout(p.timer);
+      const entry = this._inflight.get(id);
+      if (entry) {
+        this._inflight.delete(id);
+        this._sendQueue.unshift(entry);
+      } else {
+        p.reject(new HubbubError("closed", `connection closed (${code})`, p.cmd));
+      }
+    }
+    this._pending.clear();
+    if (this._closedByUser) return;
+    if (code === 4001 || !this.autoReconnect) {
+      this._failPending(new HubbubError("unauthorized", reason || "unauthorized"));
+      for (const s of this._sendQueue.splice(0)) s.reject(new HubbubError("closed", reason || "closed"));
+      for (const w of this._connectWaiters.splice(0)) w.reject(new HubbubError("unauthorized", reason));
+      this._setState("closed", { code, reason });
+      return;
+    }
+    const delay = backoffDelay(this._attempt, this._random);
+    this._attempt += 1;
+    this._setState("reconnecting", { delay, attempt: this._attempt, code, reason });
+    this._retryTimer = this._setTimeout(() => {
+      this._retryTimer = null;
+      this._open("connecting");
+    }, delay);
+  }
+
+  _failPending(err) {
+    for (const p of this._pending.values()) {
+      this._clearTimeout(p.timer);
+      p.reject(err);
+    }
+    this._pending.clear();
+    this._inflight.clear();
+  }
+
+  _request(cmd) {
+    const ws = this._ws;
+    if (!ws || ws.readyState !== 1) {
+      return Promise.reject(new HubbubError("closed", "not connected", cmd));
+    }
+    const id = this._nextId++;
+    return new Promise((resolve, reject) => {
+      const timer = this._setTimeout(() => {
+        this._pending.delete(id);
+        this._inflight.delete(id);
+        reject(new HubbubError("timeout", `no reply to ${cmd.type} within ${this.timeout} ms`, cmd));
+      }, this.timeout);
+      this._pending.set(id, { resolve, reject, timer, cmd });
+      ws.send(JSON.stringify({ ...cmd, id }));
+    });
+  }
+
+  async _joinCmd(room, since, history) {
+    const cmd = { type: "join", room };
+    if (since) cmd.since = since;
+    if (history !== undefined) cmd.history = history;
+    const joined = await this._request(cmd);
+    const r = this._rooms.get(room) || { seq: 0, epoch: null, history };
+    // A different epoch means history was lost: start counting afresh.
+    if (r.epoch !== joined.epoch) r.seq = 0;
+    r.epoch = joined.epoch;
+    this._rooms.set(room, r);
+    this._deliverAll(joined.messages);
+    // Nothing older than the room's current seq is missing any more.
+    if (r.seq < joined.seq && joined.recovered) r.seq = joined.seq;
+    return joined;
+  }
+
+  /** Join a room (creating it). Resolves with `joined`; its messages are also
+   *  delivered through the `message` event (once). */
+  join(room, { history } = {}) {
+    const r = this._rooms.get(room);
+    const since = r && r.epoch ? { seq: r.seq, epoch: r.epoch } : null;
+    return this._joinCmd(room, since, history);
+  }
+
+  async leave(room) {
+    const left = await this._request({ type: "leave", room });
+    this._rooms.delete(room);
+    return left;
+  }
+
+  /** The rooms this client is in (rejoined automatically after a reconnect). */
+  rooms() {
+    return [...this._rooms.keys()];
+  }
+
+  _enqueueSend(cmd) {
+    if (!cmd.client_id) cmd.client_id = randomId();
+    return new Promise((resolve, reject) => {
+      const entry = { cmd, resolve, reject };
+      if (this.state === "open" && this._ws && this._ws.readyState === 1) this._transmitSend(entry);
+      else this._sendQueue.push(entry);
+    });
+  }
+
+  _transmitSend(entry) {
+    const ws = this._ws;
+    if (!ws || ws.readyState !== 1) {
+      this._sendQueue.push(entry);
+      return;
+    }
+    const id = this._nextId++;
+    const timer = this._setTimeout(() => {
+      this._pending.delete(id);
+      this._inflight.delete(id);
+      entry.reject(new HubbubError("timeout", `no ack within ${this.timeout} ms`, entry.cmd));
+    }, this.timeout);
+    this._pending.set(id, { resolve: entry.resolve, reject: entry.reject, timer, cmd: entry.cmd });
+    // Until answered, a send is retransmitted (same client_id) if the connection drops.
+    this._inflight.set(id, entry);
+    ws.send(JSON.stringify({ ...entry.cmd, id }));
+  }
+
+  /** Send to a room. Resolves with `ack` once stored. Queued while disconnected. */
+  send(room, text, { meta, clientId } = {}) {
+    const cmd = { type: "send", room, text };
+    if (meta) cmd.meta = meta;
+    if (clientId) cmd.client_id = clientId;
+    return this._enqueueSend(cmd);
+  }
+
+  /** Direct message to a user. Resolves with `ack`. Queued while disconnected. */
+  direct(to, text, { meta, clientId } = {}) {
+    const cmd = { type: "direct", to, text };
+    if (meta) cmd.meta = meta;
+    if (clientId) cmd.client_id = clientId;
+    if (!this._dms.has(to)) this._dms.set(to, 0);
+    return this._enqueueSend(cmd);
+  }
+
+  /** Older messages: { room } or { dm }, optional before (exclusive seq), limit. */
+  async history({ room, dm, before, limit } = {}) {
+    const cmd = { type: "history" };
+    if (room !== undefined) cmd.room = room;
+    if (dm !== undefined) {
+      cmd.dm = dm;
+      if (!this._dms.has(dm)) this._dms.set(dm, 0);
+    }
+    if (before !== undefined) cmd.before = before;
+    if (limit !== undefined) cmd.limit = limit;
+    return this._request(cmd);
+  }
+
+  presence(room) {
+    return this._request({ type: "presence", room });
+  }
+
+  /** Tell the room you are typing (fire and forget; never stored). */
+  typing(room) {
+    const ws = this._ws;
+    if (ws && ws.readyState === 1 && this.state === "open") {
+      ws.send(JSON.stringify({ type: "typing", room }));
+    }
+  }
+
+  ping() {
+    return this._request({ type: "ping" });
+  }
+}

@@ -1,0 +1,368 @@
+// Unit tests of the SDK's reconnect, resend and dedupe logic, under Node's built-in
+// test runner. The socket and the clock are scripted here so that timing is exact;
+// the same SDK against the real server is exercised by the browser tests in e2e/.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { Hubbub, HubbubError, backoffDelay, BACKOFF_MAX_MS, STABLE_MS } from "../hubbub.js";
+
+/** A WebSocket stand-in that records what the SDK sends and lets a test play the server. */
+class FakeSocket {
+  static all = [];
+  constructor(url) {
+    this.url = url;
+    this.readyState = 0;
+    this.sent = [];
+    FakeSocket.all.push(this);
+  }
+  send(data) {
+    this.sent.push(JSON.parse(data));
+  }
+  close(code = 1000) {
+    this.readyState = 3;
+    this.closedWith = code;
+  }
+  // --- the test's side ---
+  open() {
+    this.readyState = 1;
+    this.onopen?.();
+  }
+  push(...objs) {
+    this.onmessage?.({ data: objs.map((o) => JSON.stringify(o)).join("\n") });
+  }
+  drop(code = 1006, reason = "") {
+    this.readyState = 3;
+    this.onclose?.({ code, reason });
+  }
+  last(type) {
+    return [...this.sent].reverse().find((c) => c.type === type);
+  }
+  all(type) {
+    return this.sent.filter((c) => c.type === type);
+  }
+}
+
+/** A manual clock. */
+function clock() {
+  let now = 0;
+  let timers = [];
+  let seq = 0;
+  return {
+    setTimeout(fn, ms) {
+      const t = { at: now + ms, fn, id: ++seq };
+      timers.push(t);
+      return t.id;
+    },
+    clearTimeout(id) {
+      timers = timers.filter((t) => t.id !== id);
+    },
+    random: () => 0.5, // jitter factor exactly 1.0
+    async advance(ms) {
+      const until = now + ms;
+      for (;;) {
+        timers.sort((a, b) => a.at - b.at);
+        const t = timers[0];
+        if (!t || t.at > until) break;
+        timers.shift();
+        now = t.at;
+        t.fn();
+        await settle();
+      }
+      now = until;
+    },
+  };
+}
+
+const settle = () => new Promise((r) => setImmediate(r));
+
+function newClient(c, extra = {}) {
+  FakeSocket.all = [];
+  return new Hubbub({ url: "ws://x/ws", name: "alice", WebSocket: FakeSocket, timers: c, ...extra });
+}
+
+/** Answer the hello on socket `ws` and let the SDK finish its reconnect steps. */
+async function welcome(ws) {
+  ws.open();
+  await settle();
+  const hello = ws.last("hello");
+  ws.push({ type: "welcome", id: hello.id, user: "alice", conn: "1", heartbeat_ms: 25000, limits: {} });
+  await settle();
+}
+
+async function answerJoin(ws, room, body) {
+  const j = ws.all("join").find((c) => c.room === room && !c._answered);
+  assert.ok(j, `a join of ${room} was sent`);
+  j._answered = true;
+  ws.push({ type: "joined", id: j.id, room, epoch: "E1", members: [], recovered: false, ...body });
+  await settle();
+}
+
+test("backoff doubles from 1 s to a 30 s cap", () => {
+  const one = () => 0.5;
+  assert.deepEqual(
+    [0, 1, 2, 3, 4, 5, 6, 10].map((a) => backoffDelay(a, one)),
+    [1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000],
+  );
+});
+
+test("backoff jitter stays within 75%..125% and never exceeds the cap", () => {
+  for (let a = 0; a < 8; a++) {
+    for (const r of [0, 0.25, 0.999]) {
+      const d = backoffDelay(a, () => r);
+      const base = Math.min(30000, 1000 * 2 ** a);
+      assert.ok(d >= base * 0.75 - 1 && d <= Math.min(BACKOFF_MAX_MS, base * 1.25), `${a} ${r} ${d}`);
+    }
+  }
+  assert.notEqual(backoffDelay(2, () => 0), backoffDelay(2, () => 0.99), "random factor applies");
+});
+
+test("connect says hello with batch and resolves with welcome", async () => {
+  const c = clock();
+  const hub = newClient(c);
+  const states = [];
+  hub.on("state", (s) => states.push(s.state));
+  const p = hub.connect();
+  const ws = FakeSocket.all[0];
+  await welcome(ws);
+  const w = await p;
+  assert.equal(w.user, "alice");
+  assert.deepEqual(ws.sent[0], { type: "hello", batch: true, name: "alice", id: 1 });
+  assert.deepEqual(states, ["connecting", "open"]);
+});
+
+test("a token is sent instead of the name", async () => {
+  const c = clock();
+  const hub = newClient(c, { token: "T" });
+  hub.connect();
+  FakeSocket.all[0].open();
+  await settle();
+  assert.equal(FakeSocket.all[0].last("hello").token, "T");
+  assert.equal(FakeSocket.all[0].last("hello").name, undefined);
+});
+
+test("an unexpected close reconnects with backoff, says hello again and rejoins with since", async () => {
+  const c = clock();
+  const hub = newClient(c);
+  const states = [];
+  hub.on("state", (s) => states.push([s.state, s.delay]));
+  hub.connect();
+  let ws = FakeSocket.all[0];
+  await welcome(ws);
+  const joined = hub.join("lobby");
+  await settle();
+  await answerJoin(ws, "lobby", { seq: 2, messages: [{ type: "message", room: "lobby", seq: 1 }, { type: "message", room: "lobby", seq: 2 }] });
+  await joined;
+  ws.push({ type: "message", room: "lobby", seq: 3, text: "live" });
+  ws.drop(1006);
+  assert.deepEqual(states.at(-1), ["reconnecting", 1000]);
+  await c.advance(999);
+  assert.equal(FakeSocket.all.length, 1, "no reconnect before the delay");
+  await c.advance(1);
+  assert.equal(FakeSocket.all.length, 2);
+  ws = FakeSocket.all[1];
+  await welcome(ws);
+  const rejoin = ws.last("join");
+  assert.deepEqual(rejoin.since, { seq: 3, epoch: "E1" }, "since = last seq delivered");
+});
+
+test("failed reconnects back off 1, 2, 4, 8 s", async () => {
+  const c = clock();
+  const hub = newClient(c);
+  const delays = [];
+  hub.on("state", (s) => s.state === "reconnecting" && delays.push(s.delay));
+  hub.connect();
+  await welcome(FakeSocket.all[0]);
+  FakeSocket.all[0].drop(1001);
+  for (let i = 1; i <= 3; i++) {
+    await c.advance(delays.at(-1));
+    FakeSocket.all[i].drop(1006); // the server is still down
+  }
+  assert.deepEqual(delays, [1000, 2000, 4000, 8000]);
+});
+
+test("a connection that stays up resets the backoff", async () => {
+  const c = clock();
+  const hub = newClient(c);
+  const delays = [];
+  hub.on("state", (s) => s.state === "reconnecting" && delays.push(s.delay));
+  hub.connect();
+  await welcome(FakeSocket.all[0]);
+  FakeSocket.all[0].drop(1006);
+  await c.advance(1000);
+  FakeSocket.all[1].drop(1006);
+  await c.advance(2000);
+  await welcome(FakeSocket.all[2]);
+  await c.advance(STABLE_MS);
+  FakeSocket.all[2].drop(1006);
+  assert.deepEqual(delays, [1000, 2000, 1000]);
+});
+
+test("close 4001 does not reconnect and rejects waiting sends", async () => {
+  const c = clock();
+  const hub = newClient(c);
+  const states = [];
+  hub.on("state", (s) => states.push(s.state));
+  hub.connect();
+  await welcome(FakeSocket.all[0]);
+  FakeSocket.all[0].drop(1006);
+  const queued = assert.rejects(hub.send("lobby", "never"), (e) => e instanceof HubbubError);
+  await c.advance(1000);
+  FakeSocket.all[1].drop(4001, "token expired");
+  await queued;
+  await c.advance(60000);
+  assert.equal(FakeSocket.all.length, 2, "no further attempts");
+  assert.equal(states.at(-1), "closed");
+});
+
+test("messages are delivered once and in order across joined and live events", async () => {
+  const c = clock();
+  const hub = newClient(c);
+  const got = [];
+  hub.on("message", (m) => got.push(m.seq));
+  hub.connect();
+  let ws = FakeSocket.all[0];
+  await welcome(ws);
+  hub.join("r");
+  await settle();
+  await answerJoin(ws, "r", { seq: 2, messages: [{ type: "message", room: "r", seq: 1 }, { type: "message", room: "r", seq: 2 }] });
+  ws.push({ type: "message", room: "r", seq: 2 }, { type: "message", room: "r", seq: 3 });
+  ws.drop(1006);
+  await c.advance(1000);
+  ws = FakeSocket.all[1];
+  await welcome(ws);
+  // The rejoin's messages overlap with what was already delivered.
+  await answerJoin(ws, "r", {
+    seq: 5,
+    recovered: true,
+    messages: [3, 4, 5].map((seq) => ({ type: "message", room: "r", seq })),
+  });
+  ws.push({ type: "message", room: "r", seq: 5 }, { type: "message", room: "r", seq: 6 });
+  assert.deepEqual(got, [1, 2, 3, 4, 5, 6]);
+});
+
+test("a new epoch starts the room's count afresh", async () => {
+  const c = clock();
+  const hub = newClient(c);
+  const got = [];
+  hub.on("message", (m) => got.push(m.seq));
+  hub.connect();
+  let ws = FakeSocket.all[0];
+  await welcome(ws);
+  hub.join("r");
+  await settle();
+  await answerJoin(ws, "r", { seq: 9, messages: [{ type: "message", room: "r", seq: 9 }] });
+  ws.drop(1001);
+  await c.advance(1000);
+  ws = FakeSocket.all[1];
+  await welcome(ws);
+  await answerJoin(ws, "r", { epoch: "E2", seq: 1, messages: [{ type: "message", room: "r", seq: 1 }] });
+  assert.deepEqual(got, [9, 1]);
+});
+
+test("a send made while disconnected is queued with a client_id and sent once after reconnecting", async () => {
+  const c = clock();
+  const hub = newClient(c);
+  hub.connect();
+  await welcome(FakeSocket.all[0]);
+  FakeSocket.all[0].drop(1006);
+  const p = hub.send("r", "offline text");
+  await c.advance(1000);
+  const ws = FakeSocket.all[1];
+  await welcome(ws);
+  const sends = ws.all("send");
+  assert.equal(sends.length, 1);
+  assert.equal(sends[0].text, "offline text");
+  assert.ok(sends[0].client_id && sends[0].client_id.length <= 64);
+  ws.push({ type: "ack", id: sends[0].id, room: "r", seq: 7, ts: 1 });
+  assert.equal((await p).seq, 7);
+});
+
+test("a send in flight when the connection drops is resent with the same client_id", async () => {
+  const c = clock();
+  const hub = newClient(c);
+  hub.connect();
+  let ws = FakeSocket.all[0];
+  await welcome(ws);
+  const p = hub.send("r", "maybe stored", { clientId: "cid-1" });
+  assert.equal(ws.all("send").length, 1);
+  ws.drop(1006); // no ack arrived
+  await c.advance(1000);
+  ws = FakeSocket.all[1];
+  await welcome(ws);
+  const again = ws.all("send");
+  assert.equal(again.length, 1);
+  assert.equal(again[0].client_id, "cid-1");
+  ws.push({ type: "ack", id: again[0].id, room: "r", seq: 3, ts: 1 });
+  assert.equal((await p).seq, 3);
+});
+
+test("an acked send is not resent after a reconnect", async () => {
+  const c = clock();
+  const hub = newClient(c);
+  hub.connect();
+  let ws = FakeSocket.all[0];
+  await welcome(ws);
+  const p = hub.send("r", "done");
+  ws.push({ type: "ack", id: ws.last("send").id, room: "r", seq: 1, ts: 1 });
+  await p;
+  ws.drop(1006);
+  await c.advance(1000);
+  ws = FakeSocket.all[1];
+  await welcome(ws);
+  assert.equal(ws.all("send").length, 0);
+});
+
+test("a command without a reply times out with code timeout", async () => {
+  const c = clock();
+  const hub = newClient(c, { timeout: 500 });
+  hub.connect();
+  await welcome(FakeSocket.all[0]);
+  const rejected = assert.rejects(hub.presence("r"), (e) => e.code === "timeout");
+  await c.advance(500);
+  await rejected;
+});
+
+test("a server error rejects the command with its code", async () => {
+  const c = clock();
+  const hub = newClient(c);
+  hub.connect();
+  const ws = FakeSocket.all[0];
+  await welcome(ws);
+  const p = hub.send("r", "x");
+  ws.push({ type: "error", id: ws.last("send").id, code: "not_joined", message: "join first" });
+  await assert.rejects(p, (e) => e.code === "not_joined" && e.message === "join first");
+});
+
+test("DMs missed while away are caught up from history before live ones, once each", async () => {
+  const c = clock();
+  const hub = newClient(c);
+  const got = [];
+  hub.on("message", (m) => got.push([m.dm, m.seq]));
+  hub.connect();
+  let ws = FakeSocket.all[0];
+  await welcome(ws);
+  ws.push({ type: "message", dm: "bob", seq: 1, text: "a" });
+  ws.drop(1006);
+  await c.advance(1000);
+  ws = FakeSocket.all[1];
+  await welcome(ws);
+  const h = ws.last("history");
+  assert.equal(h.dm, "bob");
+  // A live DM overtakes the history reply.
+  ws.push({ type: "message", dm: "bob", seq: 4 });
+  ws.push({ type: "history", id: h.id, dm: "bob", messages: [1, 2, 3].map((seq) => ({ type: "message", dm: "bob", seq })) });
+  await settle();
+  assert.deepEqual(got, [["bob", 1], ["bob", 2], ["bob", 3], ["bob", 4]]);
+});
+
+test("close() stops everything and rejects pending commands", async () => {
+  const c = clock();
+  const hub = newClient(c);
+  hub.connect();
+  await welcome(FakeSocket.all[0]);
+  const rejected = assert.rejects(hub.ping(), (e) => e.code === "closed");
+  hub.close();
+  await rejected;
+  await c.advance(60000);
+  assert.equal(FakeSocket.all.length, 1);
+  assert.equal(hub.state, "closed");
+});
