@@ -53,6 +53,25 @@ pub enum CliCommand {
     Serve(Box<ServeArgs>),
     /// Print a signed HS256 token, for tests and for backends that mint tokens.
     Token(TokenArgs),
+    /// Work with configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Exit 0 if a Hubbub answers 200 on its /healthz (for container health checks).
+    Health {
+        /// The health URL (plain http).
+        #[arg(long, default_value = "http://127.0.0.1:8080/healthz")]
+        url: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate FILE (with HUBBUB_* from the environment on top) and print the
+    /// effective configuration, secrets masked.
+    Check {
+        /// The TOML file.
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -140,6 +159,33 @@ pub struct ServeArgs {
     /// Log format: text or json [default: text].
     #[arg(long, env = "HUBBUB_LOG_FORMAT", value_name = "text|json")]
     pub log_format: Option<String>,
+    /// PEM certificate chain: serve wss:// and https:// (needs --tls-key).
+    #[arg(long, env = "HUBBUB_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "HUBBUB_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Comma-separated proxy addresses or CIDRs whose X-Forwarded-For is believed.
+    #[arg(long, env = "HUBBUB_TRUSTED_PROXIES", value_name = "LIST")]
+    pub trusted_proxies: Option<String>,
+    /// Sessions closed per second when draining on SIGTERM [default: 1000].
+    #[arg(long, env = "HUBBUB_DRAIN_RATE", value_name = "PER_SEC")]
+    pub drain_rate: Option<u32>,
+    /// Upper bound on the whole shutdown, in seconds [default: 30].
+    #[arg(long, env = "HUBBUB_SHUTDOWN_TIMEOUT", value_name = "SECS")]
+    pub shutdown_timeout: Option<String>,
+}
+
+impl ServeArgs {
+    /// No flags: `file` as the config file and whatever `HUBBUB_*` says.
+    pub fn from_env_and_file(file: PathBuf) -> ServeArgs {
+        use clap::FromArgMatches;
+        let cmd = <ServeArgs as Args>::augment_args(clap::Command::new("hubbub"));
+        let matches = cmd.get_matches_from(["hubbub"]);
+        let mut args = ServeArgs::from_arg_matches(&matches).unwrap_or_default();
+        args.config = Some(file);
+        args
+    }
 }
 
 /// The config file: the same keys as the flags.
@@ -163,6 +209,11 @@ struct FileConfig {
     send_queue_bytes: Option<usize>,
     memory_history: Option<usize>,
     log_format: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    trusted_proxies: Option<StrOrList>,
+    drain_rate: Option<u32>,
+    shutdown_timeout: Option<NumOrStr>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -222,6 +273,11 @@ pub struct Config {
     pub send_queue_bytes: usize,
     pub memory_history: usize,
     pub log_format: LogFormat,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub drain_rate: u32,
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for Config {
@@ -244,6 +300,11 @@ impl Default for Config {
             send_queue_bytes: 1 << 20,
             memory_history: 1000,
             log_format: LogFormat::Text,
+            tls_cert: None,
+            tls_key: None,
+            trusted_proxies: Vec::new(),
+            drain_rate: 1000,
+            shutdown_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -332,7 +393,33 @@ impl Config {
                 ));
             }
         };
+        let trusted_list = match args.trusted_proxies {
+            Some(s) => split_list(&s),
+            None => match file.trusted_proxies {
+                None => Vec::new(),
+                Some(StrOrList::Str(s)) => split_list(&s),
+                Some(StrOrList::List(l)) => l,
+            },
+        };
+        let trusted_proxies = trusted_list
+            .iter()
+            .map(|p| parse_net(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let shutdown_timeout = match args
+            .shutdown_timeout
+            .or(file.shutdown_timeout.map(NumOrStr::into_string))
+        {
+            None => d.shutdown_timeout,
+            Some(s) => parse_secs("shutdown_timeout", &s)?,
+        };
+        let tls_cert = args.tls_cert.or(file.tls_cert);
+        let tls_key = args.tls_key.or(file.tls_key);
         let c = Config {
+            tls_cert,
+            tls_key,
+            trusted_proxies,
+            shutdown_timeout,
+            drain_rate: args.drain_rate.or(file.drain_rate).unwrap_or(d.drain_rate),
             listen,
             data_dir: args.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
             store,
@@ -387,7 +474,98 @@ impl Config {
         if self.rate_limit == 0 {
             return Err(invalid("rate_limit", "must be at least 1"));
         }
+        if self.drain_rate == 0 {
+            return Err(invalid("drain_rate", "must be at least 1"));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(invalid("tls_cert", "--tls-cert and --tls-key go together"));
+        }
         Ok(())
+    }
+}
+
+/// An address ("10.0.0.7") or a network ("10.0.0.0/8").
+fn parse_net(s: &str) -> Result<ipnet::IpNet, ConfigError> {
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| {
+            invalid(
+                "trusted_proxies",
+                format!("{s:?} is not an IP address or CIDR"),
+            )
+        })
+}
+
+impl Config {
+    /// The effective configuration as TOML, with secrets masked.
+    pub fn describe(&self) -> String {
+        let opt = |p: &Option<PathBuf>| {
+            p.as_ref()
+                .map_or("(none)".to_owned(), |p| p.display().to_string())
+        };
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "(all)".to_owned()
+            } else {
+                v.join(",")
+            }
+        };
+        let nets: Vec<String> = self
+            .trusted_proxies
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        [
+            format!("listen = {:?}", self.listen.to_string()),
+            format!("data_dir = {:?}", self.data_dir.display().to_string()),
+            format!(
+                "store = {:?}",
+                match self.store {
+                    StoreKind::Sqlite => "sqlite",
+                    StoreKind::Memory => "memory",
+                }
+            ),
+            format!("memory_history = {}", self.memory_history),
+            format!("guests = {}", self.guests),
+            format!(
+                "jwt_secret = {:?}",
+                if self.jwt_secret.is_some() {
+                    "********"
+                } else {
+                    "(none)"
+                }
+            ),
+            format!("jwt_public_key = {:?}", opt(&self.jwt_public_key)),
+            format!("allowed_origins = {:?}", list(&self.allowed_origins)),
+            format!("heartbeat = {}", self.heartbeat.as_secs_f64()),
+            format!("hello_timeout = {}", self.hello_timeout.as_secs_f64()),
+            format!("max_message = {}", self.max_message),
+            format!("max_text = {}", self.max_text),
+            format!("rate_limit = {}", self.rate_limit),
+            format!("max_rooms_per_conn = {}", self.max_rooms_per_conn),
+            format!("send_queue = {}", self.send_queue),
+            format!("send_queue_bytes = {}", self.send_queue_bytes),
+            format!(
+                "log_format = {:?}",
+                match self.log_format {
+                    LogFormat::Text => "text",
+                    LogFormat::Json => "json",
+                }
+            ),
+            format!("tls_cert = {:?}", opt(&self.tls_cert)),
+            format!("tls_key = {:?}", opt(&self.tls_key)),
+            format!(
+                "trusted_proxies = {:?}",
+                if nets.is_empty() {
+                    "(none)".to_owned()
+                } else {
+                    nets.join(",")
+                }
+            ),
+            format!("drain_rate = {}", self.drain_rate),
+            format!("shutdown_timeout = {}", self.shutdown_timeout.as_secs_f64()),
+        ]
+        .join("\n")
     }
 }
 

@@ -16,6 +16,7 @@
 //! - [`metrics`]: Prometheus metric names and handles.
 //! - [`config`]: flags, environment and config file.
 //! - [`web`]: the embedded chat page and JavaScript SDK.
+//! - [`tls`]: rustls termination with certificate reload.
 
 pub mod auth;
 pub mod broker;
@@ -27,4 +28,5 @@ pub mod protocol;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod tls;
 pub mod web;

@@ -3,17 +3,88 @@
 
 use anyhow::Context;
 use clap::Parser;
-use hubbub::config::{Cli, CliCommand, Config, LogFormat, ServeArgs, TokenArgs, parse_ttl};
+use hubbub::config::{
+    Cli, CliCommand, Config, ConfigCommand, LogFormat, ServeArgs, TokenArgs, parse_ttl,
+};
 use hubbub::server::Server;
 use std::io::Write;
 use tokio_util::sync::CancellationToken;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hubbub: {}", one_line(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line, skipping a cause that the message before
+/// it already spells out (our error types include their cause in their text).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut prev = String::new();
+    for cause in e.chain() {
+        let m = cause.to_string();
+        if !prev.contains(&m) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&m);
+        }
+        prev = m;
+    }
+    out
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(CliCommand::Token(args)) => token(args),
         Some(CliCommand::Serve(args)) => serve(*args),
+        Some(CliCommand::Config(ConfigCommand::Check { file })) => config_check(file),
+        Some(CliCommand::Health { url }) => health(&url),
         None => serve(cli.serve),
+    }
+}
+
+fn config_check(file: std::path::PathBuf) -> anyhow::Result<()> {
+    let args = ServeArgs::from_env_and_file(file);
+    let config = Config::resolve(args, std::env::var("HUBBUB_GUESTS").ok())?;
+    println!("# effective configuration (file, then HUBBUB_* environment, then defaults)");
+    println!("{}", config.describe());
+    Ok(())
+}
+
+/// A plain-HTTP GET of `url` that succeeds on status 200; no TLS, no redirects.
+fn health(url: &str) -> anyhow::Result<()> {
+    use std::io::{Read, Write as _};
+    let rest = url
+        .strip_prefix("http://")
+        .context("health: only http:// URLs are supported")?;
+    let (host, path) = rest.split_once('/').map_or((rest, "/"), |(h, p)| (h, p));
+    let path = if path.starts_with('/') {
+        path.to_owned()
+    } else {
+        format!("/{path}")
+    };
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(host)?
+        .next()
+        .context("health: cannot resolve the host")?;
+    let mut tcp = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3))?;
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
+    write!(
+        tcp,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut head = [0u8; 16];
+    let n = tcp.read(&mut head)?;
+    let line = String::from_utf8_lossy(&head[..n]);
+    if line.starts_with("HTTP/1.1 200") {
+        Ok(())
+    } else {
+        anyhow::bail!("health: {url} answered {line:?}")
     }
 }
 
@@ -60,6 +131,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         println!("hubbub listening on http://{addr}");
         let _ = std::io::stdout().flush();
         tokio::spawn(signals(shutdown));
+        if let Some(tls) = server.tls() {
+            tokio::spawn(reload_on_sighup(tls));
+        }
         server.run().await?;
         Ok(())
     })
@@ -79,6 +153,22 @@ async fn signals(shutdown: CancellationToken) {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
     }
     shutdown.cancel();
+}
+
+/// SIGHUP re-reads the TLS certificate and key; new connections use them,
+/// established ones are untouched. A bad file keeps the old certificate.
+async fn reload_on_sighup(tls: std::sync::Arc<hubbub::tls::TlsCerts>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot listen for SIGHUP; certificate reload disabled");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match tls.reload() {
+            Ok(()) => tracing::info!("TLS certificate reloaded"),
+            Err(e) => tracing::error!(error = %e, "TLS reload failed; keeping the old certificate"),
+        }
+    }
 }
 
 fn init_logging(format: LogFormat) {

@@ -12,7 +12,11 @@ use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, Promet
 
 /// Install the process-wide Prometheus recorder and describe every metric.
 pub fn install() -> Result<PrometheusHandle, BuildError> {
+    // Every histogram gets buckets (Prometheus users expect `_bucket{le=...}`, not
+    // summaries): powers of two for counts, and second-based buckets for latencies.
+    let counts: Vec<f64> = (0..12).map(|i| f64::from(1u32 << i)).collect();
     let handle = PrometheusBuilder::new()
+        .set_buckets(&counts)?
         .set_buckets_for_metric(
             Matcher::Full("hubbub_store_commit_seconds".into()),
             &[
@@ -21,9 +25,10 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
             ],
         )?
         .set_buckets_for_metric(
-            Matcher::Full("hubbub_store_commit_batch_size".into()),
+            Matcher::Full("hubbub_broker_publish_seconds".into()),
             &[
-                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+                0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+                0.025, 0.05, 0.1,
             ],
         )?
         .install_recorder()?;
@@ -32,11 +37,22 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
 }
 
 fn describe() {
-    describe_gauge!("hubbub_connections", "Open WebSocket connections");
+    describe_gauge!(
+        "hubbub_connections",
+        "Open WebSocket connections, by state (awaiting_hello, active, closing)"
+    );
     describe_counter!("hubbub_connections_total", "WebSocket connections accepted");
+    describe_gauge!(
+        "hubbub_users",
+        "Distinct users with at least one active connection"
+    );
     describe_gauge!(
         "hubbub_rooms",
         "Rooms with at least one member on this node"
+    );
+    describe_gauge!(
+        "hubbub_room_members",
+        "Room memberships on this node (connections joined to rooms)"
     );
     describe_counter!(
         "hubbub_messages_in_total",
@@ -44,11 +60,19 @@ fn describe() {
     );
     describe_counter!(
         "hubbub_messages_out_total",
-        "WebSocket text frames written to clients"
+        "Server messages queued to connections, by type (message, member, typing, ack, reply, error, closing)"
     );
     describe_counter!(
         "hubbub_deliveries_total",
         "Message events queued to client connections (one per receiving connection)"
+    );
+    describe_histogram!(
+        "hubbub_outbox_depth",
+        "Frames waiting in a connection's outgoing queue when it is drained (written with one flush)"
+    );
+    describe_histogram!(
+        "hubbub_batch_size",
+        "Protocol messages per WebSocket frame for clients that asked for batching"
     );
     describe_counter!(
         "hubbub_messages_stored_total",
@@ -66,7 +90,14 @@ fn describe() {
         "hubbub_rate_limited_total",
         "Commands refused by the rate limit"
     );
-    describe_counter!("hubbub_closes_total", "Connections closed, by close code");
+    describe_counter!(
+        "hubbub_heartbeat_drops_total",
+        "Connections dropped because nothing arrived for two heartbeat intervals"
+    );
+    describe_counter!(
+        "hubbub_closes_total",
+        "Connections closed, by close code (1006: dropped without a close frame)"
+    );
     describe_histogram!(
         "hubbub_store_commit_seconds",
         metrics::Unit::Seconds,
@@ -80,15 +111,54 @@ fn describe() {
         "hubbub_store_errors_total",
         "Failed store commits (retried)"
     );
+    describe_histogram!(
+        "hubbub_broker_publish_seconds",
+        metrics::Unit::Seconds,
+        "Time to publish one stored message to every node (local fan-out included)"
+    );
+    describe_counter!(
+        "hubbub_broker_reconnects_total",
+        "Reconnections of the cross-node broker (always 0 on a single node)"
+    );
 }
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnState {
+    AwaitingHello,
+    Active,
+    Closing,
+}
+
+impl ConnState {
+    fn label(self) -> &'static str {
+        match self {
+            ConnState::AwaitingHello => "awaiting_hello",
+            ConnState::Active => "active",
+            ConnState::Closing => "closing",
+        }
+    }
+}
+
+/// Every value of the `type` label of `hubbub_messages_out_total`.
+const OUT_TYPES: [&str; 7] = [
+    "message", "member", "typing", "ack", "reply", "error", "closing",
+];
 
 /// Handles for the hot paths (registration is a hash lookup; we do it once).
 #[derive(Clone)]
 pub struct Metrics {
-    pub connections: Gauge,
+    connections: [Gauge; 3],
     pub connections_total: Counter,
+    pub users: Gauge,
     pub rooms: Gauge,
-    pub messages_out: Counter,
+    pub room_members: Gauge,
+    out: Vec<(&'static str, Counter)>,
+    pub outbox_depth: Histogram,
+    pub batch_size: Histogram,
+    pub heartbeat_drops: Counter,
+    pub broker_publish_seconds: Histogram,
+    pub broker_reconnects: Counter,
     pub deliveries: Counter,
     pub stored: Counter,
     pub slow_consumer_closes: Counter,
@@ -109,10 +179,25 @@ const COMMAND_TYPES: [&str; 10] = [
 impl Metrics {
     pub fn new() -> Self {
         Metrics {
-            connections: gauge!("hubbub_connections"),
+            connections: [
+                ConnState::AwaitingHello,
+                ConnState::Active,
+                ConnState::Closing,
+            ]
+            .map(|s| gauge!("hubbub_connections", "state" => s.label())),
             connections_total: counter!("hubbub_connections_total"),
+            users: gauge!("hubbub_users"),
             rooms: gauge!("hubbub_rooms"),
-            messages_out: counter!("hubbub_messages_out_total"),
+            room_members: gauge!("hubbub_room_members"),
+            out: OUT_TYPES
+                .iter()
+                .map(|&kind| (kind, counter!("hubbub_messages_out_total", "type" => kind)))
+                .collect(),
+            outbox_depth: histogram!("hubbub_outbox_depth"),
+            batch_size: histogram!("hubbub_batch_size"),
+            heartbeat_drops: counter!("hubbub_heartbeat_drops_total"),
+            broker_publish_seconds: histogram!("hubbub_broker_publish_seconds"),
+            broker_reconnects: counter!("hubbub_broker_reconnects_total"),
             deliveries: counter!("hubbub_deliveries_total"),
             stored: counter!("hubbub_messages_stored_total"),
             slow_consumer_closes: counter!("hubbub_slow_consumer_closes_total"),
@@ -132,6 +217,24 @@ impl Metrics {
     pub fn command(&self, kind: &'static str) {
         if let Some((_, c)) = self.commands.iter().find(|(k, _)| *k == kind) {
             c.increment(1);
+        }
+    }
+
+    /// Count `n` server messages of `kind` (one of the `OUT_TYPES`).
+    pub fn out(&self, kind: &'static str, n: u64) {
+        if let Some((_, c)) = self.out.iter().find(|(k, _)| *k == kind) {
+            c.increment(n);
+        }
+    }
+
+    /// Move one connection between states (`None`: not counted).
+    pub fn conn_state(&self, from: Option<ConnState>, to: Option<ConnState>) {
+        let idx = |s: ConnState| s as usize;
+        if let Some(f) = from {
+            self.connections[idx(f)].decrement(1.0);
+        }
+        if let Some(t) = to {
+            self.connections[idx(t)].increment(1.0);
         }
     }
 

@@ -514,13 +514,17 @@ struct ClosingEvent<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
     reason: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reconnect_ms: Option<u64>,
 }
 
-/// `{"type":"closing","reason":...}`, sent just before a server-initiated close.
-pub fn closing_event(reason: &str) -> String {
+/// `{"type":"closing","reason":...}`, sent just before a server-initiated close;
+/// with `reconnect_ms`, the delay the server suggests before reconnecting.
+pub fn closing_event(reason: &str, reconnect_ms: Option<u64>) -> String {
     encode(&ClosingEvent {
         kind: "closing",
         reason,
+        reconnect_ms,
     })
 }
 

@@ -1,10 +1,12 @@
 //! The listener and the HTTP surface: `/ws` (upgrade), `/healthz`, `/readyz`,
 //! `/metrics`, and graceful shutdown.
 //!
-//! Owns: binding, the router, the Origin check, WebSocket buffer settings, the
-//! session task tracker, and the shutdown order (stop accepting -> every session
-//! sends `closing` and 1001 -> wait for them -> drain the committer -> close the
-//! store). Must not: handle protocol commands (that is `session`).
+//! Owns: binding (plain or TLS), the router, the Origin check, the client address
+//! behind trusted proxies, WebSocket buffer settings, the registry of live sessions,
+//! and the shutdown order: stop accepting and turn `/readyz` red -> close sessions
+//! at `--drain-rate` per second (each sends `closing` with a jittered reconnect delay
+//! and 1001) -> wait for them -> drain the committer -> close the store, all within
+//! `--shutdown-timeout`. Must not: handle protocol commands (that is `session`).
 
 use crate::auth::{Authenticator, KeyError};
 use crate::broker::Broker;
@@ -13,24 +15,28 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::session;
 use crate::store::{Store, StoreConfig, StoreError};
+use crate::tls::{TlsCerts, TlsListener};
 use axum::Router;
+use axum::extract::connect_info::Connected;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
+use axum::serve::{IncomingStream, Listener};
 use metrics_exporter_prometheus::PrometheusHandle;
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// How long shutdown waits for sessions to finish their close handshakes.
-const SESSION_DRAIN: Duration = Duration::from_secs(10);
+/// Drained sessions are closed in slices this often, so closes are spread evenly.
+const DRAIN_TICK: Duration = Duration::from_millis(10);
 /// tungstenite's read buffer per connection. Small: an idle connection should cost
 /// little, and tungstenite zero-fills the buffer before each read (STACK-NOTES).
 const READ_BUFFER: usize = 4 * 1024;
@@ -48,6 +54,8 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Key(#[from] KeyError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("server error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -61,11 +69,44 @@ pub struct AppState {
     pub metrics: Metrics,
     prometheus: Option<PrometheusHandle>,
     next_id: AtomicU64,
+    /// Live sessions and the token that closes each; the drain walks this.
+    sessions: Mutex<HashMap<u64, CancellationToken>>,
+    /// Set when a drain starts: the spread (ms) of suggested reconnect delays.
+    drain_spread_ms: AtomicU64,
+    pub tls: Option<Arc<TlsCerts>>,
 }
 
 impl AppState {
     pub fn next_conn_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Register a session; its token is cancelled when the drain reaches it (at
+    /// once if the drain has already begun).
+    pub fn register_session(&self, id: u64) -> CancellationToken {
+        let token = CancellationToken::new();
+        if self.shutdown.is_cancelled() {
+            token.cancel();
+        }
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, token.clone());
+        token
+    }
+
+    pub fn unregister_session(&self, id: u64) {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+
+    /// A reconnect delay to suggest in `closing`: random within the drain's spread,
+    /// so that clients of a rolling restart do not all come back at once.
+    pub fn suggested_reconnect_ms(&self) -> u64 {
+        let spread = self.drain_spread_ms.load(Ordering::Relaxed).max(1000);
+        rand::random_range(0..=spread)
     }
 }
 
@@ -106,6 +147,10 @@ impl Server {
                 ring: config.memory_history,
             },
         };
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsCerts::load(cert, key)?),
+            _ => None,
+        };
         let store = Store::open(&store_config).await?;
         let metrics = Metrics::new();
         let (hub, committer) = Hub::start(store, Broker::Local, metrics.clone());
@@ -124,6 +169,9 @@ impl Server {
             metrics,
             prometheus,
             next_id: AtomicU64::new(1),
+            sessions: Mutex::new(HashMap::new()),
+            drain_spread_ms: AtomicU64::new(0),
+            tls,
         });
         Ok(Server {
             listener,
@@ -134,6 +182,11 @@ impl Server {
 
     pub fn local_addr(&self) -> Result<SocketAddr, ServerError> {
         Ok(self.listener.local_addr()?)
+    }
+
+    /// The TLS certificates, when serving TLS (for reloading on SIGHUP).
+    pub fn tls(&self) -> Option<Arc<TlsCerts>> {
+        self.state.tls.clone()
     }
 
     /// Serve until the shutdown token is cancelled, then shut down in order.
@@ -174,27 +227,32 @@ impl Server {
             })
         });
 
-        let listener = self.listener.tap_io(|tcp| {
-            // axum does not set TCP_NODELAY; small frames would wait behind Nagle.
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "set_nodelay failed");
-            }
-        });
         let token = state.shutdown.clone();
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { token.cancelled().await })
-        .await?;
+        let app = router.into_make_service_with_connect_info::<PeerAddr>();
+        let stopped = async move { token.cancelled().await };
+        match state.tls.clone() {
+            Some(certs) => {
+                let listener = TlsListener::new(self.listener, certs, state.shutdown.clone())?;
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped)
+                    .await?;
+            }
+            None => {
+                let listener = PlainListener(self.listener);
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped)
+                    .await?;
+            }
+        }
 
-        tracing::info!("shutting down: closing sessions");
+        let deadline = Instant::now() + state.config.shutdown_timeout;
+        drain_sessions(&state, deadline).await;
         tracker.close();
-        if tokio::time::timeout(SESSION_DRAIN, tracker.wait())
+        if tokio::time::timeout_at(deadline, tracker.wait())
             .await
             .is_err()
         {
-            tracing::warn!("some sessions did not finish closing in time");
+            tracing::warn!("some sessions did not finish closing before --shutdown-timeout");
         }
         // Every acked message is already stored; this stores and acks the rest.
         state.hub.drain().await;
@@ -209,14 +267,117 @@ impl Server {
     }
 }
 
+/// Close every session, `--drain-rate` per second, in evenly spaced slices; past the
+/// deadline, close the rest at once.
+async fn drain_sessions(state: &AppState, deadline: Instant) {
+    let tokens: Vec<CancellationToken> = state
+        .sessions
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .cloned()
+        .collect();
+    let rate = u64::from(state.config.drain_rate);
+    let n = tokens.len() as u64;
+    let drain_ms = n * 1000 / rate;
+    state
+        .drain_spread_ms
+        .store(drain_ms.clamp(1000, 30_000), Ordering::Relaxed);
+    tracing::info!(
+        sessions = n,
+        rate,
+        expected_ms = drain_ms,
+        "draining sessions"
+    );
+    let per_tick =
+        usize::try_from((rate * DRAIN_TICK.as_millis() as u64 / 1000).max(1)).unwrap_or(1);
+    let mut next = Instant::now();
+    for slice in tokens.chunks(per_tick) {
+        if Instant::now() >= deadline {
+            break;
+        }
+        for t in slice {
+            t.cancel();
+        }
+        next += DRAIN_TICK;
+        tokio::time::sleep_until(next.min(deadline)).await;
+    }
+    for t in &tokens {
+        t.cancel();
+    }
+}
+
+/// The client's address: the peer, or, when the peer is a trusted proxy, the
+/// nearest untrusted address in X-Forwarded-For (walking from the right, since each
+/// proxy appends the address it saw).
+fn client_addr(peer: SocketAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> SocketAddr {
+    let is_trusted = |ip: std::net::IpAddr| trusted.iter().any(|n| n.contains(&ip));
+    if trusted.is_empty() || !is_trusted(peer.ip()) {
+        return peer;
+    }
+    let mut client = peer.ip();
+    let chain: Vec<std::net::IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|a| a.trim().parse().ok())
+        .collect();
+    for ip in chain.into_iter().rev() {
+        client = ip;
+        if !is_trusted(ip) {
+            break;
+        }
+    }
+    SocketAddr::new(client, 0)
+}
+
+/// The peer address of a connection, for any of our listeners (plain or TLS).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub SocketAddr);
+
+impl Connected<IncomingStream<'_, TlsListener>> for PeerAddr {
+    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
+        PeerAddr(*stream.remote_addr())
+    }
+}
+
+impl Connected<IncomingStream<'_, PlainListener>> for PeerAddr {
+    fn connect_info(stream: IncomingStream<'_, PlainListener>) -> Self {
+        PeerAddr(*stream.remote_addr())
+    }
+}
+
+/// A plain TCP listener that sets TCP_NODELAY on every connection (axum's does
+/// not, and small frames would otherwise wait behind Nagle's algorithm).
+pub struct PlainListener(TcpListener);
+
+impl Listener for PlainListener {
+    type Io = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let (tcp, addr) = Listener::accept(&mut self.0).await;
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "set_nodelay failed");
+        }
+        (tcp, addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.0.local_addr()
+    }
+}
+
 type Shared = (Arc<AppState>, TaskTracker);
 
 async fn ws_handler(
     State((state, tracker)): State<Shared>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    let remote = client_addr(peer, &headers, &state.config.trusted_proxies);
     let allowed = &state.config.allowed_origins;
     if !allowed.is_empty() {
         // A handshake without Origin is not from a browser and is allowed.

@@ -54,7 +54,15 @@ struct Ack<'a> {
     ts: i64,
 }
 
-fn send_ack(conn: &Conn, id: Option<&CommandId>, key: &ChannelKey, seq: u64, ts: i64) {
+fn send_ack(
+    metrics: &Metrics,
+    conn: &Conn,
+    id: Option<&CommandId>,
+    key: &ChannelKey,
+    seq: u64,
+    ts: i64,
+) {
+    metrics.out("ack", 1);
     let (room, dm) = match key {
         ChannelKey::Room(r) => (Some(r.as_str()), None),
         ChannelKey::Dm(..) => (None, key.peer_of(&conn.user)),
@@ -87,7 +95,7 @@ pub async fn run(mut rx: mpsc::Receiver<Job>, store: Arc<Store>, hub: Arc<Hub>, 
                 } => {
                     hub.broker.publish(&hub, &channel, &msg);
                     if let Some((conn, id)) = reply {
-                        send_ack(&conn, id.as_ref(), &msg.channel, msg.seq, msg.ts);
+                        send_ack(&metrics, &conn, id.as_ref(), &msg.channel, msg.seq, msg.ts);
                     }
                 }
                 Job::Ack {
@@ -96,7 +104,7 @@ pub async fn run(mut rx: mpsc::Receiver<Job>, store: Arc<Store>, hub: Arc<Hub>, 
                     key,
                     seq,
                     ts,
-                } => send_ack(&conn, id.as_ref(), &key, seq, ts),
+                } => send_ack(&metrics, &conn, id.as_ref(), &key, seq, ts),
                 Job::Barrier(tx) => {
                     let _ = tx.send(());
                 }

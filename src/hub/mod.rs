@@ -144,13 +144,16 @@ impl ChannelInner {
         v
     }
 
-    /// Send `frame` to every member connection except those of `user`.
-    fn broadcast_except(&self, user: &str, frame: &Utf8Bytes) {
+    /// Send `frame` to every member connection except those of `user`; returns how
+    /// many it was queued for.
+    fn broadcast_except(&self, user: &str, frame: &Utf8Bytes) -> u64 {
+        let mut n = 0;
         for c in self.members.values() {
-            if c.user != user {
-                c.send(frame.clone());
+            if c.user != user && c.send(frame.clone()) {
+                n += 1;
             }
         }
+        n
     }
 }
 
@@ -265,10 +268,12 @@ impl Hub {
     }
 
     pub fn register(&self, conn: &Arc<Conn>) {
-        lock(&self.users)
-            .entry(conn.user.clone())
-            .or_default()
-            .push(conn.clone());
+        let mut users = lock(&self.users);
+        let conns = users.entry(conn.user.clone()).or_default();
+        if conns.is_empty() {
+            self.metrics.users.increment(1.0);
+        }
+        conns.push(conn.clone());
     }
 
     /// Forget a connection: leave its rooms (with `member leave` where it was the
@@ -282,6 +287,7 @@ impl Hub {
             v.retain(|c| c.id != conn.id);
             if v.is_empty() {
                 users.remove(&conn.user);
+                self.metrics.users.decrement(1.0);
             }
         }
     }
@@ -413,6 +419,7 @@ impl Hub {
                 let n = g.members.len() as u64;
                 drop(g);
                 self.metrics.deliveries.increment(n - refused);
+                self.metrics.out("message", n - refused);
                 self.metrics.dropped_deliveries.increment(refused);
             }
             ChannelKey::Dm(a, b) => {
@@ -432,6 +439,7 @@ impl Hub {
                 }
                 drop(users);
                 self.metrics.deliveries.increment(n);
+                self.metrics.out("message", n);
             }
         }
     }
@@ -496,6 +504,7 @@ impl Hub {
             // Register the member (idempotent for a rejoin) and announce a new user.
             g.last_active = Instant::now();
             if g.members.insert(conn.id, conn.clone()).is_none() {
+                self.metrics.room_members.increment(1.0);
                 if g.members.len() == 1 {
                     self.metrics.rooms.increment(1.0);
                 }
@@ -512,9 +521,11 @@ impl Hub {
                         name: &conn.name,
                         event: "join",
                     }));
-                    g.broadcast_except(&conn.user, &ev);
+                    let n = g.broadcast_except(&conn.user, &ev);
+                    self.metrics.out("member", n);
                 }
             }
+            self.metrics.out("reply", 1);
             let reply = protocol::reply(
                 "joined",
                 id,
@@ -550,6 +561,7 @@ impl Hub {
             return false;
         }
         g.last_active = Instant::now();
+        self.metrics.room_members.decrement(1.0);
         if g.members.is_empty() {
             self.metrics.rooms.decrement(1.0);
         }
@@ -569,7 +581,8 @@ impl Hub {
                 name: &conn.name,
                 event: "leave",
             }));
-            g.broadcast_except(&conn.user, &ev);
+            let n = g.broadcast_except(&conn.user, &ev);
+            self.metrics.out("member", n);
         }
         true
     }
@@ -603,7 +616,8 @@ impl Hub {
             user: &conn.user,
             name: &conn.name,
         }));
-        lock(&ch.inner).broadcast_except(&conn.user, &ev);
+        let n = lock(&ch.inner).broadcast_except(&conn.user, &ev);
+        self.metrics.out("typing", n);
     }
 
     /// Stored messages of a channel, newest `limit` before `before`, ascending.

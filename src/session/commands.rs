@@ -9,6 +9,7 @@ use super::{Exit, Session};
 use crate::auth::{AuthError, EXP_LEEWAY_SECS, now_secs};
 use crate::hub::{Conn, MessageRef, Outgoing};
 use crate::limits::Verdict;
+use crate::metrics::ConnState;
 use crate::protocol::{
     self, Command, CommandError, CommandId, ErrorCode, HistoryTarget, ParseLimits, close,
 };
@@ -42,11 +43,13 @@ struct Limits {
 
 impl Session {
     pub(super) fn reply(&self, frame: String) {
+        self.state.metrics.out("reply", 1);
         self.outbox.push(frame.into());
     }
 
     pub(super) fn reply_error(&self, id: Option<&CommandId>, err: &CommandError) {
-        self.reply(protocol::error_event(id, err));
+        self.state.metrics.out("error", 1);
+        self.outbox.push(protocol::error_event(id, err).into());
     }
 
     /// Handle one text frame. Returns how to end the session, if it must end.
@@ -183,6 +186,9 @@ impl Session {
             },
         ));
         self.state.hub.register(&conn);
+        self.state
+            .metrics
+            .conn_state(Some(ConnState::AwaitingHello), Some(ConnState::Active));
         self.conn = Some(conn);
         self.identity = Some(identity);
         None

@@ -14,7 +14,7 @@ use crate::auth::Identity;
 use crate::hub::outbox::Drained;
 use crate::hub::{Conn, Outbox};
 use crate::limits::TokenBucket;
-use crate::metrics::Metrics;
+use crate::metrics::{ConnState, Metrics};
 use crate::protocol::{self, close};
 use crate::server::AppState;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
@@ -84,11 +84,14 @@ pub struct Session {
     last_rx: Instant,
     /// Hello deadline before `hello`, token expiry after it.
     deadline: Option<Instant>,
+    /// Cancelled when the server's drain reaches this session.
+    close: tokio_util::sync::CancellationToken,
 }
 
 pub async fn run(socket: WebSocket, state: Arc<AppState>, remote: SocketAddr) {
     let id = state.next_conn_id();
-    let span = tracing::info_span!("conn", id, %remote, user = tracing::field::Empty);
+    // `remote` is the client (behind trusted proxies: from X-Forwarded-For).
+    let span = tracing::info_span!("conn", id, remote = %remote.ip(), user = tracing::field::Empty);
     let cfg = &state.config;
     let outbox = Arc::new(Outbox::new(cfg.send_queue, cfg.send_queue_bytes));
     let now = Instant::now();
@@ -103,11 +106,14 @@ pub async fn run(socket: WebSocket, state: Arc<AppState>, remote: SocketAddr) {
         rooms: HashSet::new(),
         batch: false,
         last_rx: now,
+        close: state.register_session(id),
     };
-    state.metrics.connections.increment(1.0);
     state.metrics.connections_total.increment(1);
+    state
+        .metrics
+        .conn_state(None, Some(ConnState::AwaitingHello));
     session.run(socket).instrument(span).await;
-    state.metrics.connections.decrement(1.0);
+    state.unregister_session(id);
 }
 
 type Sink = SplitSink<WebSocket, Message>;
@@ -139,7 +145,7 @@ impl Session {
         let mut pending: VecDeque<Message> = VecDeque::new();
         let mut scratch: Vec<Utf8Bytes> = Vec::new();
         let mut need_flush = false;
-        let shutdown = self.state.shutdown.clone();
+        let close_token = self.close.clone();
 
         let exit = loop {
             if pending.is_empty()
@@ -151,7 +157,7 @@ impl Session {
             let deadline = self.deadline;
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => break Exit::announced(close::GOING_AWAY, "server shutting down"),
+                _ = close_token.cancelled() => break Exit::announced(close::GOING_AWAY, "server shutting down"),
                 r = write_pending(&mut sink, &mut pending), if writing => {
                     need_flush = false;
                     if r.is_err() {
@@ -187,6 +193,7 @@ impl Session {
                 }
                 _ = heartbeat.tick() => {
                     if self.last_rx.elapsed() >= 2 * hb {
+                        self.state.metrics.heartbeat_drops.increment(1);
                         break Exit::Drop("heartbeat lost");
                     }
                     pending.push_back(Message::Ping(Default::default()));
@@ -205,7 +212,7 @@ impl Session {
     }
 
     /// Move queued frames into `pending`, joining them with newlines when the client
-    /// asked for batches.
+    /// asked for batches. Records how deep the queue was (frames flushed together).
     fn take_outbox(
         &self,
         scratch: &mut Vec<Utf8Bytes>,
@@ -215,28 +222,33 @@ impl Session {
         if self.outbox.drain_into(scratch) == Drained::Overflowed {
             return Drained::Overflowed;
         }
-        let n = scratch.len() as u64;
-        if n == 0 {
+        if scratch.is_empty() {
             return Drained::Ok;
         }
+        let metrics = &self.state.metrics;
+        metrics.outbox_depth.record(scratch.len() as f64);
         if !self.batch || scratch.len() == 1 {
             pending.extend(scratch.drain(..).map(Message::Text));
         } else {
             let mut buf = String::new();
+            let mut in_frame = 0u32;
             for f in scratch.drain(..) {
                 if !buf.is_empty() && buf.len() + 1 + f.len() > MAX_BATCH_FRAME {
                     pending.push_back(Message::Text(std::mem::take(&mut buf).into()));
+                    metrics.batch_size.record(f64::from(in_frame));
+                    in_frame = 0;
                 }
                 if !buf.is_empty() {
                     buf.push('\n');
                 }
                 buf.push_str(f.as_str());
+                in_frame += 1;
             }
             if !buf.is_empty() {
                 pending.push_back(Message::Text(buf.into()));
+                metrics.batch_size.record(f64::from(in_frame));
             }
         }
-        self.state.metrics.messages_out.increment(n);
         Drained::Ok
     }
 
@@ -258,6 +270,14 @@ impl Session {
         mut scratch: Vec<Utf8Bytes>,
     ) {
         tracing::debug!(?exit, "session ending");
+        let was = if self.conn.is_some() {
+            ConnState::Active
+        } else {
+            ConnState::AwaitingHello
+        };
+        self.state
+            .metrics
+            .conn_state(Some(was), Some(ConnState::Closing));
         if matches!(
             exit,
             Exit::Close {
@@ -298,7 +318,12 @@ impl Session {
                     let _ = self.take_outbox(&mut scratch, &mut pending);
                 }
                 if announce {
-                    pending.push_back(Message::Text(protocol::closing_event(reason).into()));
+                    let reconnect_ms =
+                        (code == close::GOING_AWAY).then(|| self.state.suggested_reconnect_ms());
+                    pending.push_back(Message::Text(
+                        protocol::closing_event(reason, reconnect_ms).into(),
+                    ));
+                    self.state.metrics.out("closing", 1);
                 }
                 pending.push_back(Message::Close(Some(CloseFrame {
                     code,
@@ -319,6 +344,9 @@ impl Session {
                 }
             }
         }
+        self.state
+            .metrics
+            .conn_state(Some(ConnState::Closing), None);
     }
 }
 
