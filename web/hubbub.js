@@ -23,6 +23,8 @@
 //   queued and sent after reconnecting; in flight when the connection dropped, they
 //   are sent again with the same `client_id`. Either way the server stores them once.
 // - After close 4001 (unauthorized / token expired) it does not reconnect.
+// - When a draining server's `closing` suggests `reconnect_ms`, the next reconnect
+//   waits that long instead of the backoff step (the server spreads it with jitter).
 
 export const BACKOFF_START_MS = 1000;
 export const BACKOFF_MAX_MS = 30000;
@@ -98,6 +100,8 @@ export class Hubbub {
     /** While DMs are caught up after a reconnect, live DMs wait here so that the
      *  catch-up (older seqs) is delivered first. */
     this._heldDms = null;
+    /** The server's `closing.reconnect_ms`, used for the next reconnect. */
+    this._suggestedDelay = null;
   }
 
   /** Subscribe to an event: message, member, typing, error, state, welcome, closing.
@@ -253,6 +257,9 @@ export class Hubbub {
         this._emit(msg.type, msg);
         break;
       case "closing":
+        // A draining server suggests when to come back, spread with jitter so that a
+        // rolling restart does not bring every client back at once.
+        if (Number.isFinite(msg.reconnect_ms)) this._suggestedDelay = Math.min(BACKOFF_MAX_MS, msg.reconnect_ms);
         this._emit("closing", msg);
         break;
       case "error":
@@ -316,7 +323,9 @@ export class Hubbub {
       this._setState("closed", { code, reason });
       return;
     }
-    const delay = backoffDelay(this._attempt, this._random);
+    const suggested = this._suggestedDelay;
+    this._suggestedDelay = null;
+    const delay = suggested ?? backoffDelay(this._attempt, this._random);
     this._attempt += 1;
     this._setState("reconnecting", { delay, attempt: this._attempt, code, reason });
     this._retryTimer = this._setTimeout(() => {

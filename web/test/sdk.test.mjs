@@ -366,3 +366,20 @@ test("close() stops everything and rejects pending commands", async () => {
   assert.equal(FakeSocket.all.length, 1);
   assert.equal(hub.state, "closed");
 });
+
+test("a closing with reconnect_ms sets the next reconnect delay", async () => {
+  const c = clock();
+  const hub = newClient(c);
+  const delays = [];
+  hub.on("state", (s) => s.state === "reconnecting" && delays.push(s.delay));
+  hub.connect();
+  await welcome(FakeSocket.all[0]);
+  FakeSocket.all[0].push({ type: "closing", reason: "server shutting down", reconnect_ms: 3456 });
+  FakeSocket.all[0].drop(1001);
+  await c.advance(3455);
+  assert.equal(FakeSocket.all.length, 1, "waits the suggested delay");
+  await c.advance(1);
+  assert.equal(FakeSocket.all.length, 2);
+  FakeSocket.all[1].drop(1006);
+  assert.deepEqual(delays, [3456, 2000], "then back to the backoff sequence");
+});
