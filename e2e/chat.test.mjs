@@ -118,10 +118,15 @@ test("after a server restart the page reconnects by itself and shows missed mess
     await send(alice, "before restart");
     await waitForText(alice, "before restart");
     assert.equal(await server.stop(), 0, "hubbub exits 0 after SIGTERM");
-    await alice.waitForFunction(() => document.getElementById("status").textContent.startsWith("Reconnecting"));
-    await shot(alice, "05-reconnecting");
-    const statusText = await alice.textContent("#status");
+    // Read the status in the same instant it shows "Reconnecting" (the next attempt
+    // may start within a second and show "Connecting…").
+    const seen = await alice.waitForFunction(() => {
+      const t = document.getElementById("status").textContent;
+      return t.startsWith("Reconnecting") ? t : false;
+    });
+    const statusText = await seen.jsonValue();
     assert.match(statusText, /^Reconnecting( in \d+ s)?…$/);
+    await shot(alice, "05-reconnecting");
     // Stay down long enough for the page's backoff to grow past a second or two.
     await sleep(3000);
     await server.start();
