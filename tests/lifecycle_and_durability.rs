@@ -3,19 +3,11 @@
 
 mod common;
 
-use common::{Client, Closed, Server, WAIT, signal};
+use common::{Client, Closed, Server, WAIT, seqs, signal};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
-
-fn seqs(v: &Value) -> Vec<u64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["seq"].as_u64().unwrap())
-        .collect()
-}
 
 #[tokio::test]
 async fn sigterm_sends_closing_and_1001_to_every_client_and_exits_0_quickly() {
@@ -205,12 +197,7 @@ async fn concurrent_sends_are_group_committed() {
                 c.send(json!({"type": "send", "room": format!("g{n}"), "text": format!("{i}")}))
                     .await;
             }
-            let mut acks = 0;
-            while acks < 100 {
-                if c.recv().await["type"] == "ack" {
-                    acks += 1;
-                }
-            }
+            c.await_acks(100).await;
         }));
     }
     for t in tasks {

@@ -2,8 +2,8 @@
 
 mod common;
 
-use common::Server;
-use serde_json::{Value, json};
+use common::{Server, seqs};
+use serde_json::json;
 use std::time::Duration;
 
 #[tokio::test]
@@ -105,12 +105,7 @@ async fn concurrent_senders_all_receivers_see_one_gapless_order() {
                         .await;
                 }
                 // Wait for our 200 acks before leaving.
-                let mut acks = 0;
-                while acks < 200 {
-                    if c.recv().await["type"] == "ack" {
-                        acks += 1;
-                    }
-                }
+                c.await_acks(200).await;
             })
         })
         .collect();
@@ -336,14 +331,6 @@ async fn fill(c: &mut common::Client, room: &str, n: usize) {
     }
 }
 
-fn seqs(v: &Value) -> Vec<u64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["seq"].as_u64().unwrap())
-        .collect()
-}
-
 #[tokio::test]
 async fn history_before_is_exclusive_and_limit_takes_the_newest_ascending() {
     let s = Server::start(&["--rate-limit", "1000"]).await;
@@ -437,12 +424,7 @@ async fn rejoin_missing_more_than_1000_is_not_recovered_and_gets_latest_history(
         a.send(json!({"type": "send", "room": "big", "text": format!("{i}")}))
             .await;
     }
-    let mut acks = 0;
-    while acks < 1005 {
-        if a.recv().await["type"] == "ack" {
-            acks += 1;
-        }
-    }
+    a.await_acks(1005).await;
     let mut b = s.guest("bob").await;
     let j = b
         .request(json!({"type": "join", "room": "big", "history": 10, "since": {"seq": 2, "epoch": epoch}}))

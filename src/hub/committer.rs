@@ -63,10 +63,7 @@ fn send_ack(
     ts: i64,
 ) {
     metrics.out("ack", 1);
-    let (room, dm) = match key {
-        ChannelKey::Room(r) => (Some(r.as_str()), None),
-        ChannelKey::Dm(..) => (None, key.peer_of(&conn.user)),
-    };
+    let (room, dm) = key.target(&conn.user);
     conn.send(protocol::reply("ack", id, Ack { room, dm, seq, ts }).into());
 }
 

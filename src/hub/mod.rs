@@ -167,6 +167,17 @@ struct MemberEvent<'a> {
     event: &'static str,
 }
 
+/// `{"type":"member",...}` about `conn`'s user, encoded once for every receiver.
+fn member_event(room: &str, conn: &Conn, event: &'static str) -> Utf8Bytes {
+    Utf8Bytes::from(protocol::encode(&MemberEvent {
+        kind: "member",
+        room,
+        user: &conn.user,
+        name: &conn.name,
+        event,
+    }))
+}
+
 #[derive(Serialize)]
 struct Joined<'a> {
     room: &'a str,
@@ -514,13 +525,7 @@ impl Hub {
                 });
                 p.conns += 1;
                 if p.conns == 1 {
-                    let ev = Utf8Bytes::from(protocol::encode(&MemberEvent {
-                        kind: "member",
-                        room,
-                        user: &conn.user,
-                        name: &conn.name,
-                        event: "join",
-                    }));
+                    let ev = member_event(room, conn, "join");
                     let n = g.broadcast_except(&conn.user, &ev);
                     self.metrics.out("member", n);
                 }
@@ -574,13 +579,7 @@ impl Hub {
         };
         if last {
             g.presence.remove(&conn.user);
-            let ev = Utf8Bytes::from(protocol::encode(&MemberEvent {
-                kind: "member",
-                room,
-                user: &conn.user,
-                name: &conn.name,
-                event: "leave",
-            }));
+            let ev = member_event(room, conn, "leave");
             let n = g.broadcast_except(&conn.user, &ev);
             self.metrics.out("member", n);
         }

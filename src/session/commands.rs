@@ -312,10 +312,7 @@ impl Session {
                     dm: Option<&'a str>,
                     messages: Vec<MessageRef<'a>>,
                 }
-                let (room, dm) = match &target {
-                    HistoryTarget::Room(r) => (Some(r.as_str()), None),
-                    HistoryTarget::Dm(p) => (None, Some(p.as_str())),
-                };
+                let (room, dm) = key.target(&conn.user);
                 let messages = msgs
                     .iter()
                     .map(|m| MessageRef {

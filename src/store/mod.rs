@@ -62,6 +62,15 @@ impl ChannelKey {
         }
     }
 
+    /// `(room, dm)` as `viewer` names this channel on the wire: the room's name, or
+    /// for a DM pair the other party.
+    pub fn target<'a>(&'a self, viewer: &str) -> (Option<&'a str>, Option<&'a str>) {
+        match self {
+            ChannelKey::Room(r) => (Some(r.as_str()), None),
+            ChannelKey::Dm(..) => (None, self.peer_of(viewer)),
+        }
+    }
+
     /// For a DM pair, the other party as seen by `viewer`.
     pub fn peer_of<'a>(&'a self, viewer: &str) -> Option<&'a str> {
         match self {
@@ -109,10 +118,7 @@ pub struct MessageEvent<'a> {
 impl StoredMessage {
     /// The event as `viewer` sees it: for a DM, `dm` is the other party.
     pub fn event(&self, viewer: &str) -> MessageEvent<'_> {
-        let (room, dm) = match &self.channel {
-            ChannelKey::Room(r) => (Some(r.as_str()), None),
-            ChannelKey::Dm(..) => (None, self.channel.peer_of(viewer)),
-        };
+        let (room, dm) = self.channel.target(viewer);
         MessageEvent {
             kind: "message",
             room,

@@ -407,6 +407,18 @@ impl Client {
         }
     }
 
+    /// Read until `n` acks have arrived; returns them in arrival order.
+    pub async fn await_acks(&mut self, n: usize) -> Vec<Value> {
+        let mut acks = Vec::with_capacity(n);
+        while acks.len() < n {
+            let v = self.recv().await;
+            if v["type"] == "ack" {
+                acks.push(v);
+            }
+        }
+        acks
+    }
+
     pub async fn close(mut self) {
         let _ = self.ws.close(None).await;
         // Read until the server's close arrives.
@@ -543,6 +555,16 @@ fn parse_frame(buf: &[u8]) -> Option<(u8, Vec<u8>, usize)> {
         return None;
     }
     Some((op, buf[pos..pos + len].to_vec(), pos + len))
+}
+
+/// The `seq`s of a `messages` array.
+pub fn seqs(messages: &Value) -> Vec<u64> {
+    messages
+        .as_array()
+        .expect("messages array")
+        .iter()
+        .map(|m| m["seq"].as_u64().expect("seq"))
+        .collect()
 }
 
 /// Sign a JWT for tests with any claims.
