@@ -1,0 +1,356 @@
+//! `fanout`: N connections over R rooms, S of them sending at a fixed total rate
+//! (open loop), measured over a window after a warm-up.
+//!
+//! Every expected delivery is counted: a message sent in the window is expected once
+//! by every member of its room (the sender included). Lost = expected - received;
+//! duplicates and out-of-order arrivals are counted separately, per receiver and
+//! sender. Latency runs from the message's *scheduled* send time, so a stalled
+//! sender cannot hide a stall (no coordinated omission).
+
+use crate::client::{self, Frame, Target};
+use bytes::{Buf, BytesMut};
+use hdrhistogram::Histogram;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::Semaphore;
+
+type Writer = Arc<tokio::sync::Mutex<OwnedWriteHalf>>;
+
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub conns: usize,
+    pub rooms: usize,
+    pub senders: usize,
+    pub batch: bool,
+    pub text_bytes: usize,
+}
+
+/// Figures of one measured window.
+#[derive(Debug, Clone)]
+pub struct StepResult {
+    pub rate: f64,
+    pub seconds: f64,
+    pub expected: u64,
+    pub received: u64,
+    pub duplicates: u64,
+    pub out_of_order: u64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+    pub server_cpu_us_per_delivery: Option<f64>,
+}
+
+impl StepResult {
+    pub fn deliveries_per_sec(&self) -> f64 {
+        self.received as f64 / self.seconds
+    }
+    pub fn ratio(&self) -> f64 {
+        if self.expected == 0 {
+            1.0
+        } else {
+            self.received as f64 / self.expected as f64
+        }
+    }
+    pub fn lost(&self) -> u64 {
+        self.expected.saturating_sub(self.received)
+    }
+    /// The objective of a ramp step: p99 < 100 ms and ratio >= 0.999.
+    pub fn passes(&self) -> bool {
+        self.p99_ms < 100.0 && self.ratio() >= 0.999
+    }
+}
+
+/// What the receivers and senders share. Counters are per window.
+struct Shared {
+    epoch: Instant,
+    window_start_ns: AtomicU64,
+    window_end_ns: AtomicU64,
+    /// Latencies (µs) of deliveries in the window, merged from per-task histograms.
+    hist: Mutex<Histogram<u64>>,
+    duplicates: AtomicU64,
+    out_of_order: AtomicU64,
+    /// Deliveries seen so far (all windows), for the progress line.
+    seen: AtomicU64,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+    fn in_window(&self, ns: u64) -> bool {
+        ns >= self.window_start_ns.load(Ordering::Relaxed)
+            && ns < self.window_end_ns.load(Ordering::Relaxed)
+    }
+}
+
+fn new_hist() -> Histogram<u64> {
+    // 1 µs .. 100 s, 3 significant figures.
+    Histogram::new_with_bounds(1, 100_000_000, 3).expect("valid histogram bounds")
+}
+
+pub struct Rig {
+    shared: Arc<Shared>,
+    plan: Plan,
+    senders: Vec<Writer>,
+    /// Messages each sender scheduled inside the current window.
+    sent_in_window: Vec<Arc<AtomicU64>>,
+    room_size: Vec<u64>,
+}
+
+impl Rig {
+    /// Open every connection (at most 256 handshakes at once), say hello, join.
+    pub async fn open(target: &Target, plan: Plan, progress: bool) -> anyhow::Result<Rig> {
+        let shared = Arc::new(Shared {
+            epoch: Instant::now(),
+            window_start_ns: AtomicU64::new(u64::MAX),
+            window_end_ns: AtomicU64::new(u64::MAX),
+            hist: Mutex::new(new_hist()),
+            duplicates: AtomicU64::new(0),
+            out_of_order: AtomicU64::new(0),
+            seen: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        });
+        let gate = Arc::new(Semaphore::new(256));
+        let mut tasks = Vec::with_capacity(plan.conns);
+        for i in 0..plan.conns {
+            let target = target.clone();
+            let gate = gate.clone();
+            let room = format!("bench-{}", i % plan.rooms);
+            let batch = plan.batch;
+            tasks.push(tokio::spawn(async move {
+                let _permit = gate.acquire().await?;
+                let mut conn = client::connect(&target, i).await?;
+                client::hello_and_join(&mut conn, &format!("b{i}"), &room, batch).await?;
+                anyhow::Ok(conn)
+            }));
+        }
+        let mut senders = Vec::new();
+        let mut room_size = vec![0u64; plan.rooms];
+        let started = Instant::now();
+        for (i, t) in tasks.into_iter().enumerate() {
+            let conn = t.await??;
+            room_size[i % plan.rooms] += 1;
+            let writer: Writer = Arc::new(tokio::sync::Mutex::new(conn.write));
+            if i < plan.senders {
+                senders.push(writer.clone());
+            }
+            tokio::spawn(receive(conn.read, conn.buf, writer, shared.clone()));
+            if progress && (i + 1) % 1000 == 0 {
+                eprintln!(
+                    "  {} connections open ({:.1} s)",
+                    i + 1,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
+        let sent_in_window = (0..senders.len())
+            .map(|_| Arc::new(AtomicU64::new(0)))
+            .collect();
+        Ok(Rig {
+            shared,
+            plan,
+            senders,
+            sent_in_window,
+            room_size,
+        })
+    }
+
+    /// Run one step at `rate` messages/s in total: warm up, measure, let stragglers
+    /// arrive, and report.
+    pub async fn step(
+        &self,
+        rate: f64,
+        warmup: Duration,
+        measure: Duration,
+        pid: Option<u32>,
+        progress: bool,
+    ) -> anyhow::Result<StepResult> {
+        let s = &self.shared;
+        let begin = s.now_ns() + warmup.as_nanos() as u64;
+        let end = begin + measure.as_nanos() as u64;
+        s.window_start_ns.store(begin, Ordering::Relaxed);
+        s.window_end_ns.store(end, Ordering::Relaxed);
+        s.duplicates.store(0, Ordering::Relaxed);
+        s.out_of_order.store(0, Ordering::Relaxed);
+        s.hist
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .reset();
+        for c in &self.sent_in_window {
+            c.store(0, Ordering::Relaxed);
+        }
+        let per_sender = rate / self.senders.len().max(1) as f64;
+        let pad = "x".repeat(self.plan.text_bytes.saturating_sub(32));
+        let nsenders = self.senders.len().max(1) as u64;
+        let mut send_tasks = Vec::new();
+        for (j, sink) in self.senders.iter().enumerate() {
+            let sink = sink.clone();
+            let shared = s.clone();
+            let count = self.sent_in_window[j].clone();
+            let room = format!("bench-{}", j % self.plan.rooms);
+            let pad = pad.clone();
+            send_tasks.push(tokio::spawn(async move {
+                let interval_ns = ((1e9 / per_sender) as u64).max(1);
+                // Stagger senders across one interval so they do not fire together.
+                let mut due = shared.now_ns() + interval_ns * j as u64 / nsenders;
+                let mut n = 0u64;
+                let mut sink = sink.lock().await;
+                while due < end {
+                    let now = shared.now_ns();
+                    if due > now {
+                        tokio::time::sleep(Duration::from_nanos(due - now)).await;
+                    }
+                    n += 1;
+                    let text = format!("bm:{j}:{n}:{due}:{pad}");
+                    let cmd = format!(r#"{{"type":"send","room":"{room}","text":"{text}"}}"#);
+                    if client::send_text(&mut sink, &cmd).await.is_err() {
+                        break;
+                    }
+                    if due >= begin {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                    due += interval_ns;
+                }
+            }));
+        }
+        // Progress once a second while the step runs.
+        let mut last_seen = s.seen.load(Ordering::Relaxed);
+        let mut cpu_at_begin = None;
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = s.now_ns();
+            if cpu_at_begin.is_none() && now >= begin {
+                cpu_at_begin = pid.map(client::cpu_seconds).transpose()?;
+            }
+            let seen = s.seen.load(Ordering::Relaxed);
+            if progress {
+                let p99 = s
+                    .hist
+                    .lock()
+                    .map(|h| h.value_at_quantile(0.99) as f64 / 1000.0)
+                    .unwrap_or(0.0);
+                eprintln!(
+                    "  rate {rate:.0}/s in: {} deliveries/s, window p99 so far {p99:.1} ms",
+                    seen - last_seen
+                );
+            }
+            last_seen = seen;
+            if now >= end {
+                break;
+            }
+        }
+        let cpu_at_end = pid.map(client::cpu_seconds).transpose()?;
+        for t in send_tasks {
+            let _ = t.await;
+        }
+        // Stragglers: give in-flight messages time to arrive, and receivers time to
+        // merge their histograms.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let expected: u64 = self
+            .sent_in_window
+            .iter()
+            .enumerate()
+            .map(|(j, c)| c.load(Ordering::Relaxed) * self.room_size[j % self.plan.rooms])
+            .sum();
+        let h = s
+            .hist
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .clone();
+        let received = h.len();
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        let server_cpu_us_per_delivery = match (cpu_at_begin, cpu_at_end) {
+            (Some(a), Some(b)) if received > 0 => Some((b - a) * 1e6 / received as f64),
+            _ => None,
+        };
+        Ok(StepResult {
+            rate,
+            seconds: measure.as_secs_f64(),
+            expected,
+            received,
+            duplicates: s.duplicates.load(Ordering::Relaxed),
+            out_of_order: s.out_of_order.load(Ordering::Relaxed),
+            p50_ms: ms(0.5),
+            p90_ms: ms(0.9),
+            p99_ms: ms(0.99),
+            p999_ms: ms(0.999),
+            max_ms: h.max() as f64 / 1000.0,
+            server_cpu_us_per_delivery,
+        })
+    }
+
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// One connection's reader: parse frames in place, scan them for markers, count
+/// and time deliveries, answer pings, and merge its latencies into the shared
+/// histogram every 100 ms.
+async fn receive(mut read: OwnedReadHalf, mut buf: BytesMut, writer: Writer, shared: Arc<Shared>) {
+    let mut local = new_hist();
+    let mut last: HashMap<u32, u64> = HashMap::new();
+    let mut flush = tokio::time::interval(Duration::from_millis(100));
+    // Counted locally and added at each flush: one shared atomic per delivery would
+    // contend across cores at a million deliveries per second.
+    let mut seen = 0u64;
+    loop {
+        tokio::select! {
+            more = client::fill(&mut read, &mut buf) => {
+                if !more {
+                    break;
+                }
+                let now = shared.now_ns();
+                while let Some((frame, used)) = client::next_frame(&buf) {
+                    match frame {
+                        Frame::Text(r) => {
+                            let text = std::str::from_utf8(&buf[r]).unwrap_or("");
+                            client::scan(text, |m| {
+                                seen += 1;
+                                let prev = last.entry(m.sender).or_insert(0);
+                                if m.n == *prev {
+                                    shared.duplicates.fetch_add(1, Ordering::Relaxed);
+                                    return;
+                                }
+                                if m.n < *prev {
+                                    shared.out_of_order.fetch_add(1, Ordering::Relaxed);
+                                    return;
+                                }
+                                *prev = m.n;
+                                if shared.in_window(m.sent_ns) {
+                                    let us = now.saturating_sub(m.sent_ns) / 1000;
+                                    let _ = local.record(us.max(1));
+                                }
+                            });
+                        }
+                        Frame::Ping(r) => {
+                            let payload = buf[r].to_vec();
+                            let _ = client::send_frame(&mut *writer.lock().await, 0xA, &payload).await;
+                        }
+                        Frame::Close => return,
+                        Frame::Other => {}
+                    }
+                    buf.advance(used);
+                }
+            }
+            _ = flush.tick() => {
+                if shared.stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                shared.seen.fetch_add(std::mem::take(&mut seen), Ordering::Relaxed);
+                if !local.is_empty() {
+                    if let Ok(mut h) = shared.hist.lock() {
+                        let _ = h.add(&local);
+                    }
+                    local.reset();
+                }
+            }
+        }
+    }
+}

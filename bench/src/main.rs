@@ -1,0 +1,383 @@
+//! `hubbub-bench`: a load generator for the Hubbub protocol, usable against any
+//! Hubbub URL, and `floor`, a minimal broadcast server to compare against.
+//!
+//!   hubbub-bench floor --listen 127.0.0.1:9000
+//!   hubbub-bench idle   --url ws://127.0.0.1:8080/ws --conns 19000 --rooms 100 --pid PID
+//!   hubbub-bench fanout --url ws://127.0.0.1:8080/ws --conns 1000 --rooms 1 --senders 10 --rate 1000 --pid PID
+//!   hubbub-bench fanout ... --ramp            # step the rate up until a step fails
+//!   hubbub-bench acks   --url ws://127.0.0.1:8080/ws --rate 1000
+//!
+//! The server must allow the senders' rate (`hubbub --rate-limit`). Progress goes to
+//! stderr; the final table (or one JSON line with `--json`) to stdout.
+
+mod client;
+mod fanout;
+mod floor;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use client::Target;
+use hdrhistogram::Histogram;
+use serde_json::json;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(
+    name = "hubbub-bench",
+    version,
+    about = "Load generator for Hubbub, and the floor server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Run the minimal broadcast server (the machine's floor).
+    Floor {
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: std::net::SocketAddr,
+    },
+    /// Open N connections (hello + join), hold them, report server RSS per connection.
+    Idle(IdleArgs),
+    /// Fan-out: N connections over R rooms, S senders at a fixed total rate.
+    Fanout(FanoutArgs),
+    /// Send-to-ack latency (durable commit) at a fixed rate.
+    Acks(AcksArgs),
+}
+
+#[derive(Args)]
+struct Common {
+    /// The server's WebSocket URL.
+    #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
+    url: String,
+    /// The server's PID, for RSS and CPU figures from /proc.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// One JSON line instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Ask the server for newline-batched frames (`hello` with `batch: true`).
+    #[arg(long)]
+    batch: bool,
+}
+
+#[derive(Args)]
+struct IdleArgs {
+    #[command(flatten)]
+    common: Common,
+    #[arg(long, default_value_t = 1000)]
+    conns: usize,
+    #[arg(long, default_value_t = 100)]
+    rooms: usize,
+    /// Seconds to hold the connections after they are all open.
+    #[arg(long, default_value_t = 5)]
+    hold: u64,
+}
+
+#[derive(Args)]
+struct FanoutArgs {
+    #[command(flatten)]
+    common: Common,
+    #[arg(long, default_value_t = 1000)]
+    conns: usize,
+    #[arg(long, default_value_t = 1)]
+    rooms: usize,
+    #[arg(long, default_value_t = 10)]
+    senders: usize,
+    /// Messages per second in, over all senders.
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    #[arg(long, default_value_t = 3)]
+    warmup: u64,
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Message text size in bytes.
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Step the rate up (x1.25 per step) until a step misses p99 < 100 ms or
+    /// ratio >= 0.999; report the highest passing rate.
+    #[arg(long)]
+    ramp: bool,
+    #[arg(long, default_value_t = 20)]
+    max_steps: usize,
+}
+
+#[derive(Args)]
+struct AcksArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Sending connections.
+    #[arg(long, default_value_t = 10)]
+    conns: usize,
+    /// Sends per second, over all connections.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match cli.mode {
+            Mode::Floor { listen } => floor::run(listen).await,
+            Mode::Idle(a) => idle(a).await,
+            Mode::Fanout(a) => fanout_mode(a).await,
+            Mode::Acks(a) => acks(a).await,
+        }
+    })
+}
+
+fn check_nofile(needed: usize) -> anyhow::Result<()> {
+    let limit = client::raise_nofile();
+    eprintln!("open-file limit: {limit}");
+    if (needed as u64) + 64 > limit {
+        anyhow::bail!(
+            "{needed} connections need more open files than this process may have ({limit})"
+        );
+    }
+    Ok(())
+}
+
+async fn idle(a: IdleArgs) -> anyhow::Result<()> {
+    check_nofile(a.conns)?;
+    let target = Target::parse(&a.common.url)?;
+    let before = a.common.pid.map(client::rss_bytes).transpose()?;
+    let started = Instant::now();
+    let plan = fanout::Plan {
+        conns: a.conns,
+        rooms: a.rooms,
+        senders: 0,
+        batch: a.common.batch,
+        text_bytes: 0,
+    };
+    let rig = fanout::Rig::open(&target, plan, !a.common.json).await?;
+    let opened = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(a.hold)).await;
+    let after = a.common.pid.map(client::rss_bytes).transpose()?;
+    let per_conn = match (before, after) {
+        (Some(b), Some(a2)) => Some((a2.saturating_sub(b)) as f64 / a.conns as f64),
+        _ => None,
+    };
+    rig.stop();
+    if a.common.json {
+        println!(
+            "{}",
+            json!({"mode": "idle", "conns": a.conns, "rooms": a.rooms, "open_seconds": opened,
+                   "rss_before": before, "rss_after": after, "rss_bytes_per_conn": per_conn})
+        );
+    } else {
+        println!("mode            idle");
+        println!(
+            "connections     {} over {} rooms (hello + join each)",
+            a.conns, a.rooms
+        );
+        println!("opened in       {opened:.1} s");
+        match (before, after, per_conn) {
+            (Some(b), Some(a2), Some(p)) => {
+                println!(
+                    "server RSS      {:.1} MiB -> {:.1} MiB",
+                    b as f64 / 1048576.0,
+                    a2 as f64 / 1048576.0
+                );
+                println!("RSS per conn    {p:.0} bytes");
+            }
+            _ => println!("server RSS      (give --pid for RSS figures)"),
+        }
+    }
+    Ok(())
+}
+
+fn print_step(r: &fanout::StepResult) {
+    println!(
+        "rate {:>8.0}/s in | {:>10.0} deliveries/s | ratio {:.5} (lost {}, dup {}, out-of-order {}) | p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} max {:.2} ms{}",
+        r.rate,
+        r.deliveries_per_sec(),
+        r.ratio(),
+        r.lost(),
+        r.duplicates,
+        r.out_of_order,
+        r.p50_ms,
+        r.p90_ms,
+        r.p99_ms,
+        r.p999_ms,
+        r.max_ms,
+        r.server_cpu_us_per_delivery
+            .map_or(String::new(), |c| format!(
+                " | server CPU {c:.2} µs/delivery"
+            )),
+    );
+}
+
+fn step_json(r: &fanout::StepResult) -> serde_json::Value {
+    json!({"rate": r.rate, "deliveries_per_sec": r.deliveries_per_sec(), "expected": r.expected,
+           "received": r.received, "ratio": r.ratio(), "lost": r.lost(), "duplicates": r.duplicates,
+           "out_of_order": r.out_of_order, "p50_ms": r.p50_ms, "p90_ms": r.p90_ms, "p99_ms": r.p99_ms,
+           "p999_ms": r.p999_ms, "max_ms": r.max_ms, "server_cpu_us_per_delivery": r.server_cpu_us_per_delivery,
+           "passes": r.passes()})
+}
+
+async fn fanout_mode(a: FanoutArgs) -> anyhow::Result<()> {
+    check_nofile(a.conns)?;
+    anyhow::ensure!(
+        a.senders >= 1 && a.senders <= a.conns,
+        "--senders must be 1..=--conns"
+    );
+    anyhow::ensure!(a.rooms >= 1, "--rooms must be at least 1");
+    let target = Target::parse(&a.common.url)?;
+    let plan = fanout::Plan {
+        conns: a.conns,
+        rooms: a.rooms,
+        senders: a.senders,
+        batch: a.common.batch,
+        text_bytes: a.size,
+    };
+    let progress = !a.common.json;
+    let rig = fanout::Rig::open(&target, plan, progress).await?;
+    let warmup = Duration::from_secs(a.warmup);
+    let measure = Duration::from_secs(a.duration);
+    let mut steps = Vec::new();
+    let mut rate = a.rate;
+    loop {
+        if progress {
+            eprintln!("step: {rate:.0} messages/s in");
+        }
+        let r = rig
+            .step(rate, warmup, measure, a.common.pid, progress)
+            .await?;
+        if progress {
+            print_step(&r);
+        }
+        let ok = r.passes();
+        steps.push(r);
+        if !a.ramp || !ok || steps.len() >= a.max_steps {
+            break;
+        }
+        rate *= 1.25;
+    }
+    rig.stop();
+    let best = steps
+        .iter()
+        .filter(|s| s.passes())
+        .map(|s| s.rate)
+        .fold(None, |m: Option<f64>, r| Some(m.map_or(r, |m| m.max(r))));
+    if a.common.json {
+        println!(
+            "{}",
+            json!({"mode": "fanout", "conns": a.conns, "rooms": a.rooms, "senders": a.senders, "batch": a.common.batch,
+                   "size": a.size, "ramp": a.ramp, "highest_passing_rate": best,
+                   "steps": steps.iter().map(step_json).collect::<Vec<_>>()})
+        );
+    } else if a.ramp {
+        match best {
+            Some(b) => println!(
+                "highest passing rate: {b:.0} messages/s in ({:.0} deliveries/s)",
+                b * (a.conns / a.rooms) as f64
+            ),
+            None => println!("no step passed (p99 < 100 ms and ratio >= 0.999)"),
+        }
+    }
+    Ok(())
+}
+
+async fn acks(a: AcksArgs) -> anyhow::Result<()> {
+    check_nofile(a.conns)?;
+    let target = Target::parse(&a.common.url)?;
+    let mut tasks = Vec::new();
+    let per_conn = a.rate / a.conns as f64;
+    let run_for = Duration::from_secs(a.duration);
+    let conns = a.conns as f64;
+    for i in 0..a.conns {
+        let target = target.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conn = client::connect(&target, i).await?;
+            let room = format!("acks-{i}");
+            client::hello_and_join(&mut conn, &format!("a{i}"), &room, false).await?;
+            let client::Conn {
+                mut read,
+                write: mut sink,
+                mut buf,
+            } = conn;
+            let sent: std::sync::Arc<std::sync::Mutex<VecDeque<Instant>>> = Default::default();
+            let sent2 = sent.clone();
+            let reader = tokio::spawn(async move {
+                use bytes::Buf;
+                let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+                while client::fill(&mut read, &mut buf).await {
+                    while let Some((frame, used)) = client::next_frame(&buf) {
+                        if let client::Frame::Text(r) = frame {
+                            let text = std::str::from_utf8(&buf[r]).unwrap_or("");
+                            for line in text.split('\n') {
+                                if line.starts_with(r#"{"type":"ack""#) {
+                                    // Acks of one connection come in send order.
+                                    if let Some(at) =
+                                        sent2.lock().ok().and_then(|mut q| q.pop_front())
+                                    {
+                                        let _ = h.record((at.elapsed().as_micros() as u64).max(1));
+                                    }
+                                }
+                            }
+                        }
+                        buf.advance(used);
+                    }
+                }
+                h
+            });
+            let interval = Duration::from_secs_f64(1.0 / per_conn);
+            let start = Instant::now();
+            // Stagger the connections across one interval.
+            let mut due = start + interval.mul_f64(i as f64 / conns);
+            let mut n = 0u64;
+            while due < start + run_for {
+                tokio::time::sleep_until(due.into()).await;
+                n += 1;
+                let cmd = format!(r#"{{"type":"send","id":{n},"room":"{room}","text":"ack {n}"}}"#);
+                sent.lock()
+                    .map_err(|_| anyhow::anyhow!("poisoned"))?
+                    .push_back(due);
+                client::send_text(&mut sink, &cmd).await?;
+                due += interval;
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            drop(sink);
+            let h = tokio::time::timeout(Duration::from_secs(5), reader)
+                .await
+                .context("reader")??;
+            anyhow::Ok((n, h))
+        }));
+    }
+    let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut sent = 0;
+    for t in tasks {
+        let (n, h) = t.await??;
+        sent += n;
+        total.add(&h)?;
+    }
+    let ms = |q: f64| total.value_at_quantile(q) as f64 / 1000.0;
+    if a.common.json {
+        println!(
+            "{}",
+            json!({"mode": "acks", "rate": a.rate, "conns": a.conns, "sent": sent, "acked": total.len(),
+                   "p50_ms": ms(0.5), "p99_ms": ms(0.99), "max_ms": total.max() as f64 / 1000.0})
+        );
+    } else {
+        println!(
+            "mode        acks ({} connections, {:.0} sends/s)",
+            a.conns, a.rate
+        );
+        println!("acked       {} of {}", total.len(), sent);
+        println!(
+            "send->ack   p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            ms(0.5),
+            ms(0.99),
+            total.max() as f64 / 1000.0
+        );
+    }
+    Ok(())
+}
