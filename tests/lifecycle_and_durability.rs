@@ -351,3 +351,35 @@ async fn sends_in_flight_at_sigterm_are_acked_before_the_close() {
         "gapless"
     );
 }
+
+#[tokio::test]
+async fn a_rejoin_older_than_the_memory_ring_is_not_claimed_recovered() {
+    let s = Server::start(&[
+        "--store",
+        "memory",
+        "--memory-history",
+        "5",
+        "--rate-limit",
+        "1000",
+    ])
+    .await;
+    let mut a = s.member("alice", "r").await;
+    let epoch = a.request(json!({"type": "join", "room": "r"})).await["epoch"].clone();
+    for i in 1..=12 {
+        a.request(json!({"type": "send", "room": "r", "text": format!("{i}")}))
+            .await;
+    }
+    let mut b = s.guest("bob").await;
+    // Messages 2..=7 were evicted from the ring: they cannot be recovered.
+    let j = b
+        .request(json!({"type": "join", "room": "r", "since": {"seq": 1, "epoch": epoch}}))
+        .await;
+    assert_eq!(j["recovered"], false, "{j}");
+    assert_eq!(seqs(&j["messages"]), vec![8, 9, 10, 11, 12]);
+    // Within the ring, recovery still works.
+    let j = b
+        .request(json!({"type": "join", "room": "r", "since": {"seq": 9, "epoch": epoch}}))
+        .await;
+    assert_eq!(j["recovered"], true);
+    assert_eq!(seqs(&j["messages"]), vec![10, 11, 12]);
+}

@@ -504,8 +504,14 @@ impl Hub {
                 }
                 msgs.extend(g.recent.iter().filter(|m| m.seq > s0).cloned());
             }
-            // More than MAX_RECOVERY committed since `since` while we read: too many.
-            let recovered = from.is_some_and(|after| s1 - after <= MAX_RECOVERY);
+            // Recovered only if every message after `since` is here: not too many
+            // committed meanwhile, and none missing (a bounded memory ring may have
+            // dropped the oldest; claiming recovery then would lose them silently).
+            let recovered = from.is_some_and(|after| {
+                s1 - after <= MAX_RECOVERY
+                    && msgs.len() as u64 == s1 - after
+                    && msgs.first().is_none_or(|m| m.seq == after + 1)
+            });
             if !recovered {
                 let keep = usize::try_from(history).unwrap_or(usize::MAX);
                 if msgs.len() > keep {
