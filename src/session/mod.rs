@@ -155,8 +155,10 @@ impl Session {
             }
             let writing = !pending.is_empty() || need_flush;
             let deadline = self.deadline;
+            // Not biased: under sustained fan-out the socket is almost always
+            // writable, and a biased select would starve reading (the client's own
+            // commands, and the pongs that keep it alive).
             tokio::select! {
-                biased;
                 _ = close_token.cancelled() => break Exit::announced(close::GOING_AWAY, "server shutting down"),
                 r = write_pending(&mut sink, &mut pending), if writing => {
                     need_flush = false;
