@@ -39,7 +39,9 @@ use tokio_util::task::TaskTracker;
 const DRAIN_TICK: Duration = Duration::from_millis(10);
 /// tungstenite's read buffer per connection. Small: an idle connection should cost
 /// little, and tungstenite zero-fills the buffer before each read (STACK-NOTES).
-const READ_BUFFER: usize = 4 * 1024;
+/// Measured with `hubbub-bench idle --conns 10000` on a fresh server: 12,802 B per
+/// connection with 4 KiB, 9,823 B with 1 KiB (BENCHMARKS.md).
+const READ_BUFFER: usize = 1024;
 /// Frames are collected up to this size before a write; we flush once per drain.
 const WRITE_BUFFER: usize = 16 * 1024;
 
