@@ -221,6 +221,12 @@ async fn stalled_reader_case(flags: &[&str]) {
     let mut healthy = s.member("healthy", "flood").await;
     let total = 6000usize;
     let url = s.url();
+    // How far the healthy reader has got. The flooder waits for it before each
+    // window, so the healthy reader is never more than 16 messages (48 KB) behind —
+    // far below any cap here — even when the test machine starves it of CPU for a
+    // while. The stalled reader, which never reads, still overflows.
+    let healthy_seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let progress = healthy_seen.clone();
     let flooder = tokio::spawn(async move {
         let mut f = Client::connect(&url).await;
         f.request(json!({"type": "hello", "name": "flooder"})).await;
@@ -234,11 +240,15 @@ async fn stalled_reader_case(flags: &[&str]) {
                 f.send(json!({"type": "send", "room": "flood", "text": format!("{n}:{text}")}))
                     .await;
             }
-            let mut acks = 0;
-            while acks < 16 {
-                if f.recv().await["type"] == "ack" {
-                    acks += 1;
-                }
+            f.await_acks(16).await;
+            let sent = (window as u64 + 1) * 16;
+            let waited = std::time::Instant::now();
+            while progress.load(std::sync::atomic::Ordering::Relaxed) < sent {
+                assert!(
+                    waited.elapsed() < Duration::from_secs(20),
+                    "the healthy reader stopped receiving"
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
         }
     });
@@ -251,6 +261,7 @@ async fn stalled_reader_case(flags: &[&str]) {
                 Some(next),
                 "healthy reader sees every message in order"
             );
+            healthy_seen.store(next, std::sync::atomic::Ordering::Relaxed);
             next += 1;
         }
     });
