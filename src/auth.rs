@@ -115,10 +115,6 @@ impl Authenticator {
         Ok(Authenticator { keys, guests })
     }
 
-    pub fn guests_enabled(&self) -> bool {
-        self.guests
-    }
-
     /// Authenticate a `hello`: a token wins over a name when both are given.
     pub fn authenticate(
         &self,

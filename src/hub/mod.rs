@@ -256,10 +256,6 @@ impl Hub {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    pub fn epoch(&self) -> &str {
-        self.store.epoch()
-    }
-
     /// Stop the committer after everything queued before this call is stored and
     /// delivered.
     pub async fn drain(&self) {
@@ -457,7 +453,6 @@ impl Hub {
 
     /// Join `room`: register the member and queue the `joined` reply (with the
     /// missed or latest messages) ahead of any live message that follows it.
-    /// Returns whether the connection was newly added.
     pub async fn join(
         &self,
         conn: &Arc<Conn>,

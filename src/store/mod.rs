@@ -163,13 +163,6 @@ impl Store {
         }))
     }
 
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Store::Sqlite(_) => "sqlite",
-            Store::Memory(_) => "memory",
-        }
-    }
-
     /// The name of this store's history; it changes only when history was lost.
     pub fn epoch(&self) -> &str {
         match self {
