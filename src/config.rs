@@ -174,6 +174,23 @@ pub struct ServeArgs {
     /// Upper bound on the whole shutdown, in seconds [default: 30].
     #[arg(long, env = "HUBBUB_SHUTDOWN_TIMEOUT", value_name = "SECS")]
     pub shutdown_timeout: Option<String>,
+    /// Shared history: postgres://USER@HOST/DB (several nodes) or sqlite://PATH
+    /// (one node; PATH is the database file) [default: sqlite in --data-dir].
+    #[arg(long, env = "HUBBUB_DATABASE_URL", value_name = "URL")]
+    pub database_url: Option<String>,
+    /// Redis for fan-out and presence across nodes (needs a postgres:// --database-url).
+    /// With --redis-cluster, a comma-separated list of seed nodes.
+    #[arg(long, env = "HUBBUB_REDIS_URL", value_name = "URL")]
+    pub redis_url: Option<String>,
+    /// --redis-url points at a Redis Cluster: use sharded pub/sub (SPUBLISH/SSUBSCRIBE).
+    #[arg(long)]
+    pub redis_cluster: bool,
+    /// This node's name among the nodes (letters, digits, `.`, `_`, `-`) [default: host name].
+    #[arg(long, env = "HUBBUB_NODE_ID", value_name = "NAME")]
+    pub node_id: Option<String>,
+    /// A node silent for this long is dead: its users leave presence [default: 10].
+    #[arg(long, env = "HUBBUB_NODE_TIMEOUT", value_name = "SECS")]
+    pub node_timeout: Option<String>,
 }
 
 impl ServeArgs {
@@ -214,6 +231,11 @@ struct FileConfig {
     trusted_proxies: Option<StrOrList>,
     drain_rate: Option<u32>,
     shutdown_timeout: Option<NumOrStr>,
+    database_url: Option<String>,
+    redis_url: Option<String>,
+    redis_cluster: Option<bool>,
+    node_id: Option<String>,
+    node_timeout: Option<NumOrStr>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -245,6 +267,7 @@ impl NumOrStr {
 pub enum StoreKind {
     Sqlite,
     Memory,
+    Postgres,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -278,6 +301,14 @@ pub struct Config {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub drain_rate: u32,
     pub shutdown_timeout: Duration,
+    /// The SQLite database file (`sqlite://PATH`); None: `data_dir/hubbub.db`.
+    pub sqlite_file: Option<PathBuf>,
+    /// `postgres://...` when `store` is Postgres.
+    pub postgres_url: Option<String>,
+    pub redis_url: Option<String>,
+    pub redis_cluster: bool,
+    pub node_id: String,
+    pub node_timeout: Duration,
 }
 
 impl Default for Config {
@@ -305,6 +336,12 @@ impl Default for Config {
             trusted_proxies: Vec::new(),
             drain_rate: 1000,
             shutdown_timeout: Duration::from_secs(30),
+            sqlite_file: None,
+            postgres_url: None,
+            redis_url: None,
+            redis_cluster: false,
+            node_id: default_node_id(),
+            node_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -335,12 +372,48 @@ impl Config {
                 .parse()
                 .map_err(|e| invalid("listen", format!("{s:?} is not an address: {e}")))?,
         };
-        let store = match args.store.or(file.store).as_deref() {
+        let mut store = match args.store.or(file.store).as_deref() {
             None | Some("sqlite") => StoreKind::Sqlite,
             Some("memory") => StoreKind::Memory,
             Some(other) => {
                 return Err(invalid("store", format!("{other:?}: use sqlite or memory")));
             }
+        };
+        let mut sqlite_file = None;
+        let mut postgres_url = None;
+        match args
+            .database_url
+            .or(file.database_url)
+            .filter(|s| !s.is_empty())
+        {
+            None => {}
+            Some(url) => {
+                if let Some(path) = url.strip_prefix("sqlite://") {
+                    if path.is_empty() {
+                        return Err(invalid("database_url", "sqlite:// needs a file path"));
+                    }
+                    store = StoreKind::Sqlite;
+                    sqlite_file = Some(PathBuf::from(path));
+                } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+                    store = StoreKind::Postgres;
+                    postgres_url = Some(url);
+                } else {
+                    return Err(invalid(
+                        "database_url",
+                        "use postgres://USER@HOST/DB or sqlite://PATH",
+                    ));
+                }
+            }
+        }
+        let redis_url = args.redis_url.or(file.redis_url).filter(|s| !s.is_empty());
+        let redis_cluster = args.redis_cluster || file.redis_cluster.unwrap_or(false);
+        let node_id = args.node_id.or(file.node_id).unwrap_or(d.node_id.clone());
+        let node_timeout = match args
+            .node_timeout
+            .or(file.node_timeout.map(NumOrStr::into_string))
+        {
+            None => d.node_timeout,
+            Some(s) => parse_secs("node_timeout", &s)?,
         };
         let jwt_secret = args
             .jwt_secret
@@ -415,6 +488,12 @@ impl Config {
         let tls_cert = args.tls_cert.or(file.tls_cert);
         let tls_key = args.tls_key.or(file.tls_key);
         let c = Config {
+            sqlite_file,
+            postgres_url,
+            redis_url,
+            redis_cluster,
+            node_id,
+            node_timeout,
             tls_cert,
             tls_key,
             trusted_proxies,
@@ -480,6 +559,28 @@ impl Config {
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err(invalid("tls_cert", "--tls-cert and --tls-key go together"));
         }
+        if self.redis_url.is_some() && self.store != StoreKind::Postgres {
+            return Err(invalid(
+                "redis_url",
+                "several nodes must share their history: give --database-url postgres://...",
+            ));
+        }
+        if self.redis_cluster && self.redis_url.is_none() {
+            return Err(invalid(
+                "redis_cluster",
+                "needs --redis-url (the seed nodes)",
+            ));
+        }
+        let id_ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+        if self.node_id.is_empty() || self.node_id.len() > 64 || !self.node_id.chars().all(id_ok) {
+            return Err(invalid(
+                "node_id",
+                format!("{:?}: 1-64 letters, digits, '.', '_' or '-'", self.node_id),
+            ));
+        }
+        if self.node_timeout < Duration::from_secs(1) {
+            return Err(invalid("node_timeout", "must be at least 1 second"));
+        }
         Ok(())
     }
 }
@@ -523,6 +624,7 @@ impl Config {
                 match self.store {
                     StoreKind::Sqlite => "sqlite",
                     StoreKind::Memory => "memory",
+                    StoreKind::Postgres => "postgres",
                 }
             ),
             format!("memory_history = {}", self.memory_history),
@@ -564,8 +666,54 @@ impl Config {
             ),
             format!("drain_rate = {}", self.drain_rate),
             format!("shutdown_timeout = {}", self.shutdown_timeout.as_secs_f64()),
+            format!(
+                "database_url = {:?}",
+                match (&self.postgres_url, &self.sqlite_file) {
+                    (Some(u), _) => mask_url(u),
+                    (None, Some(f)) => format!("sqlite://{}", f.display()),
+                    (None, None) => "(sqlite in data_dir)".to_owned(),
+                }
+            ),
+            format!(
+                "redis_url = {:?}",
+                self.redis_url
+                    .as_deref()
+                    .map_or("(none)".to_owned(), mask_url)
+            ),
+            format!("redis_cluster = {}", self.redis_cluster),
+            format!("node_id = {:?}", self.node_id),
+            format!("node_timeout = {}", self.node_timeout.as_secs_f64()),
         ]
         .join("\n")
+    }
+}
+
+/// The default node id: the host name, or "node" when it has no usable one.
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if !host.is_empty() && host.len() <= 64 && host.chars().all(ok) {
+        host
+    } else {
+        "node".to_owned()
+    }
+}
+
+/// A URL with its password replaced by `****`, for logs and `config check`.
+pub fn mask_url(url: &str) -> String {
+    // scheme://user:password@host/... -> scheme://user:****@host/...
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (auth, host) = match rest.rsplit_once('@') {
+        Some(x) => x,
+        None => return url.to_owned(),
+    };
+    match auth.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:****@{host}"),
+        None => url.to_owned(),
     }
 }
 

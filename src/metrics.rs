@@ -114,11 +114,27 @@ fn describe() {
     describe_histogram!(
         "hubbub_broker_publish_seconds",
         metrics::Unit::Seconds,
-        "Time to publish one stored message to every node (local fan-out included)"
+        "Time to publish one committed batch of messages to the other nodes (0 on a single node)"
     );
     describe_counter!(
         "hubbub_broker_reconnects_total",
         "Reconnections of the cross-node broker (always 0 on a single node)"
+    );
+    describe_gauge!(
+        "hubbub_broker_up",
+        "1 while the cross-node broker (Redis) answers, 0 while it does not; 1 on a single node"
+    );
+    describe_counter!(
+        "hubbub_broker_gaps_detected_total",
+        "Gaps in a room's or DM pair's seq noticed on this node (a missed broadcast)"
+    );
+    describe_counter!(
+        "hubbub_broker_gaps_filled_total",
+        "Gaps closed by reading the missing messages from the store"
+    );
+    describe_counter!(
+        "hubbub_broker_gap_messages_total",
+        "Messages delivered from the store to close gaps"
     );
 }
 
@@ -159,6 +175,10 @@ pub struct Metrics {
     pub heartbeat_drops: Counter,
     pub broker_publish_seconds: Histogram,
     pub broker_reconnects: Counter,
+    pub broker_up: Gauge,
+    pub gaps_detected: Counter,
+    pub gaps_filled: Counter,
+    pub gap_messages: Counter,
     pub deliveries: Counter,
     pub stored: Counter,
     pub slow_consumer_closes: Counter,
@@ -198,6 +218,10 @@ impl Metrics {
             heartbeat_drops: counter!("hubbub_heartbeat_drops_total"),
             broker_publish_seconds: histogram!("hubbub_broker_publish_seconds"),
             broker_reconnects: counter!("hubbub_broker_reconnects_total"),
+            broker_up: gauge!("hubbub_broker_up"),
+            gaps_detected: counter!("hubbub_broker_gaps_detected_total"),
+            gaps_filled: counter!("hubbub_broker_gaps_filled_total"),
+            gap_messages: counter!("hubbub_broker_gap_messages_total"),
             deliveries: counter!("hubbub_deliveries_total"),
             stored: counter!("hubbub_messages_stored_total"),
             slow_consumer_closes: counter!("hubbub_slow_consumer_closes_total"),

@@ -9,7 +9,7 @@
 //! `--shutdown-timeout`. Must not: handle protocol commands (that is `session`).
 
 use crate::auth::{Authenticator, KeyError};
-use crate::broker::Broker;
+use crate::broker::{Broker, RedisBroker, RedisSettings};
 use crate::config::{Config, StoreKind};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -58,6 +58,8 @@ pub enum ServerError {
     Key(#[from] KeyError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error("cannot reach Redis: {0}")]
+    Broker(#[from] crate::broker::redis::BrokerError),
     #[error("server error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -143,7 +145,13 @@ impl Server {
         )?;
         let store_config = match config.store {
             StoreKind::Sqlite => StoreConfig::Sqlite {
-                data_dir: config.data_dir.clone(),
+                file: config
+                    .sqlite_file
+                    .clone()
+                    .unwrap_or_else(|| config.data_dir.join("hubbub.db")),
+            },
+            StoreKind::Postgres => StoreConfig::Postgres {
+                url: config.postgres_url.clone().unwrap_or_default(),
             },
             StoreKind::Memory => StoreConfig::Memory {
                 ring: config.memory_history,
@@ -155,7 +163,22 @@ impl Server {
         };
         let store = Store::open(&store_config).await?;
         let metrics = Metrics::new();
-        let (hub, committer) = Hub::start(store, Broker::Local, metrics.clone());
+        metrics.broker_up.set(1.0);
+        let broker = match &config.redis_url {
+            None => Broker::Local,
+            Some(url) => {
+                let settings = RedisSettings {
+                    url: url.clone(),
+                    cluster: config.redis_cluster,
+                    node_id: config.node_id.clone(),
+                    node_timeout: config.node_timeout,
+                };
+                let redis = RedisBroker::connect(&settings, metrics.clone()).await?;
+                tracing::info!(instance = redis.instance(), "joined the cluster over Redis");
+                Broker::Redis(redis)
+            }
+        };
+        let (hub, committer) = Hub::start(store, broker, metrics.clone());
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -216,6 +239,28 @@ impl Server {
                 }
             })
         };
+        // The broker outlives the sessions: their leaving is presence news.
+        let broker_stop = CancellationToken::new();
+        let cluster = state.hub.broker().redis().cloned().map(|redis| {
+            redis.start(broker_stop.clone());
+            let hub = state.hub.clone();
+            let token = broker_stop.clone();
+            tokio::spawn(async move {
+                let mut catch_up = tokio::time::interval(Duration::from_secs(1));
+                let mut presence = tokio::time::interval(redis.node_timeout() / 3);
+                loop {
+                    tokio::select! {
+                        _ = token.cancelled() => return,
+                        _ = catch_up.tick() => hub.catch_up().await,
+                        _ = presence.tick() => hub.reconcile_presence().await,
+                        _ = redis.reconnected.notified() => {
+                            hub.catch_up().await;
+                            hub.reconcile_presence().await;
+                        }
+                    }
+                }
+            })
+        });
         let upkeep = state.prometheus.clone().map(|h| {
             let token = state.shutdown.clone();
             tokio::spawn(async move {
@@ -259,6 +304,13 @@ impl Server {
         // Every acked message is already stored; this stores and acks the rest.
         state.hub.drain().await;
         let _ = self.committer.await;
+        if let Some(redis) = state.hub.broker().redis() {
+            redis.shutdown().await;
+        }
+        broker_stop.cancel();
+        if let Some(c) = cluster {
+            let _ = c.await;
+        }
         state.hub.store().close().await;
         sweeper.abort();
         if let Some(u) = upkeep {
@@ -406,6 +458,13 @@ async fn ws_handler(
 async fn readyz(State((state, _)): State<Shared>) -> Response {
     if state.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    }
+    if !state.hub.broker().healthy() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "message broker (Redis) unreachable\n",
+        )
+            .into_response();
     }
     if state.hub.store_failing() {
         return (StatusCode::SERVICE_UNAVAILABLE, "store commits failing\n").into_response();

@@ -1,18 +1,21 @@
 //! The committer: group commit of sequenced messages, then delivery and `ack`.
 //!
 //! One task takes every job that is waiting (up to [`MAX_BATCH`]), stores all new
-//! messages in one transaction, publishes each through the broker (which fans out
-//! locally), and only then acks the senders. So an `ack` always means "stored", and
-//! the number of fsyncs grows with the number of batches, not of messages.
+//! messages in one transaction, publishes them to the other nodes (with a broker),
+//! delivers them here, and only then acks the senders. So an `ack` always means
+//! "stored and published", and the number of fsyncs grows with the number of
+//! batches, not of messages.
 //!
-//! A failed commit is retried with backoff, never skipped: skipping would leave a
-//! hole in a channel's sequence. While it fails, the job queue fills and new sends
+//! On one node a failed commit is retried with backoff, never skipped: the hub has
+//! already numbered those messages, and skipping would leave a hole in a channel's
+//! sequence. With a shared store nothing is numbered before the commit, so a failed
+//! commit is answered with `unavailable` instead. While it fails, the job queue fills and new sends
 //! get `unavailable` (see [`super::Hub::submit`]).
 
 use super::{Channel, Conn, Hub};
 use crate::metrics::Metrics;
 use crate::protocol::{self, CommandId};
-use crate::store::{ChannelKey, Store, StoredMessage};
+use crate::store::{ChannelKey, Sequenced, Store, StoredMessage};
 use serde::Serialize;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -79,40 +82,155 @@ pub async fn run(mut rx: mpsc::Receiver<Job>, store: Arc<Store>, hub: Arc<Hub>, 
             Job::Append { msg, .. } => Some(msg.clone()),
             _ => None,
         }));
-        if !msgs.is_empty() {
-            commit(&store, &msgs, &metrics, &hub).await;
-        }
-        let mut stop = None;
-        for job in jobs.drain(..) {
-            match job {
-                Job::Append {
-                    channel,
-                    msg,
-                    reply,
-                } => {
-                    hub.broker.publish(&hub, &channel, &msg);
-                    if let Some((conn, id)) = reply {
-                        send_ack(&metrics, &conn, id.as_ref(), &msg.channel, msg.seq, msg.ts);
-                    }
-                }
-                Job::Ack {
-                    conn,
-                    id,
-                    key,
-                    seq,
-                    ts,
-                } => send_ack(&metrics, &conn, id.as_ref(), &key, seq, ts),
-                Job::Barrier(tx) => {
-                    let _ = tx.send(());
-                }
-                Job::Stop(tx) => stop = Some(tx),
+        let stop = if hub.sequenced_by_store() {
+            commit_sequenced(&store, &hub, &metrics, &msgs, &mut jobs).await
+        } else {
+            if !msgs.is_empty() {
+                commit(&store, &msgs, &metrics, &hub).await;
             }
-        }
+            finish_local(&hub, &metrics, &mut jobs)
+        };
         if let Some(tx) = stop {
             let _ = tx.send(());
             return;
         }
     }
+}
+
+/// One node: the batch is stored (every seq was assigned by the hub); deliver in
+/// order and ack.
+fn finish_local(
+    hub: &Arc<Hub>,
+    metrics: &Metrics,
+    jobs: &mut Vec<Job>,
+) -> Option<oneshot::Sender<()>> {
+    let mut stop = None;
+    for job in jobs.drain(..) {
+        match job {
+            Job::Append {
+                channel,
+                msg,
+                reply,
+            } => {
+                hub.deliver(&channel, &msg);
+                if let Some((conn, id)) = reply {
+                    send_ack(metrics, &conn, id.as_ref(), &msg.channel, msg.seq, msg.ts);
+                }
+            }
+            Job::Ack {
+                conn,
+                id,
+                key,
+                seq,
+                ts,
+            } => send_ack(metrics, &conn, id.as_ref(), &key, seq, ts),
+            Job::Barrier(tx) => {
+                let _ = tx.send(());
+            }
+            Job::Stop(tx) => stop = Some(tx),
+        }
+    }
+    stop
+}
+
+/// A shared store: it numbers the batch (and finds repeated client_ids) in one
+/// transaction; then every message is published to the other nodes, delivered here,
+/// and acked only if the publish succeeded. A failed commit stored nothing and
+/// numbered nothing, so its senders get `unavailable` and may simply resend.
+async fn commit_sequenced(
+    store: &Store,
+    hub: &Arc<Hub>,
+    metrics: &Metrics,
+    msgs: &[Arc<StoredMessage>],
+    jobs: &mut Vec<Job>,
+) -> Option<oneshot::Sender<()>> {
+    let mut outcomes = Vec::new();
+    let mut failed = false;
+    if !msgs.is_empty() {
+        let started = Instant::now();
+        let since =
+            super::now_ms() - i64::try_from(super::CLIENT_ID_WINDOW.as_millis()).unwrap_or(0);
+        match store.append_sequenced(msgs, since).await {
+            Ok(o) => {
+                metrics
+                    .commit_seconds
+                    .record(started.elapsed().as_secs_f64());
+                metrics.commit_batch.record(msgs.len() as f64);
+                let new = o.iter().filter(|s| matches!(s, Sequenced::New(_))).count();
+                metrics.stored.increment(new as u64);
+                hub.store_failing.store(false, Ordering::Relaxed);
+                outcomes = o;
+            }
+            Err(e) => {
+                hub.store_failing.store(true, Ordering::Relaxed);
+                metrics.store_errors.increment(1);
+                tracing::error!(error = %e, batch = msgs.len(), "store commit failed; senders get unavailable");
+                failed = true;
+            }
+        }
+    }
+    let stored: Vec<Arc<StoredMessage>> = outcomes
+        .iter()
+        .map(|o| match o {
+            Sequenced::New(m) | Sequenced::Duplicate(m) => m.clone(),
+        })
+        .collect();
+    // A duplicate is published again: its first publish may be the one that failed.
+    let published = hub.broker.publish(&stored).await;
+    let mut results = stored.into_iter().zip(published);
+    let mut stop = None;
+    for job in jobs.drain(..) {
+        match job {
+            Job::Append { channel, reply, .. } => {
+                if failed {
+                    if let Some((conn, id)) = reply {
+                        send_error(
+                            metrics,
+                            &conn,
+                            id.as_ref(),
+                            "history store unavailable; retry shortly",
+                        );
+                    }
+                    continue;
+                }
+                let Some((msg, ok)) = results.next() else {
+                    continue;
+                };
+                hub.deliver(&channel, &msg);
+                if let Some((conn, id)) = reply {
+                    if ok {
+                        send_ack(metrics, &conn, id.as_ref(), &msg.channel, msg.seq, msg.ts);
+                    } else {
+                        send_error(
+                            metrics,
+                            &conn,
+                            id.as_ref(),
+                            "stored, but the other nodes could not be told (Redis unreachable); \
+                             resend with the same client_id to be sure",
+                        );
+                    }
+                }
+            }
+            Job::Ack {
+                conn,
+                id,
+                key,
+                seq,
+                ts,
+            } => send_ack(metrics, &conn, id.as_ref(), &key, seq, ts),
+            Job::Barrier(tx) => {
+                let _ = tx.send(());
+            }
+            Job::Stop(tx) => stop = Some(tx),
+        }
+    }
+    stop
+}
+
+fn send_error(metrics: &Metrics, conn: &Conn, id: Option<&CommandId>, message: &str) {
+    metrics.out("error", 1);
+    let err = protocol::CommandError::new(protocol::ErrorCode::Unavailable, message);
+    conn.send(protocol::error_event(id, &err).into());
 }
 
 async fn commit(store: &Store, msgs: &[Arc<StoredMessage>], metrics: &Metrics, hub: &Hub) {

@@ -8,13 +8,26 @@
 //! in-memory work only), or wait on a client: fan-out pushes into bounded
 //! [`Outbox`]es and never blocks.
 //!
-//! Ordering: a channel's `seq` is assigned under its lock and the message is queued
-//! for the committer under the same lock, so the committer sees each channel's
-//! messages in `seq` order, stores them, and then delivers them in that order.
-//! `committed` only moves forward after a message is stored; a `join` reads history
-//! up to `committed` from the store and takes anything committed meanwhile from the
-//! channel's small in-memory ring, then registers the member under the lock, so the
-//! `joined` reply and the live stream that follows it have no gap and no overlap.
+//! Ordering on one node: a channel's `seq` is assigned under its lock and the
+//! message is queued for the committer under the same lock, so the committer sees
+//! each channel's messages in `seq` order, stores them, and then delivers them in
+//! that order. With several nodes the shared store assigns `seq` at commit, and
+//! messages arrive from the broker in whatever order the nodes published them, so
+//! [`Hub::deliver`] delivers strictly in `seq` order: a message ahead of the next
+//! expected `seq` waits in the channel's `pending` buffer while the missing ones are
+//! read from the store (a gap: a broadcast that was lost, or is merely late), and a
+//! periodic catch-up compares each channel with the store so that even the last
+//! message of a burst is never missed. `committed` is the last `seq` delivered here.
+//!
+//! A `join` reads history up to `committed` from the store and takes anything
+//! delivered meanwhile from the channel's small in-memory ring, then registers the
+//! member under the lock, so the `joined` reply and the live stream that follows it
+//! have no gap and no overlap.
+//!
+//! Presence is per user, cluster-wide: a room's presence entry for a user counts the
+//! user's connections here and names the other node instances that have the user in
+//! the room. `member join`/`leave` fire when a user becomes present anywhere or is
+//! gone everywhere, so every node announces each user once.
 
 mod committer;
 pub mod outbox;
@@ -22,12 +35,13 @@ pub mod outbox;
 pub use committer::Job;
 pub use outbox::Outbox;
 
-use crate::broker::Broker;
+use crate::broker::{Broker, Envelope, Kind, room_channel, user_channel};
 use crate::metrics::Metrics;
 use crate::protocol::{self, CommandError, CommandId, ErrorCode, MAX_RECOVERY, Member, Since};
 use crate::store::{ChannelInit, ChannelKey, Store, StoredMessage};
 use axum::extract::ws::Utf8Bytes;
 use serde::Serialize;
+use std::collections::{BTreeMap, HashSet};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -42,6 +56,13 @@ const RECENT: usize = 64;
 const JOB_QUEUE: usize = 16384;
 /// An idle channel (no members, nothing in flight) is dropped from memory after this.
 const IDLE_EVICT: Duration = Duration::from_secs(60);
+/// Messages held back per channel while a gap before them is filled; more are
+/// dropped from the buffer and read from the store with the gap.
+const MAX_PENDING: usize = 4096;
+/// How long a gap may be just a late broadcast before the store is asked.
+const GAP_GRACE: Duration = Duration::from_millis(25);
+/// Messages read from the store per gap-filling query.
+const FILL_PAGE: u64 = 1000;
 
 /// One authenticated connection, as the hub sees it.
 pub struct Conn {
@@ -80,14 +101,32 @@ pub struct Channel {
 
 struct Presence {
     name: String,
+    /// This node's connections of the user in the room.
     conns: usize,
+    /// Other node instances that have the user in the room.
+    remote: HashSet<String>,
+}
+
+impl Presence {
+    fn present(&self) -> bool {
+        self.conns > 0 || !self.remote.is_empty()
+    }
 }
 
 struct ChannelInner {
-    /// The next `seq` to assign.
+    /// The next `seq` to assign (single node only).
     next_seq: u64,
-    /// The last `seq` stored and delivered.
+    /// The last `seq` delivered on this node (stored, in order, nothing missing).
     committed: u64,
+    /// Is `committed` known? (A DM pair first seen from the broker starts at the
+    /// first message it sees.) Messages before that wait in `pending`.
+    anchored: bool,
+    /// Messages that arrived ahead of `committed + 1`, waiting for the gap to close.
+    pending: BTreeMap<u64, Arc<StoredMessage>>,
+    /// The highest `seq` known to exist (seen from the broker or the store).
+    highest_seen: u64,
+    /// A gap-filling task is running for this channel.
+    filling: bool,
     recent: VecDeque<Arc<StoredMessage>>,
     members: HashMap<u64, Arc<Conn>>,
     presence: HashMap<String, Presence>,
@@ -103,6 +142,8 @@ impl ChannelInner {
     fn apply_init(&mut self, init: ChannelInit) {
         self.next_seq = init.last_seq + 1;
         self.committed = init.last_seq;
+        self.highest_seen = self.highest_seen.max(init.last_seq);
+        self.anchored = true;
         let mut ids = init.client_ids;
         ids.sort_by_key(|(_, _, seq, _)| *seq);
         for (user, cid, seq, ts) in ids {
@@ -135,6 +176,7 @@ impl ChannelInner {
         let mut v: Vec<Member> = self
             .presence
             .iter()
+            .filter(|(_, p)| p.present())
             .map(|(user, p)| Member {
                 user: user.clone(),
                 name: p.name.clone(),
@@ -167,13 +209,13 @@ struct MemberEvent<'a> {
     event: &'static str,
 }
 
-/// `{"type":"member",...}` about `conn`'s user, encoded once for every receiver.
-fn member_event(room: &str, conn: &Conn, event: &'static str) -> Utf8Bytes {
+/// `{"type":"member",...}` about `user`, encoded once for every receiver.
+fn member_event(room: &str, user: &str, name: &str, event: &'static str) -> Utf8Bytes {
     Utf8Bytes::from(protocol::encode(&MemberEvent {
         kind: "member",
         room,
-        user: &conn.user,
-        name: &conn.name,
+        user,
+        name,
         event,
     }))
 }
@@ -220,10 +262,34 @@ pub struct Hub {
     users: Mutex<HashMap<String, Vec<Arc<Conn>>>>,
     store: Arc<Store>,
     jobs: mpsc::Sender<Job>,
-    broker: Broker,
+    pub(crate) broker: Broker,
     metrics: Metrics,
     /// Set while store commits are failing (and being retried); `/readyz` shows it.
     store_failing: AtomicBool,
+    /// The store numbers messages (several nodes share it); see the module doc.
+    sequenced_by_store: bool,
+}
+
+fn new_channel(key: &ChannelKey) -> Arc<Channel> {
+    Arc::new(Channel {
+        key: key.clone(),
+        loaded: OnceCell::new(),
+        inner: Mutex::new(ChannelInner {
+            next_seq: 1,
+            committed: 0,
+            anchored: false,
+            pending: BTreeMap::new(),
+            highest_seen: 0,
+            filling: false,
+            recent: VecDeque::new(),
+            members: HashMap::new(),
+            presence: HashMap::new(),
+            client_ids: HashMap::new(),
+            client_id_order: VecDeque::new(),
+            evicted: false,
+            last_active: Instant::now(),
+        }),
+    })
 }
 
 impl Hub {
@@ -237,12 +303,21 @@ impl Hub {
         let hub = Arc::new(Hub {
             channels: Mutex::new(HashMap::new()),
             users: Mutex::new(HashMap::new()),
+            sequenced_by_store: store.sequences(),
             store: store.clone(),
             jobs: tx,
             broker,
             metrics: metrics.clone(),
             store_failing: AtomicBool::new(false),
         });
+        if let Some(redis) = hub.broker.redis() {
+            let weak = Arc::downgrade(&hub);
+            redis.set_sink(move |env| {
+                if let Some(hub) = weak.upgrade() {
+                    hub.on_envelope(env);
+                }
+            });
+        }
         let task = tokio::spawn(committer::run(rx, store, hub.clone(), metrics));
         (hub, task)
     }
@@ -251,9 +326,22 @@ impl Hub {
         &self.store
     }
 
+    pub fn broker(&self) -> &Broker {
+        &self.broker
+    }
+
     pub fn store_failing(&self) -> bool {
         self.store_failing
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn sequenced_by_store(&self) -> bool {
+        self.sequenced_by_store
+    }
+
+    /// This node instance's name on the broker ("" on a single node).
+    fn instance(&self) -> &str {
+        self.broker.redis().map_or("", |r| r.instance())
     }
 
     /// Stop the committer after everything queued before this call is stored and
@@ -274,7 +362,12 @@ impl Hub {
         }
     }
 
-    pub fn register(&self, conn: &Arc<Conn>) {
+    /// Make `conn` reachable for direct messages (on every node, with a broker: the
+    /// user's channel is subscribed before this returns).
+    pub async fn register(&self, conn: &Arc<Conn>) {
+        if let Some(redis) = self.broker.redis() {
+            redis.subscribe(user_channel(&conn.user)).await;
+        }
         let mut users = lock(&self.users);
         let conns = users.entry(conn.user.clone()).or_default();
         if conns.is_empty() {
@@ -297,53 +390,79 @@ impl Hub {
                 self.metrics.users.decrement(1.0);
             }
         }
+        drop(users);
+        if let Some(redis) = self.broker.redis() {
+            redis.unsubscribe(&user_channel(&conn.user));
+        }
     }
 
-    /// The channel for `key`, loaded from the store on first use.
-    async fn channel(&self, key: &ChannelKey) -> Result<Arc<Channel>, CommandError> {
+    /// The channel for `key`, loaded on first use. With a broker, a room's channel is
+    /// subscribed first and its cluster presence read, then its last `seq`, so
+    /// nothing published after the load can be missed.
+    async fn channel(self: &Arc<Self>, key: &ChannelKey) -> Result<Arc<Channel>, CommandError> {
         let ch = lock(&self.channels)
             .entry(key.clone())
-            .or_insert_with(|| {
-                Arc::new(Channel {
-                    key: key.clone(),
-                    loaded: OnceCell::new(),
-                    inner: Mutex::new(ChannelInner {
-                        next_seq: 1,
-                        committed: 0,
-                        recent: VecDeque::new(),
-                        members: HashMap::new(),
-                        presence: HashMap::new(),
-                        client_ids: HashMap::new(),
-                        client_id_order: VecDeque::new(),
-                        evicted: false,
-                        last_active: Instant::now(),
-                    }),
-                })
-            })
+            .or_insert_with(|| new_channel(key))
             .clone();
         ch.loaded
             .get_or_try_init(|| async {
+                if self.sequenced_by_store && matches!(key, ChannelKey::Dm(..)) {
+                    // A DM pair is anchored by the first message delivered here.
+                    return Ok(());
+                }
+                let mut remote = Vec::new();
+                if let (Some(redis), ChannelKey::Room(room)) = (self.broker.redis(), key) {
+                    redis.subscribe(room_channel(room)).await;
+                    match redis.presence_of(room).await {
+                        Ok(entries) => remote = entries,
+                        Err(e) => tracing::warn!(error = %e, "reading room presence failed"),
+                    }
+                }
                 let since = now_ms() - i64::try_from(CLIENT_ID_WINDOW.as_millis()).unwrap_or(0);
                 let init = self.store.load_channel(key, since).await.map_err(|e| {
                     tracing::error!(error = %e, "loading channel state failed");
                     CommandError::new(ErrorCode::Unavailable, "history store unavailable")
                 })?;
-                lock(&ch.inner).apply_init(init);
+                let mut g = lock(&ch.inner);
+                g.apply_init(init);
+                let me = self.instance();
+                for (inst, user, name) in remote {
+                    if inst != me {
+                        g.presence
+                            .entry(user)
+                            .or_insert(Presence {
+                                name,
+                                conns: 0,
+                                remote: HashSet::new(),
+                            })
+                            .remote
+                            .insert(inst);
+                    }
+                }
+                // Anything that arrived from the broker during the load.
+                self.advance(&ch, &mut g);
                 Ok::<(), CommandError>(())
             })
             .await?;
         Ok(ch)
     }
 
-    /// Sequence a message and hand it to the committer. The `ack` (and the delivery
-    /// to every receiver) follow once it is stored.
+    /// Sequence a message (or, with a shared store, leave that to the commit) and hand
+    /// it to the committer. The `ack` and the delivery follow once it is stored.
     pub async fn submit(
-        &self,
+        self: &Arc<Self>,
         conn: &Arc<Conn>,
         id: Option<CommandId>,
         key: ChannelKey,
         out: Outgoing,
     ) -> Result<(), CommandError> {
+        if !self.broker.healthy() {
+            // Never ack what could not be published: refuse before storing.
+            return Err(CommandError::new(
+                ErrorCode::Unavailable,
+                "the message broker (Redis) is unreachable; retry shortly",
+            ));
+        }
         // Reserve queue space first: a full committer queue is refused here, before a
         // seq is taken, so a refusal can never leave a gap in the sequence.
         let permit = self.jobs.try_reserve().map_err(|_| {
@@ -360,6 +479,25 @@ impl Hub {
             }
             let ts = now_ms();
             g.last_active = Instant::now();
+            if self.sequenced_by_store {
+                // Numbered, and checked for a repeated client_id, inside the commit.
+                let msg = Arc::new(StoredMessage {
+                    channel: key.clone(),
+                    seq: 0,
+                    ts,
+                    from: conn.user.clone(),
+                    name: conn.name.clone(),
+                    text: out.text,
+                    meta: out.meta,
+                    client_id: out.client_id,
+                });
+                permit.send(Job::Append {
+                    channel: ch.clone(),
+                    msg,
+                    reply: Some((conn.clone(), id)),
+                });
+                return Ok(());
+            }
             g.prune_client_ids(ts);
             let known = out
                 .client_id
@@ -403,12 +541,127 @@ impl Hub {
     }
 
     /// Deliver a stored message to every local receiver, in `seq` order. The single
-    /// fan-out path: local sends and (later) broker deliveries both end here.
-    pub fn deliver(&self, ch: &Channel, msg: &Arc<StoredMessage>) {
+    /// fan-out path: local commits, broker envelopes and gap fills all end here.
+    /// Duplicates are dropped; a message ahead of a gap waits for the gap to close.
+    pub fn deliver(self: &Arc<Self>, ch: &Arc<Channel>, msg: &Arc<StoredMessage>) {
         let mut g = lock(&ch.inner);
-        if msg.seq <= g.committed {
-            return; // already delivered (a duplicate from the broker)
+        if !g.anchored {
+            if self.sequenced_by_store && matches!(ch.key, ChannelKey::Dm(..)) {
+                g.committed = msg.seq - 1;
+                g.anchored = true;
+            } else {
+                // The channel is loading; the loader delivers what waits here.
+                if g.pending.len() < MAX_PENDING {
+                    g.pending.insert(msg.seq, msg.clone());
+                }
+                g.highest_seen = g.highest_seen.max(msg.seq);
+                return;
+            }
         }
+        if msg.seq <= g.committed {
+            return; // already delivered
+        }
+        g.highest_seen = g.highest_seen.max(msg.seq);
+        if msg.seq > g.committed + 1 {
+            if g.pending.len() < MAX_PENDING {
+                g.pending.insert(msg.seq, msg.clone());
+            }
+            self.start_fill(ch, &mut g);
+            return;
+        }
+        self.fan_out(ch, &mut g, msg);
+        self.advance(ch, &mut g);
+    }
+
+    /// Deliver what waits in `pending` now that it is next, and start filling if a
+    /// gap remains.
+    fn advance(self: &Arc<Self>, ch: &Arc<Channel>, g: &mut MutexGuard<'_, ChannelInner>) {
+        loop {
+            let committed = g.committed;
+            // Drop what was delivered meanwhile.
+            while g
+                .pending
+                .first_key_value()
+                .is_some_and(|(s, _)| *s <= committed)
+            {
+                g.pending.pop_first();
+            }
+            match g.pending.first_key_value() {
+                Some((&s, _)) if s == committed + 1 => {
+                    if let Some((_, m)) = g.pending.pop_first() {
+                        self.fan_out(ch, g, &m);
+                    }
+                }
+                _ => break,
+            }
+        }
+        if g.highest_seen > g.committed && g.anchored {
+            self.start_fill(ch, g);
+        }
+    }
+
+    /// Start reading a gap from the store, unless that is already under way.
+    fn start_fill(self: &Arc<Self>, ch: &Arc<Channel>, g: &mut MutexGuard<'_, ChannelInner>) {
+        if g.filling {
+            return;
+        }
+        g.filling = true;
+        self.metrics.gaps_detected.increment(1);
+        let hub = self.clone();
+        let ch = ch.clone();
+        tokio::spawn(async move { hub.fill_gap(ch).await });
+    }
+
+    /// Read missing messages from the store and deliver them, until `committed`
+    /// reaches the highest `seq` known to exist.
+    async fn fill_gap(self: Arc<Self>, ch: Arc<Channel>) {
+        tokio::time::sleep(GAP_GRACE).await;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let (after, upto) = {
+                let mut g = lock(&ch.inner);
+                if g.committed >= g.highest_seen {
+                    g.filling = false;
+                    self.metrics.gaps_filled.increment(1);
+                    return;
+                }
+                let upto = g.highest_seen.min(g.committed + FILL_PAGE);
+                (g.committed, upto)
+            };
+            match self.store.range(&ch.key, after, upto).await {
+                Ok(msgs) if !msgs.is_empty() => {
+                    let mut n = 0;
+                    for m in &msgs {
+                        let before = lock(&ch.inner).committed;
+                        self.deliver(&ch, m);
+                        if lock(&ch.inner).committed > before {
+                            n += 1;
+                        }
+                    }
+                    self.metrics.gap_messages.increment(n);
+                    backoff = Duration::from_millis(50);
+                }
+                Ok(_) => {
+                    // Known to exist but not readable yet: try again shortly.
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "filling a gap from the store failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// Send one message (the next in order) to this node's receivers.
+    fn fan_out(
+        &self,
+        ch: &Channel,
+        g: &mut MutexGuard<'_, ChannelInner>,
+        msg: &Arc<StoredMessage>,
+    ) {
         g.committed = msg.seq;
         if g.recent.len() == RECENT {
             g.recent.pop_front();
@@ -424,13 +677,12 @@ impl Hub {
                     }
                 }
                 let n = g.members.len() as u64;
-                drop(g);
                 self.metrics.deliveries.increment(n - refused);
                 self.metrics.out("message", n - refused);
                 self.metrics.dropped_deliveries.increment(refused);
             }
             ChannelKey::Dm(a, b) => {
-                drop(g);
+                // Lock order: channel, then users (nothing takes them the other way).
                 let users = lock(&self.users);
                 let mut n = 0u64;
                 for viewer in [a, b] {
@@ -454,7 +706,7 @@ impl Hub {
     /// Join `room`: register the member and queue the `joined` reply (with the
     /// missed or latest messages) ahead of any live message that follows it.
     pub async fn join(
-        &self,
+        self: &Arc<Self>,
         conn: &Arc<Conn>,
         id: Option<&CommandId>,
         room: &str,
@@ -523,12 +775,19 @@ impl Hub {
                 let p = g.presence.entry(conn.user.clone()).or_insert(Presence {
                     name: conn.name.clone(),
                     conns: 0,
+                    remote: HashSet::new(),
                 });
+                let was_present = p.present();
                 p.conns += 1;
                 if p.conns == 1 {
-                    let ev = member_event(room, conn, "join");
-                    let n = g.broadcast_except(&conn.user, &ev);
-                    self.metrics.out("member", n);
+                    if let Some(redis) = self.broker.redis() {
+                        redis.presence(room, &conn.user, &conn.name, true);
+                    }
+                    if !was_present {
+                        let ev = member_event(room, &conn.user, &conn.name, "join");
+                        let n = g.broadcast_except(&conn.user, &ev);
+                        self.metrics.out("member", n);
+                    }
                 }
             }
             self.metrics.out("reply", 1);
@@ -556,7 +815,7 @@ impl Hub {
     }
 
     /// Remove `conn` from `room`; `member leave` to the others if it was the user's
-    /// last connection there. Returns whether it was a member.
+    /// last connection there (on every node). Returns whether it was a member.
     pub fn leave(&self, conn: &Arc<Conn>, room: &str) -> bool {
         let key = ChannelKey::Room(room.to_owned());
         let Some(ch) = lock(&self.channels).get(&key).cloned() else {
@@ -571,23 +830,26 @@ impl Hub {
         if g.members.is_empty() {
             self.metrics.rooms.decrement(1.0);
         }
-        let last = match g.presence.get_mut(&conn.user) {
+        let (last_here, gone) = match g.presence.get_mut(&conn.user) {
             Some(p) => {
-                p.conns -= 1;
-                p.conns == 0
+                p.conns = p.conns.saturating_sub(1);
+                (p.conns == 0, !p.present())
             }
-            None => false,
+            None => (false, false),
         };
-        if last {
+        if last_here && let Some(redis) = self.broker.redis() {
+            redis.presence(room, &conn.user, &conn.name, false);
+        }
+        if gone {
             g.presence.remove(&conn.user);
-            let ev = member_event(room, conn, "leave");
+            let ev = member_event(room, &conn.user, &conn.name, "leave");
             let n = g.broadcast_except(&conn.user, &ev);
             self.metrics.out("member", n);
         }
         true
     }
 
-    /// The presence list of `room` (one entry per user).
+    /// The presence list of `room` (one entry per user, on every node).
     pub fn presence(&self, room: &str) -> Vec<Member> {
         let key = ChannelKey::Room(room.to_owned());
         match lock(&self.channels).get(&key).cloned() {
@@ -596,8 +858,15 @@ impl Hub {
         }
     }
 
-    /// Relay a `typing` event to the room's other users. Never stored.
+    /// Relay a `typing` event to the room's other users (on every node). Never stored.
     pub fn typing(&self, conn: &Arc<Conn>, room: &str) {
+        if let Some(redis) = self.broker.redis() {
+            redis.typing(room, &conn.user, &conn.name);
+        }
+        self.typing_local(room, &conn.user, &conn.name);
+    }
+
+    fn typing_local(&self, room: &str, user: &str, name: &str) {
         let key = ChannelKey::Room(room.to_owned());
         let Some(ch) = lock(&self.channels).get(&key).cloned() else {
             return;
@@ -613,10 +882,10 @@ impl Hub {
         let ev = Utf8Bytes::from(protocol::encode(&Typing {
             kind: "typing",
             room,
-            user: &conn.user,
-            name: &conn.name,
+            user,
+            name,
         }));
-        let n = lock(&ch.inner).broadcast_except(&conn.user, &ev);
+        let n = lock(&ch.inner).broadcast_except(user, &ev);
         self.metrics.out("typing", n);
     }
 
@@ -633,22 +902,269 @@ impl Hub {
         })
     }
 
+    /// Something another node published: a stored message, a presence change or a
+    /// typing event. Runs on the broker connection's reader: must not block.
+    pub fn on_envelope(self: &Arc<Self>, env: Envelope) {
+        match env.k {
+            Kind::Message => {
+                let Some(msg) = env.into_message() else {
+                    return;
+                };
+                let ch = {
+                    let mut map = lock(&self.channels);
+                    match (&msg.channel, map.get(&msg.channel)) {
+                        (_, Some(ch)) => ch.clone(),
+                        // A room nobody here is in: not subscribed any more.
+                        (ChannelKey::Room(_), None) => return,
+                        (ChannelKey::Dm(..), None) => {
+                            let ch = new_channel(&msg.channel);
+                            let _ = ch.loaded.set(());
+                            map.insert(msg.channel.clone(), ch.clone());
+                            ch
+                        }
+                    }
+                };
+                self.deliver(&ch, &Arc::new(msg));
+            }
+            Kind::Join | Kind::Leave => {
+                if env.n == self.instance() {
+                    return;
+                }
+                let key = ChannelKey::Room(env.c.clone());
+                let Some(ch) = lock(&self.channels).get(&key).cloned() else {
+                    return;
+                };
+                let mut g = lock(&ch.inner);
+                self.apply_remote_presence(
+                    &env.c,
+                    &mut g,
+                    &env.from,
+                    &env.name,
+                    &env.n,
+                    env.k == Kind::Join,
+                );
+            }
+            Kind::Typing => {
+                if env.n != self.instance() {
+                    self.typing_local(&env.c, &env.from, &env.name);
+                }
+            }
+        }
+    }
+
+    /// Node instance `inst` now has (`on`) or no longer has `user` in `room`.
+    fn apply_remote_presence(
+        &self,
+        room: &str,
+        g: &mut MutexGuard<'_, ChannelInner>,
+        user: &str,
+        name: &str,
+        inst: &str,
+        on: bool,
+    ) {
+        let p = g.presence.entry(user.to_owned()).or_insert(Presence {
+            name: name.to_owned(),
+            conns: 0,
+            remote: HashSet::new(),
+        });
+        let was = p.present();
+        if on {
+            p.remote.insert(inst.to_owned());
+        } else {
+            p.remote.remove(inst);
+        }
+        let now = p.present();
+        let name = p.name.clone();
+        if !now {
+            g.presence.remove(user);
+        }
+        if was != now {
+            let ev = member_event(room, user, &name, if now { "join" } else { "leave" });
+            let n = g.broadcast_except(user, &ev);
+            self.metrics.out("member", n);
+        }
+    }
+
+    /// With a shared store: compare every channel in memory with the store's last
+    /// `seq` and fill what this node has not seen (a lost or late broadcast, above
+    /// all the last one of a burst, which no later message would reveal).
+    pub async fn catch_up(self: &Arc<Self>) {
+        if !self.sequenced_by_store {
+            return;
+        }
+        let chans: Vec<Arc<Channel>> = lock(&self.channels)
+            .values()
+            .filter(|ch| ch.loaded.initialized())
+            .cloned()
+            .collect();
+        for chunk in chans.chunks(1000) {
+            let keys: Vec<String> = chunk.iter().map(|c| c.key.storage_key()).collect();
+            let last = match self.store.last_seqs(&keys).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "catch-up query failed");
+                    return;
+                }
+            };
+            let last: HashMap<String, u64> = last.into_iter().collect();
+            for (ch, key) in chunk.iter().zip(&keys) {
+                let Some(&seq) = last.get(key) else {
+                    continue;
+                };
+                let mut g = lock(&ch.inner);
+                if g.anchored && seq > g.committed {
+                    g.highest_seen = g.highest_seen.max(seq);
+                    self.start_fill(ch, &mut g);
+                }
+            }
+        }
+    }
+
+    /// With a broker: refresh this node's heartbeat, make the presence hashes match
+    /// this node's members, and adopt what the other live nodes have (dropping the
+    /// entries of dead ones, whose users thereby leave). Runs every
+    /// `--node-timeout` / 3, so a dead node's users leave within 4/3 of it.
+    pub async fn reconcile_presence(&self) {
+        let Some(redis) = self.broker.redis() else {
+            return;
+        };
+        if let Err(e) = redis.heartbeat().await {
+            tracing::warn!(error = %e, "node heartbeat failed");
+            return;
+        }
+        let me = redis.instance().to_owned();
+        let rooms: Vec<(String, Arc<Channel>)> = lock(&self.channels)
+            .iter()
+            .filter_map(|(k, ch)| match k {
+                ChannelKey::Room(r) if ch.loaded.initialized() => Some((r.clone(), ch.clone())),
+                _ => None,
+            })
+            .collect();
+        let mut alive: HashMap<String, bool> = HashMap::new();
+        for (room, ch) in rooms {
+            let entries = match redis.presence_of(&room).await {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading room presence failed");
+                    return;
+                }
+            };
+            let mut theirs: HashMap<String, (String, HashSet<String>)> = HashMap::new();
+            let mut mine: HashSet<String> = HashSet::new();
+            for (inst, user, name) in entries {
+                if inst == me {
+                    mine.insert(user);
+                    continue;
+                }
+                let live = match alive.get(&inst) {
+                    Some(&l) => l,
+                    None => {
+                        let l = redis.alive(&inst).await.unwrap_or(true);
+                        alive.insert(inst.clone(), l);
+                        l
+                    }
+                };
+                if live {
+                    theirs
+                        .entry(user)
+                        .or_insert_with(|| (name, HashSet::new()))
+                        .1
+                        .insert(inst);
+                } else {
+                    // A dead node's entry: remove it for everyone.
+                    let _ = redis.presence_set(&room, &inst, &user, "", false).await;
+                }
+            }
+            // This node's own entries: write what is missing, remove what is stale.
+            let (add, remove) = {
+                let g = lock(&ch.inner);
+                let here: HashMap<String, String> = g
+                    .presence
+                    .iter()
+                    .filter(|(_, p)| p.conns > 0)
+                    .map(|(u, p)| (u.clone(), p.name.clone()))
+                    .collect();
+                let add: Vec<(String, String)> = here
+                    .iter()
+                    .filter(|(u, _)| !mine.contains(*u))
+                    .map(|(u, n)| (u.clone(), n.clone()))
+                    .collect();
+                let remove: Vec<String> = mine
+                    .iter()
+                    .filter(|u| !here.contains_key(*u))
+                    .cloned()
+                    .collect();
+                (add, remove)
+            };
+            for (user, name) in add {
+                let _ = redis.presence_set(&room, &me, &user, &name, true).await;
+            }
+            for user in remove {
+                let _ = redis.presence_set(&room, &me, &user, "", false).await;
+            }
+            // Adopt the other nodes' view.
+            let mut g = lock(&ch.inner);
+            let known: Vec<(String, Vec<String>)> = g
+                .presence
+                .iter()
+                .map(|(u, p)| (u.clone(), p.remote.iter().cloned().collect()))
+                .collect();
+            for (user, insts) in known {
+                let keep = theirs
+                    .get(&user)
+                    .map(|(_, s)| s.clone())
+                    .unwrap_or_default();
+                for inst in insts {
+                    if !keep.contains(&inst) {
+                        self.apply_remote_presence(&room, &mut g, &user, "", &inst, false);
+                    }
+                }
+            }
+            for (user, (name, insts)) in theirs {
+                for inst in insts {
+                    let has = g
+                        .presence
+                        .get(&user)
+                        .is_some_and(|p| p.remote.contains(&inst));
+                    if !has {
+                        self.apply_remote_presence(&room, &mut g, &user, &name, &inst, true);
+                    }
+                }
+            }
+        }
+    }
+
     /// Drop idle channels from memory (no members, nothing in flight, quiet for a
     /// minute). Their state is reloaded from the store on next use.
     pub fn sweep(&self) {
+        let mut evicted_rooms = Vec::new();
         let mut map = lock(&self.channels);
-        map.retain(|_, ch| {
+        map.retain(|key, ch| {
             let Ok(mut g) = ch.inner.try_lock() else {
                 return true;
             };
+            let settled = if self.sequenced_by_store {
+                g.pending.is_empty() && !g.filling && g.presence.is_empty()
+            } else {
+                g.next_seq == g.committed + 1
+            };
             let idle = g.members.is_empty()
-                && g.next_seq == g.committed + 1
+                && settled
                 && ch.loaded.initialized()
                 && g.last_active.elapsed() >= IDLE_EVICT;
             if idle {
                 g.evicted = true;
+                if let ChannelKey::Room(r) = key {
+                    evicted_rooms.push(r.clone());
+                }
             }
             !idle
         });
+        drop(map);
+        if let Some(redis) = self.broker.redis() {
+            for room in evicted_rooms {
+                redis.unsubscribe(&room_channel(&room));
+            }
+        }
     }
 }

@@ -75,6 +75,7 @@ impl Session {
             return match cmd {
                 Command::Hello { name, token, batch } => {
                     self.hello(id, name.as_deref(), token.as_deref(), batch)
+                        .await
                 }
                 _ => {
                     self.reply_error(
@@ -126,7 +127,7 @@ impl Session {
         None
     }
 
-    fn hello(
+    async fn hello(
         &mut self,
         id: Option<&CommandId>,
         name: Option<&str>,
@@ -163,6 +164,8 @@ impl Session {
             Instant::now() + Duration::from_secs(left)
         });
         self.batch = batch;
+        // Reachable for direct messages (on every node) before `welcome` goes out.
+        self.state.hub.register(&conn).await;
         let cfg = &self.state.config;
         self.reply(protocol::reply(
             "welcome",
@@ -185,7 +188,6 @@ impl Session {
                 },
             },
         ));
-        self.state.hub.register(&conn);
         self.state
             .metrics
             .conn_state(Some(ConnState::AwaitingHello), Some(ConnState::Active));

@@ -1,18 +1,23 @@
 //! Durable history: the messages of every room and direct-message pair, by `seq`.
 //!
 //! Owns: the persisted shape of a message ([`StoredMessage`]), the channel key that
-//! names a room or a DM pair ([`ChannelKey`]), the history `epoch`, and the two
-//! stores: SQLite (durable, the default) and memory (bounded rings, fresh epoch on
-//! every start). Must not: assign `seq` (the hub's sequencer does, so that the order
-//! is decided in one place) or deliver anything.
+//! names a room or a DM pair ([`ChannelKey`]), the history `epoch`, and the three
+//! stores: SQLite (durable, the single-node default), memory (bounded rings, fresh
+//! epoch on every start) and PostgreSQL (shared by several nodes). Must not: deliver
+//! anything. Who numbers messages: on one node the hub's sequencer assigns `seq`
+//! and SQLite/memory only store it; with PostgreSQL the store assigns `seq` inside
+//! the commit ([`Store::append_sequenced`]), because only the shared database can
+//! order messages sent to different nodes.
 //!
 //! The store is an enum rather than a trait object: there are few stores, the calls
 //! are async, and an enum keeps them static-dispatch without boxing every future.
 
 mod memory;
+mod postgres;
 mod sqlite;
 
 pub use memory::MemoryStore;
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use crate::protocol::encode;
@@ -69,6 +74,16 @@ impl ChannelKey {
             ChannelKey::Room(r) => (Some(r.as_str()), None),
             ChannelKey::Dm(..) => (None, self.peer_of(viewer)),
         }
+    }
+
+    /// The inverse of [`ChannelKey::storage_key`].
+    pub fn from_storage_key(s: &str) -> Option<ChannelKey> {
+        if let Some(room) = s.strip_prefix('#') {
+            return Some(ChannelKey::Room(room.to_owned()));
+        }
+        let pair: [String; 2] = serde_json::from_str(s.strip_prefix('@')?).ok()?;
+        let [a, b] = pair;
+        Some(ChannelKey::dm(&a, &b))
     }
 
     /// For a DM pair, the other party as seen by `viewer`.
@@ -143,24 +158,48 @@ pub struct ChannelInit {
     pub client_ids: Vec<(String, String, u64, i64)>,
 }
 
+/// What [`Store::append_sequenced`] did with one message of a batch.
+#[derive(Debug)]
+pub enum Sequenced {
+    /// Stored under a new `seq`.
+    New(Arc<StoredMessage>),
+    /// Its `client_id` was already used within the window: the original message.
+    Duplicate(Arc<StoredMessage>),
+}
+
 /// Which store to open.
 #[derive(Debug, Clone)]
 pub enum StoreConfig {
-    Sqlite { data_dir: std::path::PathBuf },
-    Memory { ring: usize },
+    /// The SQLite database file.
+    Sqlite {
+        file: std::path::PathBuf,
+    },
+    Memory {
+        ring: usize,
+    },
+    Postgres {
+        url: String,
+    },
 }
 
 pub enum Store {
     Sqlite(SqliteStore),
     Memory(MemoryStore),
+    Postgres(PgStore),
 }
 
 impl Store {
     pub async fn open(config: &StoreConfig) -> Result<Arc<Store>, StoreError> {
         Ok(Arc::new(match config {
-            StoreConfig::Sqlite { data_dir } => Store::Sqlite(SqliteStore::open(data_dir).await?),
+            StoreConfig::Sqlite { file } => Store::Sqlite(SqliteStore::open(file).await?),
             StoreConfig::Memory { ring } => Store::Memory(MemoryStore::new(*ring)),
+            StoreConfig::Postgres { url } => Store::Postgres(PgStore::open(url).await?),
         }))
+    }
+
+    /// Does this store assign `seq` itself (shared by several nodes)?
+    pub fn sequences(&self) -> bool {
+        matches!(self, Store::Postgres(_))
     }
 
     /// The name of this store's history; it changes only when history was lost.
@@ -168,6 +207,7 @@ impl Store {
         match self {
             Store::Sqlite(s) => s.epoch(),
             Store::Memory(s) => s.epoch(),
+            Store::Postgres(s) => s.epoch(),
         }
     }
 
@@ -179,6 +219,31 @@ impl Store {
         match self {
             Store::Sqlite(s) => s.load_channel(key, client_ids_since_ts).await,
             Store::Memory(s) => Ok(s.load_channel(key, client_ids_since_ts)),
+            Store::Postgres(s) => s.load_channel(key).await,
+        }
+    }
+
+    /// Number and store a batch in one transaction (stores that [`Store::sequences`]):
+    /// a `client_id` used since `client_id_since_ts` yields the original message.
+    pub async fn append_sequenced(
+        &self,
+        batch: &[Arc<StoredMessage>],
+        client_id_since_ts: i64,
+    ) -> Result<Vec<Sequenced>, StoreError> {
+        match self {
+            Store::Postgres(s) => s.append_sequenced(batch, client_id_since_ts).await,
+            _ => Err(StoreError::Corrupt(
+                "this store does not assign seq; the hub does".to_owned(),
+            )),
+        }
+    }
+
+    /// The last stored `seq` of each of these channels (by storage key) that has one.
+    /// Only the shared store answers; a single-node store has nothing to catch up on.
+    pub async fn last_seqs(&self, keys: &[String]) -> Result<Vec<(String, u64)>, StoreError> {
+        match self {
+            Store::Postgres(s) => s.last_seqs(keys).await,
+            _ => Ok(Vec::new()),
         }
     }
 
@@ -190,6 +255,9 @@ impl Store {
                 s.append(batch);
                 Ok(())
             }
+            Store::Postgres(_) => Err(StoreError::Corrupt(
+                "PostgreSQL assigns seq itself: use append_sequenced".to_owned(),
+            )),
         }
     }
 
@@ -206,6 +274,7 @@ impl Store {
         match self {
             Store::Sqlite(s) => s.range(key, after, upto).await,
             Store::Memory(s) => Ok(s.range(key, after, upto)),
+            Store::Postgres(s) => s.range(key, after, upto).await,
         }
     }
 
@@ -223,6 +292,7 @@ impl Store {
         match self {
             Store::Sqlite(s) => s.latest(key, before, limit).await,
             Store::Memory(s) => Ok(s.latest(key, before, limit)),
+            Store::Postgres(s) => s.latest(key, before, limit).await,
         }
     }
 
@@ -231,12 +301,15 @@ impl Store {
         match self {
             Store::Sqlite(s) => s.check().await,
             Store::Memory(_) => Ok(()),
+            Store::Postgres(s) => s.check().await,
         }
     }
 
     pub async fn close(&self) {
-        if let Store::Sqlite(s) = self {
-            s.close().await;
+        match self {
+            Store::Sqlite(s) => s.close().await,
+            Store::Postgres(s) => s.close().await,
+            Store::Memory(_) => {}
         }
     }
 }
@@ -250,4 +323,41 @@ pub(crate) fn ensure_dir(dir: &Path) -> Result<(), StoreError> {
         path: dir.display().to_string(),
         source,
     })
+}
+
+/// A message row as both SQL stores return it:
+/// (seq, ts, sender, name, text, meta, client_id).
+pub(crate) type Row7 = (
+    i64,
+    i64,
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+);
+
+pub(crate) fn to_seq(v: i64) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("negative seq {v}")))
+}
+
+pub(crate) fn to_message(key: &ChannelKey, r: Row7) -> Result<Arc<StoredMessage>, StoreError> {
+    let (seq, ts, from, name, text, meta, client_id) = r;
+    let meta = match meta {
+        None => None,
+        Some(m) => Some(
+            serde_json::value::RawValue::from_string(m)
+                .map_err(|e| StoreError::Corrupt(format!("meta of seq {seq}: {e}")))?,
+        ),
+    };
+    Ok(Arc::new(StoredMessage {
+        channel: key.clone(),
+        seq: to_seq(seq)?,
+        ts,
+        from,
+        name,
+        text,
+        meta,
+        client_id,
+    }))
 }

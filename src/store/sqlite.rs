@@ -5,8 +5,10 @@
 //! Throughput comes from group commit (the hub's committer hands us every message
 //! that arrived together), not from weakening the sync mode.
 
-use super::{ChannelInit, ChannelKey, StoreError, StoredMessage, ensure_dir, new_epoch};
-use serde_json::value::RawValue;
+use super::{
+    ChannelInit, ChannelKey, Row7, StoreError, StoredMessage, ensure_dir, new_epoch, to_message,
+    to_seq,
+};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, SqlitePool};
 use std::path::Path;
@@ -21,21 +23,14 @@ pub struct SqliteStore {
     epoch: String,
 }
 
-type Row7 = (
-    i64,
-    i64,
-    String,
-    String,
-    String,
-    Option<String>,
-    Option<String>,
-);
-
 impl SqliteStore {
-    pub async fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        ensure_dir(data_dir)?;
+    /// Open (creating if needed) the database file and its directory.
+    pub async fn open(file: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+            ensure_dir(dir)?;
+        }
         let options = SqliteConnectOptions::new()
-            .filename(data_dir.join("hubbub.db"))
+            .filename(file)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
@@ -161,29 +156,4 @@ impl SqliteStore {
     pub async fn close(&self) {
         self.pool.close().await;
     }
-}
-
-fn to_seq(v: i64) -> Result<u64, StoreError> {
-    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("negative seq {v}")))
-}
-
-fn to_message(key: &ChannelKey, r: Row7) -> Result<Arc<StoredMessage>, StoreError> {
-    let (seq, ts, from, name, text, meta, client_id) = r;
-    let meta = match meta {
-        None => None,
-        Some(m) => Some(
-            RawValue::from_string(m)
-                .map_err(|e| StoreError::Corrupt(format!("meta of seq {seq}: {e}")))?,
-        ),
-    };
-    Ok(Arc::new(StoredMessage {
-        channel: key.clone(),
-        seq: to_seq(seq)?,
-        ts,
-        from,
-        name,
-        text,
-        meta,
-        client_id,
-    }))
 }

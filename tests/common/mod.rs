@@ -2,6 +2,8 @@
 //! directory, and a real WebSocket client (tokio-tungstenite) to talk to it.
 #![allow(dead_code)]
 
+pub mod services;
+
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use std::collections::VecDeque;

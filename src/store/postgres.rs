@@ -1,0 +1,290 @@
+//! The PostgreSQL store: history shared by every node, and the source of `seq`.
+//!
+//! With several nodes no node may number messages on its own. A batch commit locks
+//! the counter row of each of its channels (`channels ... FOR UPDATE`, in key order so
+//! that two nodes never deadlock on each other's locks), checks `client_id`s under
+//! that lock, takes the next numbers and inserts the messages, all in one
+//! transaction. So `seq` is gapless and totally ordered across nodes, a resend that
+//! lands on another node finds the original, and a crash at any point leaves either
+//! nothing or everything of a batch.
+//!
+//! Migrations run on start; sqlx takes a PostgreSQL advisory lock around them, so
+//! nodes that start together migrate once.
+
+use super::{
+    ChannelInit, ChannelKey, Row7, Sequenced, StoreError, StoredMessage, new_epoch, to_message,
+    to_seq,
+};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often a commit that lost a lock race (deadlock or serialization failure: the
+/// transaction was rolled back, nothing was stored) is tried again at once.
+const LOCK_RETRIES: usize = 5;
+
+pub struct PgStore {
+    pool: PgPool,
+    epoch: String,
+}
+
+impl PgStore {
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await?;
+        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        sqlx::query("INSERT INTO meta (key, value) VALUES ('epoch', $1) ON CONFLICT DO NOTHING")
+            .bind(new_epoch())
+            .execute(&pool)
+            .await?;
+        let epoch: String = sqlx::query_scalar("SELECT value FROM meta WHERE key = 'epoch'")
+            .fetch_one(&pool)
+            .await?;
+        Ok(PgStore { pool, epoch })
+    }
+
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    pub async fn load_channel(&self, key: &ChannelKey) -> Result<ChannelInit, StoreError> {
+        let last: Option<i64> = sqlx::query_scalar("SELECT last_seq FROM channels WHERE key = $1")
+            .bind(key.storage_key())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(ChannelInit {
+            last_seq: to_seq(last.unwrap_or(0))?,
+            // Idempotency is checked in the database at commit time.
+            client_ids: Vec::new(),
+        })
+    }
+
+    /// The last stored `seq` of each of `keys` that has any.
+    pub async fn last_seqs(&self, keys: &[String]) -> Result<Vec<(String, u64)>, StoreError> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT key, last_seq FROM channels WHERE key = ANY($1)")
+                .bind(keys)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.into_iter().map(|(k, s)| Ok((k, to_seq(s)?))).collect()
+    }
+
+    /// Number and store `batch` (messages whose `seq` is not yet set), in order.
+    pub async fn append_sequenced(
+        &self,
+        batch: &[Arc<StoredMessage>],
+        client_id_since_ts: i64,
+    ) -> Result<Vec<Sequenced>, StoreError> {
+        let mut attempt = 0;
+        loop {
+            match self.try_append(batch, client_id_since_ts).await {
+                Err(StoreError::Db(sqlx::Error::Database(e)))
+                    if attempt < LOCK_RETRIES
+                        && matches!(e.code().as_deref(), Some("40P01") | Some("40001")) =>
+                {
+                    attempt += 1;
+                    tracing::debug!(error = %e, attempt, "commit lost a lock race; retrying");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_append(
+        &self,
+        batch: &[Arc<StoredMessage>],
+        client_id_since_ts: i64,
+    ) -> Result<Vec<Sequenced>, StoreError> {
+        let mut keys: Vec<String> = batch.iter().map(|m| m.channel.storage_key()).collect();
+        let storage_keys = keys.clone();
+        keys.sort();
+        keys.dedup();
+
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO channels (key, last_seq) \
+             SELECT k, 0 FROM UNNEST($1::text[]) AS k ORDER BY k \
+             ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(&keys)
+        .execute(&mut *tx)
+        .await?;
+        let counters: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT key, last_seq FROM channels WHERE key = ANY($1) ORDER BY key FOR UPDATE",
+        )
+        .bind(&keys)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut next: HashMap<String, u64> = HashMap::with_capacity(counters.len());
+        for (k, s) in counters {
+            next.insert(k, to_seq(s)?);
+        }
+
+        // client_ids used before (within the window), looked up under the locks.
+        let (mut qc, mut qs, mut qi) = (Vec::new(), Vec::new(), Vec::new());
+        for (m, k) in batch.iter().zip(&storage_keys) {
+            if let Some(cid) = &m.client_id {
+                qc.push(k.as_str());
+                qs.push(m.from.as_str());
+                qi.push(cid.as_str());
+            }
+        }
+        let mut seen: HashMap<(String, String, String), Arc<StoredMessage>> = HashMap::new();
+        if !qc.is_empty() {
+            let rows: Vec<(String, i64, i64, String, String, String, Option<String>, String)> =
+                sqlx::query_as(
+                    "SELECT m.channel, m.seq, m.ts, m.sender, m.name, m.text, m.meta, m.client_id \
+                     FROM messages m \
+                     JOIN UNNEST($1::text[], $2::text[], $3::text[]) AS q(channel, sender, client_id) \
+                       ON m.channel = q.channel AND m.sender = q.sender AND m.client_id = q.client_id \
+                     WHERE m.ts >= $4",
+                )
+                .bind(&qc)
+                .bind(&qs)
+                .bind(&qi)
+                .bind(client_id_since_ts)
+                .fetch_all(&mut *tx)
+                .await?;
+            for (channel, seq, ts, from, name, text, meta, cid) in rows {
+                let key = ChannelKey::from_storage_key(&channel)
+                    .ok_or_else(|| StoreError::Corrupt(format!("channel key {channel:?}")))?;
+                let msg = to_message(&key, (seq, ts, from, name, text, meta, Some(cid.clone())))?;
+                let k = (channel, msg.from.clone(), cid);
+                // Keep the oldest use of a client_id.
+                if seen.get(&k).is_none_or(|o| o.seq > msg.seq) {
+                    seen.insert(k, msg);
+                }
+            }
+        }
+
+        let mut out = Vec::with_capacity(batch.len());
+        let (mut c, mut sq, mut ts, mut sender, mut name, mut text, mut meta, mut cids) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
+        for (m, k) in batch.iter().zip(storage_keys) {
+            let dedupe_key = m
+                .client_id
+                .as_ref()
+                .map(|cid| (k.clone(), m.from.clone(), cid.clone()));
+            if let Some(original) = dedupe_key.as_ref().and_then(|d| seen.get(d)) {
+                out.push(Sequenced::Duplicate(original.clone()));
+                continue;
+            }
+            let counter = next.entry(k.clone()).or_insert(0);
+            *counter += 1;
+            let stored = Arc::new(StoredMessage {
+                channel: m.channel.clone(),
+                seq: *counter,
+                ts: m.ts,
+                from: m.from.clone(),
+                name: m.name.clone(),
+                text: m.text.clone(),
+                meta: m.meta.clone(),
+                client_id: m.client_id.clone(),
+            });
+            c.push(k);
+            sq.push(i64::try_from(stored.seq).unwrap_or(i64::MAX));
+            ts.push(stored.ts);
+            sender.push(stored.from.as_str().to_owned());
+            name.push(stored.name.clone());
+            text.push(stored.text.clone());
+            meta.push(stored.meta.as_ref().map(|r| r.get().to_owned()));
+            cids.push(stored.client_id.clone());
+            if let Some(d) = dedupe_key {
+                seen.insert(d, stored.clone());
+            }
+            out.push(Sequenced::New(stored));
+        }
+        if !c.is_empty() {
+            sqlx::query(
+                "INSERT INTO messages (channel, seq, ts, sender, name, text, meta, client_id) \
+                 SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[], \
+                                      $5::text[], $6::text[], $7::text[], $8::text[])",
+            )
+            .bind(&c)
+            .bind(&sq)
+            .bind(&ts)
+            .bind(&sender)
+            .bind(&name)
+            .bind(&text)
+            .bind(&meta)
+            .bind(&cids)
+            .execute(&mut *tx)
+            .await?;
+            let (uk, us): (Vec<String>, Vec<i64>) = next
+                .into_iter()
+                .map(|(k, s)| (k, i64::try_from(s).unwrap_or(i64::MAX)))
+                .unzip();
+            sqlx::query(
+                "UPDATE channels AS c SET last_seq = v.seq \
+                 FROM UNNEST($1::text[], $2::int8[]) AS v(key, seq) \
+                 WHERE c.key = v.key AND c.last_seq < v.seq",
+            )
+            .bind(&uk)
+            .bind(&us)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    pub async fn range(
+        &self,
+        key: &ChannelKey,
+        after: u64,
+        upto: u64,
+    ) -> Result<Vec<Arc<StoredMessage>>, StoreError> {
+        let rows: Vec<Row7> = sqlx::query_as(
+            "SELECT seq, ts, sender, name, text, meta, client_id FROM messages \
+             WHERE channel = $1 AND seq > $2 AND seq <= $3 ORDER BY seq ASC",
+        )
+        .bind(key.storage_key())
+        .bind(i64::try_from(after).unwrap_or(i64::MAX))
+        .bind(i64::try_from(upto).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(|r| to_message(key, r)).collect()
+    }
+
+    pub async fn latest(
+        &self,
+        key: &ChannelKey,
+        before: Option<u64>,
+        limit: u64,
+    ) -> Result<Vec<Arc<StoredMessage>>, StoreError> {
+        let before = before.map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
+        let mut rows: Vec<Row7> = sqlx::query_as(
+            "SELECT seq, ts, sender, name, text, meta, client_id FROM messages \
+             WHERE channel = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
+        )
+        .bind(key.storage_key())
+        .bind(before)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.reverse();
+        rows.into_iter().map(|r| to_message(key, r)).collect()
+    }
+
+    pub async fn check(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
