@@ -183,7 +183,7 @@ pub struct ServeArgs {
     #[arg(long, env = "HUBBUB_REDIS_URL", value_name = "URL")]
     pub redis_url: Option<String>,
     /// --redis-url points at a Redis Cluster: use sharded pub/sub (SPUBLISH/SSUBSCRIBE).
-    #[arg(long)]
+    #[arg(long, env = "HUBBUB_REDIS_CLUSTER")]
     pub redis_cluster: bool,
     /// This node's name among the nodes (letters, digits, `.`, `_`, `-`) [default: host name].
     #[arg(long, env = "HUBBUB_NODE_ID", value_name = "NAME")]

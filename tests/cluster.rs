@@ -7,7 +7,6 @@ mod common;
 use common::services::{Database, Redis, RedisCluster};
 use common::{Client, Server, WAIT, seqs};
 use serde_json::{Value, json};
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 /// A cluster of `n` nodes named a, b, c... on one database and one Redis.

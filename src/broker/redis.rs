@@ -582,10 +582,8 @@ fn on_push(inbound: &Inbound, info: PushInfo) {
                 Err(e) => tracing::warn!(error = %e, "ignoring a malformed broker envelope"),
             }
         }
-        PushKind::Disconnection => {
-            if inbound.healthy.swap(false, Ordering::Relaxed) {
-                tracing::warn!("the Redis connection dropped");
-            }
+        PushKind::Disconnection if inbound.healthy.swap(false, Ordering::Relaxed) => {
+            tracing::warn!("the Redis connection dropped");
         }
         _ => {}
     }

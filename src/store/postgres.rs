@@ -25,6 +25,19 @@ use std::time::Duration;
 /// transaction was rolled back, nothing was stored) is tried again at once.
 const LOCK_RETRIES: usize = 5;
 
+/// A message found by its client_id: (channel, seq, ts, sender, name, text, meta,
+/// client_id).
+type DupRow = (
+    String,
+    i64,
+    i64,
+    String,
+    String,
+    String,
+    Option<String>,
+    String,
+);
+
 pub struct PgStore {
     pool: PgPool,
     epoch: String,
@@ -136,7 +149,7 @@ impl PgStore {
         }
         let mut seen: HashMap<(String, String, String), Arc<StoredMessage>> = HashMap::new();
         if !qc.is_empty() {
-            let rows: Vec<(String, i64, i64, String, String, String, Option<String>, String)> =
+            let rows: Vec<DupRow> =
                 sqlx::query_as(
                     "SELECT m.channel, m.seq, m.ts, m.sender, m.name, m.text, m.meta, m.client_id \
                      FROM messages m \
