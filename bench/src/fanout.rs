@@ -6,6 +6,10 @@
 //! duplicates and out-of-order arrivals are counted separately, per receiver and
 //! sender. Latency runs from the message's *scheduled* send time, so a stalled
 //! sender cannot hide a stall (no coordinated omission).
+//!
+//! Given several URLs (the nodes of one cluster), connection i goes to node
+//! i mod n, so senders and receivers are spread over the nodes, and latencies are
+//! also reported split into same-node and cross-node deliveries.
 
 use crate::client::{self, Frame, Target};
 use bytes::{Buf, BytesMut};
@@ -43,6 +47,9 @@ pub struct StepResult {
     pub p999_ms: f64,
     pub max_ms: f64,
     pub server_cpu_us_per_delivery: Option<f64>,
+    /// With several nodes: (deliveries, p50, p99) of same-node and cross-node ones.
+    pub same_node: Option<(u64, f64, f64)>,
+    pub cross_node: Option<(u64, f64, f64)>,
 }
 
 impl StepResult {
@@ -72,6 +79,10 @@ struct Shared {
     window_end_ns: AtomicU64,
     /// Latencies (µs) of deliveries in the window, merged from per-task histograms.
     hist: Mutex<Histogram<u64>>,
+    /// The same latencies split by whether sender and receiver share a node.
+    hist_same: Mutex<Histogram<u64>>,
+    hist_cross: Mutex<Histogram<u64>>,
+    nodes: usize,
     duplicates: AtomicU64,
     out_of_order: AtomicU64,
     /// Deliveries seen so far (all windows), for the progress line.
@@ -105,12 +116,17 @@ pub struct Rig {
 
 impl Rig {
     /// Open every connection (at most 256 handshakes at once), say hello, join.
-    pub async fn open(target: &Target, plan: Plan, progress: bool) -> anyhow::Result<Rig> {
+    /// Connection i goes to `targets[i % targets.len()]`.
+    pub async fn open(targets: &[Target], plan: Plan, progress: bool) -> anyhow::Result<Rig> {
+        anyhow::ensure!(!targets.is_empty(), "no server URL");
         let shared = Arc::new(Shared {
             epoch: Instant::now(),
             window_start_ns: AtomicU64::new(u64::MAX),
             window_end_ns: AtomicU64::new(u64::MAX),
             hist: Mutex::new(new_hist()),
+            hist_same: Mutex::new(new_hist()),
+            hist_cross: Mutex::new(new_hist()),
+            nodes: targets.len(),
             duplicates: AtomicU64::new(0),
             out_of_order: AtomicU64::new(0),
             seen: AtomicU64::new(0),
@@ -119,7 +135,7 @@ impl Rig {
         let gate = Arc::new(Semaphore::new(256));
         let mut tasks = Vec::with_capacity(plan.conns);
         for i in 0..plan.conns {
-            let target = target.clone();
+            let target = targets[i % targets.len()].clone();
             let gate = gate.clone();
             let room = format!("bench-{}", i % plan.rooms);
             let batch = plan.batch;
@@ -140,7 +156,8 @@ impl Rig {
             if i < plan.senders {
                 senders.push(writer.clone());
             }
-            tokio::spawn(receive(conn.read, conn.buf, writer, shared.clone()));
+            let node = i % shared.nodes;
+            tokio::spawn(receive(conn.read, conn.buf, writer, shared.clone(), node));
             if progress && (i + 1) % 1000 == 0 {
                 eprintln!(
                     "  {} connections open ({:.1} s)",
@@ -178,10 +195,9 @@ impl Rig {
         s.window_end_ns.store(end, Ordering::Relaxed);
         s.duplicates.store(0, Ordering::Relaxed);
         s.out_of_order.store(0, Ordering::Relaxed);
-        s.hist
-            .lock()
-            .map_err(|_| anyhow::anyhow!("poisoned"))?
-            .reset();
+        for h in [&s.hist, &s.hist_same, &s.hist_cross] {
+            h.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.reset();
+        }
         for c in &self.sent_in_window {
             c.store(0, Ordering::Relaxed);
         }
@@ -265,6 +281,17 @@ impl Rig {
             .clone();
         let received = h.len();
         let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        let split = |m: &Mutex<Histogram<u64>>| -> Option<(u64, f64, f64)> {
+            let h = m.lock().ok()?;
+            (s.nodes > 1).then(|| {
+                (
+                    h.len(),
+                    h.value_at_quantile(0.5) as f64 / 1000.0,
+                    h.value_at_quantile(0.99) as f64 / 1000.0,
+                )
+            })
+        };
+        let (same_node, cross_node) = (split(&s.hist_same), split(&s.hist_cross));
         let server_cpu_us_per_delivery = match (cpu_at_begin, cpu_at_end) {
             (Some(a), Some(b)) if received > 0 => Some((b - a) * 1e6 / received as f64),
             _ => None,
@@ -282,6 +309,8 @@ impl Rig {
             p999_ms: ms(0.999),
             max_ms: h.max() as f64 / 1000.0,
             server_cpu_us_per_delivery,
+            same_node,
+            cross_node,
         })
     }
 
@@ -293,8 +322,16 @@ impl Rig {
 /// One connection's reader: parse frames in place, scan them for markers, count
 /// and time deliveries, answer pings, and merge its latencies into the shared
 /// histogram every 100 ms.
-async fn receive(mut read: OwnedReadHalf, mut buf: BytesMut, writer: Writer, shared: Arc<Shared>) {
+async fn receive(
+    mut read: OwnedReadHalf,
+    mut buf: BytesMut,
+    writer: Writer,
+    shared: Arc<Shared>,
+    node: usize,
+) {
     let mut local = new_hist();
+    let mut local_same = new_hist();
+    let mut local_cross = new_hist();
     let mut last: HashMap<u32, u64> = HashMap::new();
     let mut flush = tokio::time::interval(Duration::from_millis(100));
     // Counted locally and added at each flush: one shared atomic per delivery would
@@ -326,6 +363,15 @@ async fn receive(mut read: OwnedReadHalf, mut buf: BytesMut, writer: Writer, sha
                                 if shared.in_window(m.sent_ns) {
                                     let us = now.saturating_sub(m.sent_ns) / 1000;
                                     let _ = local.record(us.max(1));
+                                    if shared.nodes > 1 {
+                                        // Sender j is connection j, on node j mod n.
+                                        let split = if m.sender as usize % shared.nodes == node {
+                                            &mut local_same
+                                        } else {
+                                            &mut local_cross
+                                        };
+                                        let _ = split.record(us.max(1));
+                                    }
                                 }
                             });
                         }
@@ -344,11 +390,17 @@ async fn receive(mut read: OwnedReadHalf, mut buf: BytesMut, writer: Writer, sha
                     break;
                 }
                 shared.seen.fetch_add(std::mem::take(&mut seen), Ordering::Relaxed);
-                if !local.is_empty() {
-                    if let Ok(mut h) = shared.hist.lock() {
-                        let _ = h.add(&local);
+                for (l, h) in [
+                    (&mut local, &shared.hist),
+                    (&mut local_same, &shared.hist_same),
+                    (&mut local_cross, &shared.hist_cross),
+                ] {
+                    if !l.is_empty() {
+                        if let Ok(mut h) = h.lock() {
+                            let _ = h.add(&*l);
+                        }
+                        l.reset();
                     }
-                    local.reset();
                 }
             }
         }

@@ -50,7 +50,9 @@ enum Mode {
 
 #[derive(Args)]
 struct Common {
-    /// The server's WebSocket URL.
+    /// The server's WebSocket URL. Several, comma-separated (the nodes of one
+    /// cluster): connection i goes to URL i mod n, and fan-out latency is also split
+    /// into same-node and cross-node deliveries.
     #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
     url: String,
     /// The server's PID, for RSS and CPU figures from /proc.
@@ -62,6 +64,17 @@ struct Common {
     /// Ask the server for newline-batched frames (`hello` with `batch: true`).
     #[arg(long)]
     batch: bool,
+}
+
+impl Common {
+    fn targets(&self) -> anyhow::Result<Vec<Target>> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(Target::parse)
+            .collect()
+    }
 }
 
 #[derive(Args)]
@@ -147,7 +160,7 @@ fn check_nofile(needed: usize) -> anyhow::Result<()> {
 
 async fn idle(a: IdleArgs) -> anyhow::Result<()> {
     check_nofile(a.conns)?;
-    let target = Target::parse(&a.common.url)?;
+    let targets = a.common.targets()?;
     let before = a.common.pid.map(client::rss_bytes).transpose()?;
     let started = Instant::now();
     let plan = fanout::Plan {
@@ -157,7 +170,7 @@ async fn idle(a: IdleArgs) -> anyhow::Result<()> {
         batch: a.common.batch,
         text_bytes: 0,
     };
-    let rig = fanout::Rig::open(&target, plan, !a.common.json).await?;
+    let rig = fanout::Rig::open(&targets, plan, !a.common.json).await?;
     let opened = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(a.hold)).await;
     let after = a.common.pid.map(client::rss_bytes).transpose()?;
@@ -213,6 +226,12 @@ fn print_step(r: &fanout::StepResult) {
                 " | server CPU {c:.2} µs/delivery"
             )),
     );
+    if let (Some(same), Some(cross)) = (r.same_node, r.cross_node) {
+        println!(
+            "    same-node  {:>9} deliveries: p50 {:.2} p99 {:.2} ms\n    cross-node {:>9} deliveries: p50 {:.2} p99 {:.2} ms",
+            same.0, same.1, same.2, cross.0, cross.1, cross.2
+        );
+    }
 }
 
 fn step_json(r: &fanout::StepResult) -> serde_json::Value {
@@ -220,6 +239,8 @@ fn step_json(r: &fanout::StepResult) -> serde_json::Value {
            "received": r.received, "ratio": r.ratio(), "lost": r.lost(), "duplicates": r.duplicates,
            "out_of_order": r.out_of_order, "p50_ms": r.p50_ms, "p90_ms": r.p90_ms, "p99_ms": r.p99_ms,
            "p999_ms": r.p999_ms, "max_ms": r.max_ms, "server_cpu_us_per_delivery": r.server_cpu_us_per_delivery,
+           "same_node": r.same_node.map(|(n, p50, p99)| json!({"deliveries": n, "p50_ms": p50, "p99_ms": p99})),
+           "cross_node": r.cross_node.map(|(n, p50, p99)| json!({"deliveries": n, "p50_ms": p50, "p99_ms": p99})),
            "passes": r.passes()})
 }
 
@@ -230,7 +251,7 @@ async fn fanout_mode(a: FanoutArgs) -> anyhow::Result<()> {
         "--senders must be 1..=--conns"
     );
     anyhow::ensure!(a.rooms >= 1, "--rooms must be at least 1");
-    let target = Target::parse(&a.common.url)?;
+    let targets = a.common.targets()?;
     let plan = fanout::Plan {
         conns: a.conns,
         rooms: a.rooms,
@@ -239,7 +260,7 @@ async fn fanout_mode(a: FanoutArgs) -> anyhow::Result<()> {
         text_bytes: a.size,
     };
     let progress = !a.common.json;
-    let rig = fanout::Rig::open(&target, plan, progress).await?;
+    let rig = fanout::Rig::open(&targets, plan, progress).await?;
     let warmup = Duration::from_secs(a.warmup);
     let measure = Duration::from_secs(a.duration);
     let mut steps = Vec::new();
@@ -288,13 +309,13 @@ async fn fanout_mode(a: FanoutArgs) -> anyhow::Result<()> {
 
 async fn acks(a: AcksArgs) -> anyhow::Result<()> {
     check_nofile(a.conns)?;
-    let target = Target::parse(&a.common.url)?;
+    let targets = a.common.targets()?;
     let mut tasks = Vec::new();
     let per_conn = a.rate / a.conns as f64;
     let run_for = Duration::from_secs(a.duration);
     let conns = a.conns as f64;
     for i in 0..a.conns {
-        let target = target.clone();
+        let target = targets[i % targets.len()].clone();
         tasks.push(tokio::spawn(async move {
             let mut conn = client::connect(&target, i).await?;
             let room = format!("acks-{i}");
