@@ -851,4 +851,55 @@ mod tests {
         };
         assert!(Config::resolve(args, None).unwrap().guests);
     }
+
+    #[test]
+    fn a_database_url_picks_the_store() {
+        let pg = ServeArgs {
+            database_url: Some("postgres://u@h/db".into()),
+            ..Default::default()
+        };
+        let c = Config::resolve(pg, None).unwrap();
+        assert_eq!(c.store, StoreKind::Postgres);
+        assert_eq!(c.postgres_url.as_deref(), Some("postgres://u@h/db"));
+        let lite = ServeArgs {
+            database_url: Some("sqlite:///var/lib/hubbub/h.db".into()),
+            ..Default::default()
+        };
+        let c = Config::resolve(lite, None).unwrap();
+        assert_eq!(c.store, StoreKind::Sqlite);
+        assert_eq!(c.sqlite_file, Some(PathBuf::from("/var/lib/hubbub/h.db")));
+        let other = ServeArgs {
+            database_url: Some("mysql://h/db".into()),
+            ..Default::default()
+        };
+        assert!(Config::resolve(other, None).is_err());
+    }
+
+    #[test]
+    fn redis_needs_a_shared_postgres_database() {
+        let args = ServeArgs {
+            redis_url: Some("redis://h".into()),
+            ..Default::default()
+        };
+        let err = Config::resolve(args, None).unwrap_err().to_string();
+        assert!(err.contains("postgres"), "{err}");
+    }
+
+    #[test]
+    fn a_node_id_must_be_a_plain_name() {
+        let args = ServeArgs {
+            node_id: Some("a|b".into()),
+            ..Default::default()
+        };
+        assert!(Config::resolve(args, None).is_err());
+    }
+
+    #[test]
+    fn passwords_are_masked_in_urls() {
+        assert_eq!(
+            mask_url("postgres://u:secret@h/db"),
+            "postgres://u:****@h/db"
+        );
+        assert_eq!(mask_url("redis://h:6379"), "redis://h:6379");
+    }
 }

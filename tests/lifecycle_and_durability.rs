@@ -383,3 +383,25 @@ async fn a_rejoin_older_than_the_memory_ring_is_not_claimed_recovered() {
     assert_eq!(j["recovered"], true);
     assert_eq!(seqs(&j["messages"]), vec![10, 11, 12]);
 }
+
+#[tokio::test]
+async fn a_sqlite_database_url_keeps_history_in_that_file_across_restarts() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = tmp.path().join("nested").join("chat.db");
+    let url = format!("sqlite://{}", file.display());
+    let mut server = Server::start(&["--database-url", &url]).await;
+    let mut alice = server.member("alice", "kept").await;
+    let ack = alice
+        .request(json!({"type": "send", "room": "kept", "text": "in the file"}))
+        .await;
+    assert_eq!(ack["type"], "ack");
+    assert!(file.is_file(), "the database is the named file");
+    assert!(
+        !server.dir.join("data").join("hubbub.db").exists(),
+        "not in --data-dir"
+    );
+    server.restart().await;
+    let mut back = server.guest("alice").await;
+    let j = back.request(json!({"type": "join", "room": "kept"})).await;
+    assert_eq!(j["messages"][0]["text"], "in the file");
+}

@@ -421,6 +421,10 @@ impl Hub {
                 let since = now_ms() - i64::try_from(CLIENT_ID_WINDOW.as_millis()).unwrap_or(0);
                 let init = self.store.load_channel(key, since).await.map_err(|e| {
                     tracing::error!(error = %e, "loading channel state failed");
+                    // The next attempt subscribes again: release this one's hold.
+                    if let (Some(redis), ChannelKey::Room(room)) = (self.broker.redis(), key) {
+                        redis.unsubscribe(&room_channel(room));
+                    }
                     CommandError::new(ErrorCode::Unavailable, "history store unavailable")
                 })?;
                 let mut g = lock(&ch.inner);
@@ -1144,7 +1148,7 @@ impl Hub {
                 return true;
             };
             let settled = if self.sequenced_by_store {
-                g.pending.is_empty() && !g.filling && g.presence.is_empty()
+                g.pending.is_empty() && !g.filling
             } else {
                 g.next_seq == g.committed + 1
             };
