@@ -127,6 +127,9 @@ struct ChannelInner {
     highest_seen: u64,
     /// A gap-filling task is running for this channel.
     filling: bool,
+    /// Presence events applied from other nodes so far: a reconciliation whose
+    /// snapshot is older than the latest event does not overwrite it.
+    presence_events: u64,
     recent: VecDeque<Arc<StoredMessage>>,
     members: HashMap<u64, Arc<Conn>>,
     presence: HashMap<String, Presence>,
@@ -281,6 +284,7 @@ fn new_channel(key: &ChannelKey) -> Arc<Channel> {
             pending: BTreeMap::new(),
             highest_seen: 0,
             filling: false,
+            presence_events: 0,
             recent: VecDeque::new(),
             members: HashMap::new(),
             presence: HashMap::new(),
@@ -939,6 +943,7 @@ impl Hub {
                     return;
                 };
                 let mut g = lock(&ch.inner);
+                g.presence_events += 1;
                 self.apply_remote_presence(
                     &env.c,
                     &mut g,
@@ -1046,6 +1051,7 @@ impl Hub {
             .collect();
         let mut alive: HashMap<String, bool> = HashMap::new();
         for (room, ch) in rooms {
+            let events_before = lock(&ch.inner).presence_events;
             let entries = match redis.presence_of(&room).await {
                 Ok(e) => e,
                 Err(e) => {
@@ -1106,8 +1112,12 @@ impl Hub {
             for user in remove {
                 let _ = redis.presence_set(&room, &me, &user, "", false).await;
             }
-            // Adopt the other nodes' view.
+            // Adopt the other nodes' view, unless an event arrived since the snapshot
+            // was read (the event is newer; the next pass checks again).
             let mut g = lock(&ch.inner);
+            if g.presence_events != events_before {
+                continue;
+            }
             let known: Vec<(String, Vec<String>)> = g
                 .presence
                 .iter()
