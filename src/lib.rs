@@ -11,8 +11,10 @@
 //! - [`auth`]: JWT and guest identities, room permissions.
 //! - [`limits`]: the per-connection rate limit.
 //! - [`hub`]: rooms, DM pairs, presence, sequencing, group commit and fan-out.
-//! - [`broker`]: the seam where a stored message goes to every node (local today).
-//! - [`store`]: durable history (SQLite) and the in-memory store.
+//! - [`broker`]: how stored messages, presence and typing reach the other nodes
+//!   (one node: nothing to do; several: Redis pub/sub or sharded pub/sub).
+//! - [`store`]: durable history (SQLite, or PostgreSQL shared by several nodes,
+//!   which then also assigns `seq`) and the in-memory store.
 //! - [`metrics`]: Prometheus metric names and handles.
 //! - [`config`]: flags, environment and config file.
 //! - [`web`]: the embedded chat page and JavaScript SDK.
