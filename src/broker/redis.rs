@@ -454,7 +454,7 @@ impl RedisBroker {
     }
 
     /// Record that `user` is (`on`) or is no longer in `room` on this node, and tell
-    /// the other nodes. Written in order by one task; see [`PRESENCE_QUEUE`].
+    /// the other nodes. Written in order by one task; when its queue (`PRESENCE_QUEUE`) is full the change is left to the next reconciliation.
     pub fn presence(&self, room: &str, user: &str, name: &str, on: bool) {
         let (room, user, name) = (room.to_owned(), user.to_owned(), name.to_owned());
         let op = if on {
