@@ -21,12 +21,19 @@
 //   (dedupe by `seq`), whether it came live, in `joined` or from `history`.
 // - `send`/`direct` always carry a `client_id`. Made while disconnected, they are
 //   queued and sent after reconnecting; in flight when the connection dropped, they
-//   are sent again with the same `client_id`. Either way the server stores them once.
+//   are sent again with the same `client_id`; answered `unavailable` (the server
+//   cannot store or publish right now), they are resent with the same `client_id`
+//   after 0.25, 0.5, 1, 2, 4, 4 s before the promise is rejected. Either way the
+//   server stores them once.
 // - After close 4001 (unauthorized / token expired) it does not reconnect.
 // - When a draining server's `closing` suggests `reconnect_ms`, the next reconnect
 //   waits that long instead of the backoff step (the server spreads it with jitter).
 
 export const BACKOFF_START_MS = 1000;
+/** A send answered `unavailable` is resent this many times (0.25 s doubling to 4 s). */
+export const UNAVAILABLE_RETRIES = 6;
+const UNAVAILABLE_FIRST_DELAY_MS = 250;
+const UNAVAILABLE_MAX_DELAY_MS = 4000;
 export const BACKOFF_MAX_MS = 30000;
 /// A connection that stayed up this long resets the backoff.
 export const STABLE_MS = 10000;
@@ -241,9 +248,21 @@ export class Hubbub {
   _onMessage(msg) {
     if (msg.id !== undefined && this._pending.has(msg.id)) {
       const p = this._pending.get(msg.id);
+      const entry = this._inflight.get(msg.id);
       this._pending.delete(msg.id);
       this._inflight.delete(msg.id);
       this._clearTimeout(p.timer);
+      if (msg.type === "error" && msg.code === "unavailable" && entry && (entry.attempts || 0) < UNAVAILABLE_RETRIES) {
+        // The server could not store or publish it right now (e.g. its Redis is
+        // down). Send it again, same client_id, so it is stored once either way.
+        entry.attempts = (entry.attempts || 0) + 1;
+        const delay = Math.min(UNAVAILABLE_MAX_DELAY_MS, UNAVAILABLE_FIRST_DELAY_MS * 2 ** (entry.attempts - 1));
+        this._setTimeout(() => {
+          if (this.state === "closed") entry.reject(new HubbubError("closed", "client closed", entry.cmd));
+          else this._transmitSend(entry);
+        }, delay);
+        return;
+      }
       if (msg.type === "error") p.reject(new HubbubError(msg.code, msg.message, p.cmd));
       else p.resolve(msg);
       return;

@@ -295,6 +295,40 @@ test("a send in flight when the connection drops is resent with the same client_
   assert.equal((await p).seq, 3);
 });
 
+test("a send answered unavailable is resent with the same client_id until acked", async () => {
+  const c = clock();
+  const hub = newClient(c);
+  hub.connect();
+  const ws = FakeSocket.all[0];
+  await welcome(ws);
+  const p = hub.send("r", "through an outage", { clientId: "cid-u" });
+  const first = ws.last("send");
+  ws.push({ type: "error", id: first.id, code: "unavailable", message: "redis down" });
+  await c.advance(250);
+  const second = ws.last("send");
+  assert.notEqual(second.id, first.id);
+  assert.equal(second.client_id, "cid-u");
+  ws.push({ type: "ack", id: second.id, room: "r", seq: 9, ts: 1 });
+  assert.equal((await p).seq, 9);
+  assert.equal(ws.all("send").length, 2);
+});
+
+test("a send still unavailable after every retry is rejected with unavailable", async () => {
+  const c = clock();
+  const hub = newClient(c, { timeout: 60000 });
+  hub.connect();
+  const ws = FakeSocket.all[0];
+  await welcome(ws);
+  const p = hub.send("r", "never", { clientId: "cid-n" });
+  const rejected = assert.rejects(p, (e) => e.code === "unavailable");
+  for (let i = 0; i <= 6; i++) {
+    ws.push({ type: "error", id: ws.last("send").id, code: "unavailable", message: "down" });
+    await c.advance(4000);
+  }
+  await rejected;
+  assert.equal(ws.all("send").length, 7, "the first try and six resends");
+});
+
 test("an acked send is not resent after a reconnect", async () => {
   const c = clock();
   const hub = newClient(c);
