@@ -117,17 +117,7 @@ fn finish_local(
                     send_ack(metrics, &conn, id.as_ref(), &msg.channel, msg.seq, msg.ts);
                 }
             }
-            Job::Ack {
-                conn,
-                id,
-                key,
-                seq,
-                ts,
-            } => send_ack(metrics, &conn, id.as_ref(), &key, seq, ts),
-            Job::Barrier(tx) => {
-                let _ = tx.send(());
-            }
-            Job::Stop(tx) => stop = Some(tx),
+            other => finish_control(other, metrics, &mut stop),
         }
     }
     stop
@@ -211,20 +201,28 @@ async fn commit_sequenced(
                     }
                 }
             }
-            Job::Ack {
-                conn,
-                id,
-                key,
-                seq,
-                ts,
-            } => send_ack(metrics, &conn, id.as_ref(), &key, seq, ts),
-            Job::Barrier(tx) => {
-                let _ = tx.send(());
-            }
-            Job::Stop(tx) => stop = Some(tx),
+            other => finish_control(other, metrics, &mut stop),
         }
     }
     stop
+}
+
+/// The jobs that store nothing: a resend's ack, a barrier, the stop.
+fn finish_control(job: Job, metrics: &Metrics, stop: &mut Option<oneshot::Sender<()>>) {
+    match job {
+        Job::Ack {
+            conn,
+            id,
+            key,
+            seq,
+            ts,
+        } => send_ack(metrics, &conn, id.as_ref(), &key, seq, ts),
+        Job::Barrier(tx) => {
+            let _ = tx.send(());
+        }
+        Job::Stop(tx) => *stop = Some(tx),
+        Job::Append { .. } => {} // stored jobs are finished by the caller
+    }
 }
 
 fn send_error(metrics: &Metrics, conn: &Conn, id: Option<&CommandId>, message: &str) {

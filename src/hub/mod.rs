@@ -487,45 +487,31 @@ impl Hub {
             }
             let ts = now_ms();
             g.last_active = Instant::now();
-            if self.sequenced_by_store {
-                // Numbered, and checked for a repeated client_id, inside the commit.
-                let msg = Arc::new(StoredMessage {
-                    channel: key.clone(),
-                    seq: 0,
-                    ts,
-                    from: conn.user.clone(),
-                    name: conn.name.clone(),
-                    text: out.text,
-                    meta: out.meta,
-                    client_id: out.client_id,
-                });
-                permit.send(Job::Append {
-                    channel: ch.clone(),
-                    msg,
-                    reply: Some((conn.clone(), id)),
-                });
-                return Ok(());
-            }
-            g.prune_client_ids(ts);
-            let known = out
-                .client_id
-                .as_ref()
-                .and_then(|cid| g.client_ids.get(&(conn.user.clone(), cid.clone())).copied());
-            if let Some((seq, ts)) = known {
-                permit.send(Job::Ack {
-                    conn: conn.clone(),
-                    id,
-                    key: key.clone(),
-                    seq,
-                    ts,
-                });
-                return Ok(());
-            }
-            let seq = g.next_seq;
-            g.next_seq += 1;
-            if let Some(cid) = &out.client_id {
-                g.remember_client_id(conn.user.clone(), cid.clone(), seq, ts);
-            }
+            let seq = if self.sequenced_by_store {
+                0 // numbered, and checked for a repeated client_id, inside the commit
+            } else {
+                g.prune_client_ids(ts);
+                let known = out
+                    .client_id
+                    .as_ref()
+                    .and_then(|cid| g.client_ids.get(&(conn.user.clone(), cid.clone())).copied());
+                if let Some((seq, ts)) = known {
+                    permit.send(Job::Ack {
+                        conn: conn.clone(),
+                        id,
+                        key: key.clone(),
+                        seq,
+                        ts,
+                    });
+                    return Ok(());
+                }
+                let seq = g.next_seq;
+                g.next_seq += 1;
+                if let Some(cid) = &out.client_id {
+                    g.remember_client_id(conn.user.clone(), cid.clone(), seq, ts);
+                }
+                seq
+            };
             let msg = Arc::new(StoredMessage {
                 channel: key.clone(),
                 seq,
