@@ -107,19 +107,36 @@ fn is_zero_i(v: &i64) -> bool {
 }
 
 impl Envelope {
-    pub fn message(inst: &str, m: &StoredMessage) -> Envelope {
-        Envelope {
+    /// The JSON of a stored message's envelope, serialized straight from the message
+    /// (no copy of its text: this runs once per published message).
+    pub fn encode_message(inst: &str, m: &StoredMessage) -> String {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            k: Kind,
+            n: &'a str,
+            c: String,
+            seq: u64,
+            ts: i64,
+            from: &'a str,
+            name: &'a str,
+            text: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            meta: Option<&'a RawValue>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            cid: Option<&'a str>,
+        }
+        crate::protocol::encode(&Out {
             k: Kind::Message,
-            n: inst.to_owned(),
+            n: inst,
             c: m.channel.storage_key(),
             seq: m.seq,
             ts: m.ts,
-            from: m.from.clone(),
-            name: m.name.clone(),
-            text: m.text.clone(),
-            meta: m.meta.clone(),
-            cid: m.client_id.clone(),
-        }
+            from: &m.from,
+            name: &m.name,
+            text: &m.text,
+            meta: m.meta.as_deref(),
+            cid: m.client_id.as_deref(),
+        })
     }
 
     pub fn event(k: Kind, inst: &str, room: &str, user: &str, name: &str) -> Envelope {
@@ -171,7 +188,7 @@ mod tests {
             meta: Some(RawValue::from_string(r#"{"a":[1,2]}"#.into()).expect("raw")),
             client_id: Some("c1".into()),
         };
-        let json = serde_json::to_string(&Envelope::message("a.1", &m)).expect("encode");
+        let json = Envelope::encode_message("a.1", &m);
         let back: Envelope = serde_json::from_str(&json).expect("decode");
         let got = back.into_message().expect("a message");
         assert_eq!(got.channel, ChannelKey::dm("alice", "bob"));

@@ -410,7 +410,7 @@ impl RedisBroker {
         }
         let started = Instant::now();
         let futs = msgs.iter().map(|m| {
-            let payload = encode(&Envelope::message(&self.inst, m));
+            let payload = Envelope::encode_message(&self.inst, m);
             let channels = match &m.channel {
                 ChannelKey::Room(r) => vec![room_channel(r)],
                 ChannelKey::Dm(a, b) => vec![user_channel(a), user_channel(b)],

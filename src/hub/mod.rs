@@ -624,15 +624,14 @@ impl Hub {
             };
             match self.store.range(&ch.key, after, upto).await {
                 Ok(msgs) if !msgs.is_empty() => {
-                    let mut n = 0;
                     for m in &msgs {
-                        let before = lock(&ch.inner).committed;
                         self.deliver(&ch, m);
-                        if lock(&ch.inner).committed > before {
-                            n += 1;
-                        }
                     }
-                    self.metrics.gap_messages.increment(n);
+                    // Counted as how far `committed` moved, at most the messages read.
+                    let moved = lock(&ch.inner).committed.saturating_sub(after);
+                    self.metrics
+                        .gap_messages
+                        .increment(moved.min(msgs.len() as u64));
                     backoff = Duration::from_millis(50);
                 }
                 Ok(_) => {

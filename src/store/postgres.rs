@@ -176,16 +176,8 @@ impl PgStore {
         }
 
         let mut out = Vec::with_capacity(batch.len());
-        let (mut c, mut sq, mut ts, mut sender, mut name, mut text, mut meta, mut cids) = (
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-        );
+        // Storage keys of the new messages, in order (the rest is bound by reference).
+        let mut c: Vec<String> = Vec::new();
         for (m, k) in batch.iter().zip(storage_keys) {
             let dedupe_key = m
                 .client_id
@@ -208,19 +200,32 @@ impl PgStore {
                 client_id: m.client_id.clone(),
             });
             c.push(k);
-            sq.push(i64::try_from(stored.seq).unwrap_or(i64::MAX));
-            ts.push(stored.ts);
-            sender.push(stored.from.as_str().to_owned());
-            name.push(stored.name.clone());
-            text.push(stored.text.clone());
-            meta.push(stored.meta.as_ref().map(|r| r.get().to_owned()));
-            cids.push(stored.client_id.clone());
             if let Some(d) = dedupe_key {
                 seen.insert(d, stored.clone());
             }
             out.push(Sequenced::New(stored));
         }
         if !c.is_empty() {
+            let fresh: Vec<&StoredMessage> = out
+                .iter()
+                .filter_map(|o| match o {
+                    Sequenced::New(m) => Some(&**m),
+                    Sequenced::Duplicate(_) => None,
+                })
+                .collect();
+            let sq: Vec<i64> = fresh
+                .iter()
+                .map(|m| i64::try_from(m.seq).unwrap_or(i64::MAX))
+                .collect();
+            let ts: Vec<i64> = fresh.iter().map(|m| m.ts).collect();
+            let sender: Vec<&str> = fresh.iter().map(|m| m.from.as_str()).collect();
+            let name: Vec<&str> = fresh.iter().map(|m| m.name.as_str()).collect();
+            let text: Vec<&str> = fresh.iter().map(|m| m.text.as_str()).collect();
+            let meta: Vec<Option<&str>> = fresh
+                .iter()
+                .map(|m| m.meta.as_ref().map(|r| r.get()))
+                .collect();
+            let cids: Vec<Option<&str>> = fresh.iter().map(|m| m.client_id.as_deref()).collect();
             sqlx::query(
                 "INSERT INTO messages (channel, seq, ts, sender, name, text, meta, client_id) \
                  SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[], \
