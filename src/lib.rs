@@ -4,6 +4,8 @@
 //!
 //! - [`server`]: the listener and HTTP surface (`/ws`, `/healthz`, `/readyz`,
 //!   `/metrics`), and graceful shutdown.
+//! - [`ws`]: RFC 6455 framing (handshake checks, client frames in, server frames
+//!   out with one vectored write per batch), written for small idle connections.
 //! - [`session`]: one connection's task: hello, commands, heartbeat, writing its
 //!   outgoing queue, closing with the right code.
 //! - [`protocol`]: the wire types (docs/PROTOCOL.md): parsing commands, encoding
@@ -32,3 +34,4 @@ pub mod session;
 pub mod store;
 pub mod tls;
 pub mod web;
+pub mod ws;

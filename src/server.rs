@@ -2,7 +2,7 @@
 //! `/metrics`, and graceful shutdown.
 //!
 //! Owns: binding (plain or TLS), the router, the Origin check, the client address
-//! behind trusted proxies, WebSocket buffer settings, the registry of live sessions,
+//! behind trusted proxies, the WebSocket upgrade, the registry of live sessions,
 //! and the shutdown order: stop accepting and turn `/readyz` red -> close sessions
 //! at `--drain-rate` per second (each sends `closing` with a jittered reconnect delay
 //! and 1001) -> wait for them -> drain the committer -> close the store, all within
@@ -11,19 +11,20 @@
 use crate::auth::{Authenticator, KeyError};
 use crate::broker::{Broker, RedisBroker, RedisSettings};
 use crate::config::{Config, StoreKind};
-use crate::hub::Hub;
+use crate::hub::{Hub, Outbox};
 use crate::metrics::Metrics;
 use crate::session;
 use crate::store::{Store, StoreConfig, StoreError};
 use crate::tls::{TlsCerts, TlsListener};
+use crate::ws::{self, WsStream};
 use axum::Router;
 use axum::extract::connect_info::Connected;
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::serve::{IncomingStream, Listener};
+use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -37,14 +38,6 @@ use tokio_util::task::TaskTracker;
 
 /// Drained sessions are closed in slices this often, so closes are spread evenly.
 const DRAIN_TICK: Duration = Duration::from_millis(10);
-/// tungstenite's read buffer per connection. Small: an idle connection should cost
-/// little, and tungstenite zero-fills the buffer before each read (STACK-NOTES).
-/// Measured with `hubbub-bench idle --conns 10000` on a fresh server: 12,802 B per
-/// connection with 4 KiB, 9,823 B with 1 KiB (BENCHMARKS.md).
-const READ_BUFFER: usize = 1024;
-/// Frames are collected up to this size before a write; we flush once per drain.
-const WRITE_BUFFER: usize = 16 * 1024;
-
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("cannot listen on {addr}: {source}")]
@@ -73,8 +66,10 @@ pub struct AppState {
     pub metrics: Metrics,
     prometheus: Option<PrometheusHandle>,
     next_id: AtomicU64,
-    /// Live sessions and the token that closes each; the drain walks this.
-    sessions: Mutex<HashMap<u64, CancellationToken>>,
+    /// Live sessions, by the outbox through which each is asked to close (a
+    /// per-session token would cost every idle connection ~180 bytes); the drain
+    /// walks this.
+    sessions: Mutex<HashMap<u64, Arc<Outbox>>>,
     /// Set when a drain starts: the spread (ms) of suggested reconnect delays.
     drain_spread_ms: AtomicU64,
     pub tls: Option<Arc<TlsCerts>>,
@@ -85,18 +80,16 @@ impl AppState {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Register a session; its token is cancelled when the drain reaches it (at
-    /// once if the drain has already begun).
-    pub fn register_session(&self, id: u64) -> CancellationToken {
-        let token = CancellationToken::new();
+    /// Register a session; its outbox is closed when the drain reaches it (at once
+    /// if the drain has already begun).
+    pub fn register_session(&self, id: u64, outbox: &Arc<Outbox>) {
         if self.shutdown.is_cancelled() {
-            token.cancel();
+            outbox.close();
         }
         self.sessions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id, token.clone());
-        token
+            .insert(id, outbox.clone());
     }
 
     pub fn unregister_session(&self, id: u64) {
@@ -324,7 +317,7 @@ impl Server {
 /// Close every session, `--drain-rate` per second, in evenly spaced slices; past the
 /// deadline, close the rest at once.
 async fn drain_sessions(state: &AppState, deadline: Instant) {
-    let tokens: Vec<CancellationToken> = state
+    let outboxes: Vec<Arc<Outbox>> = state
         .sessions
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -332,7 +325,7 @@ async fn drain_sessions(state: &AppState, deadline: Instant) {
         .cloned()
         .collect();
     let rate = u64::from(state.config.drain_rate);
-    let n = tokens.len() as u64;
+    let n = outboxes.len() as u64;
     let drain_ms = n * 1000 / rate;
     state
         .drain_spread_ms
@@ -346,18 +339,18 @@ async fn drain_sessions(state: &AppState, deadline: Instant) {
     let per_tick =
         usize::try_from((rate * DRAIN_TICK.as_millis() as u64 / 1000).max(1)).unwrap_or(1);
     let mut next = Instant::now();
-    for slice in tokens.chunks(per_tick) {
+    for slice in outboxes.chunks(per_tick) {
         if Instant::now() >= deadline {
             break;
         }
-        for t in slice {
-            t.cancel();
+        for o in slice {
+            o.close();
         }
         next += DRAIN_TICK;
         tokio::time::sleep_until(next.min(deadline)).await;
     }
-    for t in &tokens {
-        t.cancel();
+    for o in &outboxes {
+        o.close();
     }
 }
 
@@ -428,10 +421,10 @@ type Shared = (Arc<AppState>, TaskTracker);
 async fn ws_handler(
     State((state, tracker)): State<Shared>,
     ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
-    headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    mut req: Request,
 ) -> Response {
-    let remote = client_addr(peer, &headers, &state.config.trusted_proxies);
+    let headers = req.headers();
+    let remote = client_addr(peer, headers, &state.config.trusted_proxies);
     let allowed = &state.config.allowed_origins;
     if !allowed.is_empty() {
         // A handshake without Origin is not from a browser and is allowed.
@@ -447,12 +440,46 @@ async fn ws_handler(
             }
         }
     }
+    let accept = match ws::accept(req.method(), headers) {
+        Ok(accept) => accept,
+        Err(e) => {
+            let mut resp = (e.status(), format!("{e}\n")).into_response();
+            if e == ws::HandshakeError::Version {
+                resp.headers_mut().insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
+            }
+            return resp;
+        }
+    };
+    if req
+        .extensions()
+        .get::<hyper::upgrade::OnUpgrade>()
+        .is_none()
+    {
+        return (
+            StatusCode::UPGRADE_REQUIRED,
+            "this connection cannot be upgraded to a WebSocket\n",
+        )
+            .into_response();
+    }
+    let upgrade = hyper::upgrade::on(&mut req);
     let max = state.config.max_message;
-    ws.read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| tracker.track_future(session::run(socket, state, remote)))
+    let fut = tracker.track_future(async move {
+        match upgrade.await {
+            Ok(io) => session::run(WsStream::new(TokioIo::new(io), max), state, remote).await,
+            Err(e) => tracing::debug!(%remote, error = %e, "WebSocket upgrade failed"),
+        }
+    });
+    tokio::spawn(fut);
+    let mut resp = Response::new(axum::body::Body::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    resp
 }
 
 async fn readyz(State((state, _)): State<Shared>) -> Response {

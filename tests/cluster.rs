@@ -9,6 +9,15 @@ use common::{Client, Server, WAIT, seqs};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
+/// A fresh database, a private Redis and `n` nodes on them. Bound in this order by
+/// the caller, they are dropped nodes first, then Redis, then the database.
+async fn cluster(n: usize, extra: &[&str]) -> (Database, Redis, Vec<Server>) {
+    let db = Database::create();
+    let redis = Redis::start();
+    let nodes = nodes(&db, &redis.url(), n, extra).await;
+    (db, redis, nodes)
+}
+
 /// A cluster of `n` nodes named a, b, c... on one database and one Redis.
 async fn nodes(db: &Database, redis_url: &str, n: usize, extra: &[&str]) -> Vec<Server> {
     let mut out = Vec::new();
@@ -75,9 +84,7 @@ async fn metric(server: &Server, name: &str) -> f64 {
 
 #[tokio::test]
 async fn a_message_sent_on_one_node_reaches_members_on_the_others() {
-    let db = Database::create();
-    let redis = Redis::start();
-    let n = nodes(&db, &redis.url(), 3, &[]).await;
+    let (_db, _redis, n) = cluster(3, &[]).await;
     let mut alice = n[0].member("alice", "lobby").await;
     let mut bob = n[1].member("bob", "lobby").await;
     let mut carol = n[2].member("carol", "lobby").await;
@@ -97,9 +104,7 @@ async fn a_message_sent_on_one_node_reaches_members_on_the_others() {
 
 #[tokio::test]
 async fn concurrent_senders_on_three_nodes_get_one_gapless_order_that_every_receiver_sees() {
-    let db = Database::create();
-    let redis = Redis::start();
-    let n = nodes(&db, &redis.url(), 3, &["--rate-limit", "1000"]).await;
+    let (db, _redis, n) = cluster(3, &["--rate-limit", "1000"]).await;
     let mut receivers = Vec::new();
     for (i, node) in n.iter().enumerate() {
         receivers.push(node.member(&format!("r{i}"), "race").await);
@@ -151,9 +156,7 @@ async fn concurrent_senders_on_three_nodes_get_one_gapless_order_that_every_rece
 
 #[tokio::test]
 async fn a_client_id_retry_that_lands_on_another_node_gets_the_original_seq() {
-    let db = Database::create();
-    let redis = Redis::start();
-    let n = nodes(&db, &redis.url(), 2, &[]).await;
+    let (db, _redis, n) = cluster(2, &[]).await;
     let mut watcher = n[1].member("watcher", "idem").await;
     let mut first = n[0].member("dave", "idem").await;
     let ack1 = first
@@ -182,9 +185,7 @@ async fn a_client_id_retry_that_lands_on_another_node_gets_the_original_seq() {
 
 #[tokio::test]
 async fn a_direct_message_reaches_the_recipient_and_the_senders_other_tab_on_other_nodes() {
-    let db = Database::create();
-    let redis = Redis::start();
-    let n = nodes(&db, &redis.url(), 3, &[]).await;
+    let (_db, _redis, n) = cluster(3, &[]).await;
     let mut erin_a = n[0].guest("erin").await;
     let mut erin_c = n[2].guest("erin").await;
     let mut frank_b = n[1].guest("frank").await;
@@ -228,9 +229,7 @@ async fn a_direct_message_reaches_the_recipient_and_the_senders_other_tab_on_oth
 
 #[tokio::test]
 async fn a_user_with_tabs_on_two_nodes_is_one_member_announced_once() {
-    let db = Database::create();
-    let redis = Redis::start();
-    let n = nodes(&db, &redis.url(), 3, &[]).await;
+    let (_db, _redis, n) = cluster(3, &[]).await;
     let mut watcher = n[2].member("watcher", "p").await;
     let mut tab1 = n[0].member("hana", "p").await;
     let ev = watcher.recv_type("member").await;
@@ -277,9 +276,7 @@ async fn a_user_with_tabs_on_two_nodes_is_one_member_announced_once() {
 
 #[tokio::test]
 async fn a_killed_nodes_users_leave_presence_everywhere_within_the_node_timeout() {
-    let db = Database::create();
-    let redis = Redis::start();
-    let mut n = nodes(&db, &redis.url(), 3, &["--node-timeout", "3"]).await;
+    let (_db, redis, mut n) = cluster(3, &["--node-timeout", "3"]).await;
     let mut watcher_b = n[1].member("wb", "ghosts").await;
     let mut watcher_c = n[2].member("wc", "ghosts").await;
     let _ivan = n[0].member("ivan", "ghosts").await;
@@ -317,9 +314,7 @@ async fn a_killed_nodes_users_leave_presence_everywhere_within_the_node_timeout(
 
 #[tokio::test]
 async fn after_sigkill_right_after_acks_a_rejoin_on_another_node_recovers_every_message_once() {
-    let db = Database::create();
-    let redis = Redis::start();
-    let mut n = nodes(&db, &redis.url(), 2, &["--rate-limit", "1000"]).await;
+    let (db, _redis, mut n) = cluster(2, &["--rate-limit", "1000"]).await;
     let mut reader = n[0].guest("reader").await;
     let j = reader
         .request(json!({"type": "join", "room": "crash"}))
@@ -395,9 +390,7 @@ async fn wait_for_status(server: &Server, path: &str, want: u16) {
 
 #[tokio::test]
 async fn while_redis_is_down_sends_get_unavailable_and_readyz_turns_red() {
-    let db = Database::create();
-    let mut redis = Redis::start();
-    let n = nodes(&db, &redis.url(), 2, &[]).await;
+    let (db, mut redis, n) = cluster(2, &[]).await;
     let mut alice = n[0].member("alice", "down").await;
     wait_for_status(&n[0], "/readyz", 200).await;
 
@@ -420,9 +413,7 @@ async fn while_redis_is_down_sends_get_unavailable_and_readyz_turns_red() {
 
 #[tokio::test]
 async fn when_redis_restarts_mid_traffic_delivery_resumes_with_nothing_lost_or_duplicated() {
-    let db = Database::create();
-    let mut redis = Redis::start();
-    let n = nodes(&db, &redis.url(), 3, &["--rate-limit", "1000"]).await;
+    let (db, mut redis, n) = cluster(3, &["--rate-limit", "1000"]).await;
     let mut bob = n[1].member("bob", "flaky").await;
     let mut carol = n[2].member("carol", "flaky").await;
     let mut alice = n[0].member("alice", "flaky").await;
@@ -505,9 +496,7 @@ fn publish_directly(redis: &Redis, room: &str, seq: u64) {
 
 #[tokio::test]
 async fn a_missed_broadcast_is_filled_from_postgres_before_the_newer_message_is_delivered() {
-    let db = Database::create();
-    let redis = Redis::start();
-    let n = nodes(&db, &redis.url(), 1, &[]).await;
+    let (db, redis, n) = cluster(1, &[]).await;
     let mut alice = n[0].member("alice", "gap").await;
     let ack = alice
         .request(json!({"type": "send", "room": "gap", "text": "one"}))
@@ -528,9 +517,7 @@ async fn a_missed_broadcast_is_filled_from_postgres_before_the_newer_message_is_
 
 #[tokio::test]
 async fn the_last_message_of_a_burst_whose_broadcast_was_lost_still_arrives() {
-    let db = Database::create();
-    let redis = Redis::start();
-    let n = nodes(&db, &redis.url(), 1, &[]).await;
+    let (db, _redis, n) = cluster(1, &[]).await;
     let mut alice = n[0].member("alice", "tail").await;
     store_directly(&db, "tail", &[1]);
     let m = alice.recv_type("message").await;
@@ -542,9 +529,7 @@ async fn the_last_message_of_a_burst_whose_broadcast_was_lost_still_arrives() {
 
 #[tokio::test]
 async fn typing_reaches_the_rooms_users_on_other_nodes() {
-    let db = Database::create();
-    let redis = Redis::start();
-    let n = nodes(&db, &redis.url(), 2, &[]).await;
+    let (_db, _redis, n) = cluster(2, &[]).await;
     let mut bob = n[1].member("bob", "t").await;
     let mut alice = n[0].member("alice", "t").await;
     alice.send(json!({"type": "typing", "room": "t"})).await;

@@ -140,3 +140,36 @@ async fn tungstenite_client_close_handshake_completes_cleanly() {
     }
     assert!(saw_close);
 }
+
+/// An upgrade request to a fresh server with `Upgrade` and `Connection` set and
+/// `more` headers: the status and body of the answer.
+async fn upgrade_request(more: &[(&str, &str)]) -> (u16, String) {
+    let s = Server::start(&[]).await;
+    let mut headers = vec![("Upgrade", "websocket"), ("Connection", "Upgrade")];
+    headers.extend_from_slice(more);
+    common::http_get(s.addr, "/ws", &headers).await
+}
+
+#[tokio::test]
+async fn a_handshake_without_a_key_is_refused_with_400() {
+    let (status, body) = upgrade_request(&[("Sec-WebSocket-Version", "13")]).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("Sec-WebSocket-Key"),
+        "the refusal says why: {body}"
+    );
+}
+
+#[tokio::test]
+async fn a_handshake_for_another_protocol_version_is_refused_with_426() {
+    let (status, body) = upgrade_request(&[
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ("Sec-WebSocket-Version", "8"),
+    ])
+    .await;
+    assert_eq!(status, 426, "{body}");
+    assert!(
+        body.contains("13"),
+        "the refusal names the version we speak: {body}"
+    );
+}

@@ -100,6 +100,27 @@ impl Shared {
     }
 }
 
+/// One single-threaded runtime per core, each owning every n-th connection (its
+/// socket, its reader). Readers are the generator's hot path, a wake-up per
+/// delivered frame: on a current-thread runtime a wake-up stays on its thread,
+/// while the multi-threaded scheduler hands tasks between workers and unparks idle
+/// ones (futex calls) — CPU taken from the server sharing these cores. The threads
+/// run until the process exits.
+fn cores() -> anyhow::Result<Vec<tokio::runtime::Handle>> {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut handles = Vec::with_capacity(n);
+    for i in 0..n {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        handles.push(rt.handle().clone());
+        std::thread::Builder::new()
+            .name(format!("bench-core-{i}"))
+            .spawn(move || rt.block_on(std::future::pending::<()>()))?;
+    }
+    Ok(handles)
+}
+
 fn new_hist() -> Histogram<u64> {
     // 1 µs .. 100 s, 3 significant figures.
     Histogram::new_with_bounds(1, 100_000_000, 3).expect("valid histogram bounds")
@@ -111,6 +132,10 @@ pub struct Rig {
     senders: Vec<Writer>,
     /// Messages each sender scheduled inside the current window.
     sent_in_window: Vec<Arc<AtomicU64>>,
+    /// Each sender's last message number. It carries on from step to step: the
+    /// receivers check that numbers only grow, so a step that started again from 1
+    /// would look like a stream of duplicates and reorderings.
+    sent_total: Vec<Arc<AtomicU64>>,
     room_size: Vec<u64>,
 }
 
@@ -132,6 +157,7 @@ impl Rig {
             seen: AtomicU64::new(0),
             stop: AtomicBool::new(false),
         });
+        let cores = cores()?;
         let gate = Arc::new(Semaphore::new(256));
         let mut tasks = Vec::with_capacity(plan.conns);
         for i in 0..plan.conns {
@@ -139,7 +165,9 @@ impl Rig {
             let gate = gate.clone();
             let room = format!("bench-{}", i % plan.rooms);
             let batch = plan.batch;
-            tasks.push(tokio::spawn(async move {
+            // The connection lives on core i mod n: its socket registers with that
+            // core's reactor, and its reader runs there (below).
+            tasks.push(cores[i % cores.len()].spawn(async move {
                 let _permit = gate.acquire().await?;
                 let mut conn = client::connect(&target, i).await?;
                 client::hello_and_join(&mut conn, &format!("b{i}"), &room, batch).await?;
@@ -157,7 +185,13 @@ impl Rig {
                 senders.push(writer.clone());
             }
             let node = i % shared.nodes;
-            tokio::spawn(receive(conn.read, conn.buf, writer, shared.clone(), node));
+            cores[i % cores.len()].spawn(receive(
+                conn.read,
+                conn.buf,
+                writer,
+                shared.clone(),
+                node,
+            ));
             if progress && (i + 1) % 1000 == 0 {
                 eprintln!(
                     "  {} connections open ({:.1} s)",
@@ -169,11 +203,15 @@ impl Rig {
         let sent_in_window = (0..senders.len())
             .map(|_| Arc::new(AtomicU64::new(0)))
             .collect();
+        let sent_total = (0..senders.len())
+            .map(|_| Arc::new(AtomicU64::new(0)))
+            .collect();
         Ok(Rig {
             shared,
             plan,
             senders,
             sent_in_window,
+            sent_total,
             room_size,
         })
     }
@@ -209,23 +247,31 @@ impl Rig {
             let sink = sink.clone();
             let shared = s.clone();
             let count = self.sent_in_window[j].clone();
+            let total = self.sent_total[j].clone();
             let room = format!("bench-{}", j % self.plan.rooms);
             let pad = pad.clone();
             send_tasks.push(tokio::spawn(async move {
                 let interval_ns = ((1e9 / per_sender) as u64).max(1);
                 // Stagger senders across one interval so they do not fire together.
                 let mut due = shared.now_ns() + interval_ns * j as u64 / nsenders;
-                let mut n = 0u64;
-                let mut sink = sink.lock().await;
+                let mut n = total.load(Ordering::Relaxed);
                 while due < end {
                     let now = shared.now_ns();
                     if due > now {
                         tokio::time::sleep(Duration::from_nanos(due - now)).await;
                     }
                     n += 1;
+                    total.store(n, Ordering::Relaxed);
                     let text = format!("bm:{j}:{n}:{due}:{pad}");
                     let cmd = format!(r#"{{"type":"send","room":"{room}","text":"{text}"}}"#);
-                    if client::send_text(&mut sink, &cmd).await.is_err() {
+                    // Locked per send, not for the whole step: the connection's
+                    // reader takes the same lock to answer the server's pings, and
+                    // holding it would stall that reader (and its deliveries) for
+                    // the rest of the step.
+                    if client::send_text(&mut *sink.lock().await, &cmd)
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                     if due >= begin {
@@ -329,14 +375,21 @@ async fn receive(
     shared: Arc<Shared>,
     node: usize,
 ) {
-    let mut local = new_hist();
-    let mut local_same = new_hist();
-    let mut local_cross = new_hist();
+    // Created on a connection's first timed delivery, not up front: a histogram is
+    // tens of KB, and 19,000 idle connections with three each cost the generator
+    // gigabytes (and the server's cores the page faults).
+    let mut local: Option<Histogram<u64>> = None;
+    let mut local_same: Option<Histogram<u64>> = None;
+    let mut local_cross: Option<Histogram<u64>> = None;
     let mut last: HashMap<u32, u64> = HashMap::new();
-    let mut flush = tokio::time::interval(Duration::from_millis(100));
-    // Counted locally and added at each flush: one shared atomic per delivery would
-    // contend across cores at a million deliveries per second.
+    // Counted locally and merged 100 ms after the first unmerged delivery: one
+    // shared atomic per delivery would contend across cores at a million
+    // deliveries per second, and a timer that fired whether or not anything arrived
+    // would wake 19,000 idle connections ten times a second.
     let mut seen = 0u64;
+    let flush = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(flush);
+    let mut dirty = false;
     loop {
         tokio::select! {
             more = client::fill(&mut read, &mut buf) => {
@@ -362,7 +415,7 @@ async fn receive(
                                 *prev = m.n;
                                 if shared.in_window(m.sent_ns) {
                                     let us = now.saturating_sub(m.sent_ns) / 1000;
-                                    let _ = local.record(us.max(1));
+                                    let _ = local.get_or_insert_with(new_hist).record(us.max(1));
                                     if shared.nodes > 1 {
                                         // Sender j is connection j, on node j mod n.
                                         let split = if m.sender as usize % shared.nodes == node {
@@ -370,7 +423,7 @@ async fn receive(
                                         } else {
                                             &mut local_cross
                                         };
-                                        let _ = split.record(us.max(1));
+                                        let _ = split.get_or_insert_with(new_hist).record(us.max(1));
                                     }
                                 }
                             });
@@ -384,8 +437,13 @@ async fn receive(
                     }
                     buf.advance(used);
                 }
+                if seen > 0 && !dirty {
+                    dirty = true;
+                    flush.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(100));
+                }
             }
-            _ = flush.tick() => {
+            () = &mut flush, if dirty => {
+                dirty = false;
                 if shared.stop.load(Ordering::Relaxed) {
                     break;
                 }
@@ -395,7 +453,9 @@ async fn receive(
                     (&mut local_same, &shared.hist_same),
                     (&mut local_cross, &shared.hist_cross),
                 ] {
-                    if !l.is_empty() {
+                    if let Some(l) = l.as_mut()
+                        && !l.is_empty()
+                    {
                         if let Ok(mut h) = h.lock() {
                             let _ = h.add(&*l);
                         }

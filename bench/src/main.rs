@@ -385,6 +385,7 @@ async fn acks(a: AcksArgs) -> anyhow::Result<()> {
         println!(
             "{}",
             json!({"mode": "acks", "rate": a.rate, "conns": a.conns, "sent": sent, "acked": total.len(),
+                   "acked_per_sec": total.len() as f64 / a.duration as f64,
                    "p50_ms": ms(0.5), "p99_ms": ms(0.99), "max_ms": total.max() as f64 / 1000.0})
         );
     } else {

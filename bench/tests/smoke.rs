@@ -147,13 +147,12 @@ fn fanout_against_hubbub_counts_every_delivery_with_and_without_batching() {
     }
 }
 
-#[test]
-fn ramp_reports_steps_and_the_highest_passing_rate() {
-    let (_server, url, _dir) = hubbub(&["--store", "memory"]);
-    let r = bench(&[
+/// A ramp of 20 connections, 2 senders, from 10 messages/s, 1 s steps.
+fn small_ramp(url: &str, max_steps: &str) -> Value {
+    bench(&[
         "fanout",
         "--url",
-        &url,
+        url,
         "--conns",
         "20",
         "--senders",
@@ -166,8 +165,14 @@ fn ramp_reports_steps_and_the_highest_passing_rate() {
         "1",
         "--ramp",
         "--max-steps",
-        "2",
-    ]);
+        max_steps,
+    ])
+}
+
+#[test]
+fn ramp_reports_steps_and_the_highest_passing_rate() {
+    let (_server, url, _dir) = hubbub(&["--store", "memory"]);
+    let r = small_ramp(&url, "2");
     let steps = r["steps"].as_array().unwrap();
     // Whether a step passes depends on the machine; the ramp's rules do not: the
     // rate grows each step, the ramp stops at the first failing step or after
@@ -183,6 +188,22 @@ fn ramp_reports_steps_and_the_highest_passing_rate() {
         .map(|s| s["rate"].as_f64().unwrap())
         .fold(None, |m: Option<f64>, r| Some(m.map_or(r, |m| m.max(r))));
     assert_eq!(r["highest_passing_rate"].as_f64(), best);
+}
+
+#[test]
+fn every_step_of_a_ramp_counts_its_deliveries_afresh() {
+    // Senders keep numbering their messages across steps: a step that started
+    // again from 1 would be counted as duplicates and reorderings, and lost.
+    let (_server, url, _dir) = hubbub(&["--store", "memory"]);
+    let r = small_ramp(&url, "3");
+    let steps = r["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 3, "a light load passes every step: {r}");
+    for step in steps {
+        assert_eq!(step["duplicates"], 0, "{step}");
+        assert_eq!(step["out_of_order"], 0, "{step}");
+        assert_eq!(step["lost"], 0, "{step}");
+        assert_eq!(step["ratio"], 1.0, "{step}");
+    }
 }
 
 #[test]

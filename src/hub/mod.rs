@@ -39,7 +39,7 @@ use crate::broker::{Broker, Envelope, Kind, room_channel, user_channel};
 use crate::metrics::Metrics;
 use crate::protocol::{self, CommandError, CommandId, ErrorCode, MAX_RECOVERY, Member, Since};
 use crate::store::{ChannelInit, ChannelKey, Store, StoredMessage};
-use axum::extract::ws::Utf8Bytes;
+use crate::ws::Text;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashSet};
 use std::collections::{HashMap, VecDeque};
@@ -74,7 +74,7 @@ pub struct Conn {
 
 impl Conn {
     /// Queue a frame for this connection; false if its queue has overflowed.
-    pub fn send(&self, frame: Utf8Bytes) -> bool {
+    pub fn send(&self, frame: Text) -> bool {
         self.outbox.push(frame)
     }
 }
@@ -191,7 +191,7 @@ impl ChannelInner {
 
     /// Send `frame` to every member connection except those of `user`; returns how
     /// many it was queued for.
-    fn broadcast_except(&self, user: &str, frame: &Utf8Bytes) -> u64 {
+    fn broadcast_except(&self, user: &str, frame: &Text) -> u64 {
         let mut n = 0;
         for c in self.members.values() {
             if c.user != user && c.send(frame.clone()) {
@@ -213,8 +213,8 @@ struct MemberEvent<'a> {
 }
 
 /// `{"type":"member",...}` about `user`, encoded once for every receiver.
-fn member_event(room: &str, user: &str, name: &str, event: &'static str) -> Utf8Bytes {
-    Utf8Bytes::from(protocol::encode(&MemberEvent {
+fn member_event(room: &str, user: &str, name: &str, event: &'static str) -> Text {
+    Text::from(protocol::encode(&MemberEvent {
         kind: "member",
         room,
         user,
@@ -662,7 +662,7 @@ impl Hub {
         g.recent.push_back(msg.clone());
         match &ch.key {
             ChannelKey::Room(_) => {
-                let frame = Utf8Bytes::from(protocol::encode(&msg.event("")));
+                let frame = Text::from(protocol::encode(&msg.event("")));
                 let mut refused = 0u64;
                 for c in g.members.values() {
                     if !c.send(frame.clone()) {
@@ -682,7 +682,7 @@ impl Hub {
                     let Some(conns) = users.get(viewer) else {
                         continue;
                     };
-                    let frame = Utf8Bytes::from(protocol::encode(&msg.event(viewer)));
+                    let frame = Text::from(protocol::encode(&msg.event(viewer)));
                     for c in conns {
                         if c.send(frame.clone()) {
                             n += 1;
@@ -872,7 +872,7 @@ impl Hub {
             user: &'a str,
             name: &'a str,
         }
-        let ev = Utf8Bytes::from(protocol::encode(&Typing {
+        let ev = Text::from(protocol::encode(&Typing {
             kind: "typing",
             room,
             user,

@@ -5,7 +5,7 @@
 //! with 4008 (slow consumer). Nothing ever waits on a full queue, so one slow
 //! reader cannot hold up a fan-out to everyone else.
 
-use axum::extract::ws::Utf8Bytes;
+use crate::ws::Text;
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use tokio::sync::Notify;
@@ -20,9 +20,11 @@ pub struct Outbox {
 
 #[derive(Default)]
 struct Inner {
-    frames: VecDeque<Utf8Bytes>,
+    frames: VecDeque<Text>,
     bytes: usize,
     overflowed: bool,
+    /// The server's drain has reached this connection.
+    closing: bool,
 }
 
 /// What a drain found.
@@ -48,7 +50,7 @@ impl Outbox {
     }
 
     /// Queue a frame. Returns false when the queue has overflowed (now or before).
-    pub fn push(&self, frame: Utf8Bytes) -> bool {
+    pub fn push(&self, frame: Text) -> bool {
         let mut g = self.lock();
         if g.overflowed {
             return false;
@@ -76,22 +78,32 @@ impl Outbox {
         true
     }
 
-    /// Move every queued frame into `out`.
-    pub fn drain_into(&self, out: &mut Vec<Utf8Bytes>) -> Drained {
+    /// Take every queued frame (the queue's allocation goes with them, so an idle
+    /// connection's outbox holds none).
+    pub fn take(&self) -> Result<VecDeque<Text>, Drained> {
         let mut g = self.lock();
         if g.overflowed {
-            return Drained::Overflowed;
+            return Err(Drained::Overflowed);
         }
-        out.extend(g.frames.drain(..));
         g.bytes = 0;
-        Drained::Ok
+        Ok(std::mem::take(&mut g.frames))
     }
 
     pub fn is_overflowed(&self) -> bool {
         self.lock().overflowed
     }
 
-    /// Resolves after a push into an empty queue or an overflow. A wake-up hint only:
+    /// Ask the session to close (the server is shutting down). Wakes it like a push.
+    pub fn close(&self) {
+        self.lock().closing = true;
+        self.notify.notify_one();
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.lock().closing
+    }
+
+    /// Resolves after a push into an empty queue, an overflow or a `close`. A wake-up hint only:
     /// the session drains the queue whenever it is idle anyway.
     pub async fn notified(&self) {
         self.notify.notified().await;
@@ -109,8 +121,7 @@ mod tests {
         assert!(o.push("b".into()));
         assert!(!o.push("c".into()));
         assert!(o.is_overflowed());
-        let mut v = Vec::new();
-        assert_eq!(o.drain_into(&mut v), Drained::Overflowed);
+        assert_eq!(o.take(), Err(Drained::Overflowed));
     }
 
     #[test]
@@ -130,14 +141,25 @@ mod tests {
         assert!(!o.is_overflowed());
     }
 
+    #[tokio::test]
+    async fn close_wakes_the_session_and_is_seen() {
+        let o = Outbox::new(10, 100);
+        o.close();
+        tokio::time::timeout(std::time::Duration::from_secs(1), o.notified())
+            .await
+            .expect("close wakes a waiting session");
+        assert!(o.is_closing());
+    }
+
     #[test]
     fn drain_empties_and_keeps_order() {
         let o = Outbox::new(10, 100);
         o.push("a".into());
         o.push("b".into());
-        let mut v = Vec::new();
-        assert_eq!(o.drain_into(&mut v), Drained::Ok);
-        assert_eq!(v, vec![Utf8Bytes::from("a"), Utf8Bytes::from("b")]);
+        assert_eq!(
+            o.take(),
+            Ok(VecDeque::from([Text::from("a"), Text::from("b")]))
+        );
         assert!(o.push("c".into()), "drained queue accepts again");
     }
 }

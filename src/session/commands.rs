@@ -144,7 +144,7 @@ impl Session {
                 return Some(Exit::close(close::NO_HELLO, "no valid hello"));
             }
             Err(e) => {
-                tracing::info!(error = %e, "hello refused");
+                tracing::info!(conn = self.id, error = %e, "hello refused");
                 self.reply_error(
                     id,
                     &CommandError::new(ErrorCode::Unauthorized, e.to_string()),
@@ -153,13 +153,21 @@ impl Session {
             }
         };
         tracing::Span::current().record("user", identity.user.as_str());
+        // The user and name move into the hub's `Conn`; the session keeps only what
+        // it checks later (one copy of each string per connection, not two).
+        let crate::auth::Identity {
+            user,
+            name,
+            exp,
+            rooms: access,
+        } = identity;
         let conn = Arc::new(Conn {
             id: self.id,
-            user: identity.user.clone(),
-            name: identity.name.clone(),
+            user,
+            name,
             outbox: self.outbox.clone(),
         });
-        self.deadline = identity.exp.map(|exp| {
+        self.deadline = exp.map(|exp| {
             let left = (exp + EXP_LEEWAY_SECS).saturating_sub(now_secs());
             Instant::now() + Duration::from_secs(left)
         });
@@ -192,13 +200,13 @@ impl Session {
             .metrics
             .conn_state(Some(ConnState::AwaitingHello), Some(ConnState::Active));
         self.conn = Some(conn);
-        self.identity = Some(identity);
+        self.access = Some(access);
         None
     }
 
     fn may_join(&self, room: &str) -> Result<(), CommandError> {
-        match &self.identity {
-            Some(i) if i.rooms.allows(room) => Ok(()),
+        match &self.access {
+            Some(a) if a.allows(room) => Ok(()),
             _ => Err(CommandError::new(
                 ErrorCode::Forbidden,
                 format!("your token does not allow room {room:?}"),
@@ -206,8 +214,12 @@ impl Session {
         }
     }
 
+    fn in_room(&self, room: &str) -> bool {
+        self.rooms.iter().any(|r| r == room)
+    }
+
     fn joined(&self, room: &str) -> Result<(), CommandError> {
-        if self.rooms.contains(room) {
+        if self.in_room(room) {
             Ok(())
         } else {
             Err(CommandError::new(
@@ -231,20 +243,22 @@ impl Session {
             } => {
                 self.may_join(&room)?;
                 let max = self.state.config.max_rooms_per_conn;
-                if !self.rooms.contains(&room) && self.rooms.len() >= max {
+                if !self.in_room(&room) && self.rooms.len() >= max {
                     return Err(CommandError::new(
                         ErrorCode::TooLarge,
                         format!("a connection may join at most {max} rooms"),
                     ));
                 }
                 hub.join(&conn, id, &room, since, history).await?;
-                self.rooms.insert(room);
+                if !self.in_room(&room) {
+                    self.rooms.push(room);
+                }
                 Ok(())
             }
             Command::Leave { room } => {
                 self.joined(&room)?;
                 hub.leave(&conn, &room);
-                self.rooms.remove(&room);
+                self.rooms.retain(|r| *r != room);
                 #[derive(Serialize)]
                 struct Left<'a> {
                     room: &'a str,

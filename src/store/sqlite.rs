@@ -9,6 +9,7 @@ use super::{
     ChannelInit, ChannelKey, Row7, StoreError, StoredMessage, ensure_dir, new_epoch, to_message,
     to_seq,
 };
+use sqlx::Sqlite;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, SqlitePool};
 use std::path::Path;
@@ -89,8 +90,7 @@ impl SqliteStore {
     }
 
     pub async fn append(&self, batch: &[Arc<StoredMessage>]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        for chunk in batch.chunks(ROWS_PER_INSERT) {
+        fn insert(chunk: &[Arc<StoredMessage>]) -> QueryBuilder<Sqlite> {
             let mut qb = QueryBuilder::new(
                 "INSERT INTO messages (channel, seq, ts, sender, name, text, meta, client_id) ",
             );
@@ -104,7 +104,20 @@ impl SqliteStore {
                     .push_bind(m.meta.as_ref().map(|r| r.get()))
                     .push_bind(m.client_id.as_deref());
             });
-            qb.build().execute(&mut *tx).await?;
+            qb
+        }
+        if batch.len() <= ROWS_PER_INSERT {
+            // One statement is its own transaction in SQLite (all rows or none,
+            // synced before it returns): one round trip to sqlx's worker thread
+            // instead of three (BEGIN, INSERT, COMMIT). Under a saturated CPU each
+            // round trip can wait milliseconds for that thread to be scheduled, and
+            // every message's fan-out waits for this commit.
+            insert(batch).build().execute(&self.pool).await?;
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for chunk in batch.chunks(ROWS_PER_INSERT) {
+            insert(chunk).build().execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())

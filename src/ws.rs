@@ -1,0 +1,819 @@
+//! RFC 6455 on the server side: the opening handshake's checks and answer, client
+//! frames in, server frames out.
+//!
+//! Owns: validating the upgrade request and deriving `Sec-WebSocket-Accept`;
+//! parsing client frames (masking, reserved bits, opcodes, fragmentation, control
+//! frames, the close frame's code and reason, UTF-8 of text messages, the message
+//! size cap) and writing server frames. Must not: know the chat protocol (it moves
+//! text messages and control frames, nothing else) or decide when to close (it
+//! reports what the peer did wrong with the RFC close code to use; the session
+//! decides).
+//!
+//! Written by hand rather than with tungstenite because per-connection memory and
+//! per-delivery CPU are where Hubbub competes. tungstenite keeps a read buffer and a
+//! write buffer for the whole life of every connection (the read buffer zero-filled
+//! before each read) and copies every outgoing frame into its write buffer. Here:
+//! - an idle connection holds no buffer at all: bytes are read into a stack buffer,
+//!   and only a frame that arrives in pieces (or a read that holds more than one
+//!   message) is kept, in a buffer freed as soon as it is parsed;
+//! - an outgoing text frame is a 2–10-byte header plus the payload [`Text`] that
+//!   every receiver shares (encoded once by the hub); a connection's queued frames
+//!   leave in one vectored write (`writev`) of up to [`MAX_FRAMES_PER_WRITE`]
+//!   frames, copying nothing.
+
+use crate::protocol::close;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use base64::Engine as _;
+use bytes::Bytes;
+use sha1::{Digest, Sha1};
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Frames handed to one `writev` at most (two slices each: header and payload).
+pub const MAX_FRAMES_PER_WRITE: usize = 64;
+/// Bytes read per read call. On the stack of the reading poll, not per connection.
+const READ_CHUNK: usize = 4096;
+
+const OP_CONTINUATION: u8 = 0x0;
+const OP_TEXT: u8 = 0x1;
+const OP_BINARY: u8 = 0x2;
+const OP_CLOSE: u8 = 0x8;
+const OP_PING: u8 = 0x9;
+const OP_PONG: u8 = 0xA;
+
+/// UTF-8 text, encoded once and shared by every connection it is sent to (cloning
+/// is a reference count). Only built from `String`/`&'static str`, so it is
+/// always valid UTF-8, which is what a text frame must carry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Text(Bytes);
+
+impl Text {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl From<String> for Text {
+    fn from(s: String) -> Self {
+        Text(Bytes::from(s))
+    }
+}
+
+impl From<&'static str> for Text {
+    fn from(s: &'static str) -> Self {
+        Text(Bytes::from_static(s.as_bytes()))
+    }
+}
+
+/// Texts joined into one, newline-separated (a `batch: true` frame). Still valid
+/// UTF-8: a concatenation of valid UTF-8 and `\n`.
+#[derive(Default)]
+pub struct Lines(Vec<u8>);
+
+impl Lines {
+    pub fn push(&mut self, t: &Text) {
+        if !self.0.is_empty() {
+            self.0.push(b'\n');
+        }
+        self.0.extend_from_slice(&t.0);
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    pub fn into_text(self) -> Text {
+        Text(Bytes::from(self.0))
+    }
+}
+
+/// Why an upgrade request is refused, with the HTTP status that says so.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HandshakeError {
+    #[error("a WebSocket handshake must be a GET request")]
+    MethodNotGet,
+    #[error("the Connection header must include \"upgrade\"")]
+    ConnectionHeader,
+    #[error("the Upgrade header must be \"websocket\"")]
+    UpgradeHeader,
+    #[error("Sec-WebSocket-Version must be 13")]
+    Version,
+    #[error("Sec-WebSocket-Key is missing or not 16 bytes in base64")]
+    Key,
+}
+
+impl HandshakeError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            HandshakeError::MethodNotGet => StatusCode::METHOD_NOT_ALLOWED,
+            // RFC 6455 §4.2.2: an unsupported version gets 426 and the versions we speak.
+            HandshakeError::Version => StatusCode::UPGRADE_REQUIRED,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+/// Check an upgrade request (RFC 6455 §4.2.1) and return the `Sec-WebSocket-Accept`
+/// value to answer it with.
+pub fn accept(method: &Method, headers: &HeaderMap) -> Result<HeaderValue, HandshakeError> {
+    if method != Method::GET {
+        return Err(HandshakeError::MethodNotGet);
+    }
+    if !header_has_token(headers, header::CONNECTION, "upgrade") {
+        return Err(HandshakeError::ConnectionHeader);
+    }
+    if !header_has_token(headers, header::UPGRADE, "websocket") {
+        return Err(HandshakeError::UpgradeHeader);
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        return Err(HandshakeError::Version);
+    }
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .ok_or(HandshakeError::Key)?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(key.as_bytes())
+        .map_err(|_| HandshakeError::Key)?;
+    if decoded.len() != 16 {
+        return Err(HandshakeError::Key);
+    }
+    Ok(accept_key(key.as_bytes()))
+}
+
+/// base64(SHA-1(key + the RFC's GUID)).
+fn accept_key(key: &[u8]) -> HeaderValue {
+    let mut sha = Sha1::new();
+    sha.update(key);
+    sha.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    let encoded = base64::engine::general_purpose::STANDARD.encode(sha.finalize());
+    // base64 is always a valid header value.
+    HeaderValue::from_str(&encoded).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// What the peer did wrong, or that it is gone.
+#[derive(Debug, thiserror::Error)]
+pub enum WsError {
+    #[error("connection error: {0}")]
+    Io(#[from] io::Error),
+    #[error("the peer closed the TCP connection")]
+    Eof,
+    #[error("protocol error: {0}")]
+    Protocol(&'static str),
+    #[error("a text message or close reason is not valid UTF-8")]
+    Utf8,
+    #[error("message larger than {0} bytes")]
+    TooBig(usize),
+}
+
+impl WsError {
+    /// The close code (RFC 6455 §7.4.1) and reason to answer with; `None` when the
+    /// connection is simply gone.
+    pub fn close(&self) -> Option<(u16, &'static str)> {
+        match *self {
+            WsError::Io(_) | WsError::Eof => None,
+            WsError::Protocol(why) => Some((close::PROTOCOL_ERROR, why)),
+            WsError::Utf8 => Some((close::INVALID_UTF8, "invalid UTF-8")),
+            WsError::TooBig(_) => Some((close::TOO_BIG, "message too big")),
+        }
+    }
+
+    /// Just the code of [`close`](Self::close).
+    pub fn close_code(&self) -> Option<u16> {
+        self.close().map(|(code, _)| code)
+    }
+}
+
+/// A complete message or control frame from the peer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Incoming {
+    Text(String),
+    Binary,
+    Ping(Bytes),
+    Pong,
+    /// The peer's close frame, with its status code if it gave one.
+    Close(Option<u16>),
+}
+
+/// A server frame waiting to be written: header and (shared) payload.
+struct OutFrame {
+    head: [u8; 10],
+    head_len: u8,
+    body: Bytes,
+}
+
+impl OutFrame {
+    fn new(opcode: u8, body: Bytes) -> Self {
+        let len = body.len();
+        let mut head = [0u8; 10];
+        head[0] = 0x80 | opcode; // FIN: we never fragment
+        let head_len = if len < 126 {
+            head[1] = len as u8;
+            2
+        } else if let Ok(len16) = u16::try_from(len) {
+            head[1] = 126;
+            head[2..4].copy_from_slice(&len16.to_be_bytes());
+            4
+        } else {
+            head[1] = 127;
+            head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+            10
+        };
+        OutFrame {
+            head,
+            head_len,
+            body,
+        }
+    }
+
+    fn head(&self) -> &[u8] {
+        &self.head[..usize::from(self.head_len)]
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.head_len) + self.body.len()
+    }
+}
+
+/// One WebSocket connection after the handshake.
+pub struct WsStream<S> {
+    io: S,
+    /// Bytes of frames not yet complete. Empty (no allocation) between messages.
+    rbuf: Vec<u8>,
+    /// A fragmented message being assembled: its opcode and payload so far.
+    partial: Option<(u8, Vec<u8>)>,
+    max_message: usize,
+    /// Frames queued for writing. Its allocation is dropped once it drains.
+    out: VecDeque<OutFrame>,
+    /// Bytes of `out[0]` already written.
+    written: usize,
+    /// A write went out since the last flush.
+    unflushed: bool,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
+    pub fn new(io: S, max_message: usize) -> Self {
+        WsStream {
+            io,
+            rbuf: Vec::new(),
+            partial: None,
+            max_message,
+            out: VecDeque::new(),
+            written: 0,
+            unflushed: false,
+        }
+    }
+
+    /// Queue a text frame (written by the next [`next`](Self::next) or
+    /// [`flush`](Self::flush)).
+    pub fn push_text(&mut self, text: Text) {
+        self.out.push_back(OutFrame::new(OP_TEXT, text.0));
+    }
+
+    pub fn push_ping(&mut self) {
+        self.out.push_back(OutFrame::new(OP_PING, Bytes::new()));
+    }
+
+    /// Queue a Pong. At most one waits at a time: a newer Ping's payload replaces
+    /// the waiting one's (RFC 6455 §5.5.3 allows answering only the most recent), so a
+    /// peer that pings without reading cannot grow the queue.
+    pub fn push_pong(&mut self, payload: Bytes) {
+        let frame = OutFrame::new(OP_PONG, payload);
+        let first_untouched = usize::from(self.written > 0);
+        if let Some(waiting) = self
+            .out
+            .iter_mut()
+            .skip(first_untouched)
+            .find(|f| f.head[0] & 0x0F == OP_PONG)
+        {
+            *waiting = frame;
+        } else {
+            self.out.push_back(frame);
+        }
+    }
+
+    /// Room for `n` more frames, so a burst is queued with one allocation.
+    pub fn reserve(&mut self, n: usize) {
+        self.out.reserve(n);
+    }
+
+    /// Drop every queued frame except one already partly written (which must be
+    /// finished, or the stream would be corrupt).
+    pub fn discard_queued(&mut self) {
+        let started = if self.written > 0 {
+            self.out.pop_front()
+        } else {
+            None
+        };
+        self.out.clear();
+        self.out.extend(started);
+    }
+
+    /// Queue a close frame; `None` sends one without a status code.
+    pub fn push_close(&mut self, code: Option<u16>, reason: &str) {
+        let body = match code {
+            None => Bytes::new(),
+            Some(code) => {
+                let mut b = Vec::with_capacity(2 + reason.len().min(123));
+                b.extend_from_slice(&code.to_be_bytes());
+                // A control frame's payload is at most 125 bytes; cut on a char boundary.
+                let mut cut = reason.len().min(123);
+                while !reason.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                b.extend_from_slice(&reason.as_bytes()[..cut]);
+                Bytes::from(b)
+            }
+        };
+        self.out.push_back(OutFrame::new(OP_CLOSE, body));
+    }
+
+    /// Frames queued and not yet fully written.
+    pub fn queued(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Write every queued frame and flush. Cancellation-safe: what was written stays
+    /// written, the rest stays queued.
+    pub async fn flush(&mut self) -> io::Result<()> {
+        poll_fn(|cx| self.poll_write(cx)).await
+    }
+
+    /// Write what is queued and read. Returns the next message from the peer, or
+    /// `None` once everything queued has been written (so the caller can queue
+    /// more). Both directions are tried on every poll, so a reader that keeps the
+    /// queue full cannot starve reading, nor the other way round.
+    /// Cancellation-safe: partial frames stay buffered in `self`.
+    pub async fn next(&mut self) -> Result<Option<Incoming>, WsError> {
+        poll_fn(|cx| {
+            let mut drained = false;
+            if !self.out.is_empty() || self.unflushed {
+                match self.poll_write(cx) {
+                    Poll::Ready(Ok(())) => drained = true,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(WsError::Io(e))),
+                    Poll::Pending => {}
+                }
+            }
+            match self.poll_read(cx) {
+                Poll::Ready(r) => Poll::Ready(r.map(Some)),
+                Poll::Pending if drained => Poll::Ready(Ok(None)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let WsStream {
+            io, out, written, ..
+        } = self;
+        while !out.is_empty() {
+            let mut slices = [IoSlice::new(&[]); 2 * MAX_FRAMES_PER_WRITE];
+            let mut n = 0;
+            let mut skip = *written;
+            for f in out.iter().take(MAX_FRAMES_PER_WRITE) {
+                let head = f.head();
+                if skip < head.len() {
+                    slices[n] = IoSlice::new(&head[skip..]);
+                    slices[n + 1] = IoSlice::new(&f.body);
+                    n += 2;
+                } else {
+                    slices[n] = IoSlice::new(&f.body[skip - head.len()..]);
+                    n += 1;
+                }
+                skip = 0;
+            }
+            let mut wrote = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n]))?;
+            if wrote == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.unflushed = true;
+            while wrote > 0 {
+                let Some(front) = out.front() else { break };
+                let left = front.len() - *written;
+                if wrote >= left {
+                    wrote -= left;
+                    *written = 0;
+                    out.pop_front();
+                } else {
+                    *written += wrote;
+                    wrote = 0;
+                }
+            }
+        }
+        if self.unflushed {
+            // A no-op on TCP; TLS needs it to push its records out.
+            ready!(Pin::new(&mut *io).poll_flush(cx))?;
+            self.unflushed = false;
+        }
+        if out.capacity() > 0 {
+            // Idle connections keep no queue allocation.
+            *out = VecDeque::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<Incoming, WsError>> {
+        loop {
+            if let Some(msg) = self.parse()? {
+                return Poll::Ready(Ok(msg));
+            }
+            let mut chunk = [0u8; READ_CHUNK];
+            let mut rb = ReadBuf::new(&mut chunk);
+            ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb))?;
+            if rb.filled().is_empty() {
+                return Poll::Ready(Err(WsError::Eof));
+            }
+            self.rbuf.extend_from_slice(rb.filled());
+        }
+    }
+
+    /// Take one complete message or control frame out of `rbuf`, if there is one.
+    fn parse(&mut self) -> Result<Option<Incoming>, WsError> {
+        loop {
+            let Some(frame) = parse_header(&self.rbuf)? else {
+                return Ok(None);
+            };
+            let data = frame.opcode < OP_CLOSE;
+            if data {
+                let so_far = self.partial.as_ref().map_or(0, |p| p.1.len());
+                if frame.len.saturating_add(so_far as u64) > self.max_message as u64 {
+                    return Err(WsError::TooBig(self.max_message));
+                }
+                match (frame.opcode, &self.partial) {
+                    (OP_CONTINUATION, None) => {
+                        return Err(WsError::Protocol("continuation frame without a message"));
+                    }
+                    (OP_TEXT | OP_BINARY, Some(_)) => {
+                        return Err(WsError::Protocol(
+                            "new message before the previous one's last fragment",
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+            // Bounded above by max_message (data) or 125 (control), so it fits.
+            let len = usize::try_from(frame.len).map_err(|_| WsError::TooBig(self.max_message))?;
+            let total = frame.header_len + len;
+            if self.rbuf.len() < total {
+                self.rbuf.reserve(total - self.rbuf.len());
+                return Ok(None);
+            }
+            let payload = &mut self.rbuf[frame.header_len..total];
+            unmask(payload, frame.mask);
+            let msg = match frame.opcode {
+                OP_CLOSE => Some(parse_close(payload)?),
+                OP_PING => Some(Incoming::Ping(Bytes::copy_from_slice(payload))),
+                OP_PONG => Some(Incoming::Pong),
+                op => match (&mut self.partial, frame.fin) {
+                    (None, true) => Some(complete(op, payload.to_vec())?),
+                    (None, false) => {
+                        self.partial = Some((op, payload.to_vec()));
+                        None
+                    }
+                    (Some((_, so_far)), _) => {
+                        so_far.extend_from_slice(payload);
+                        match self.partial.take() {
+                            Some((op, all)) if frame.fin => Some(complete(op, all)?),
+                            keep => {
+                                self.partial = keep;
+                                None
+                            }
+                        }
+                    }
+                },
+            };
+            self.rbuf.drain(..total);
+            if self.rbuf.is_empty() {
+                // Free it: an idle connection holds no read buffer.
+                self.rbuf = Vec::new();
+            }
+            if msg.is_some() {
+                return Ok(msg);
+            }
+        }
+    }
+}
+
+struct Header {
+    fin: bool,
+    opcode: u8,
+    len: u64,
+    mask: [u8; 4],
+    header_len: usize,
+}
+
+/// Parse a client frame's header; `None` until all of it has arrived.
+fn parse_header(buf: &[u8]) -> Result<Option<Header>, WsError> {
+    let (Some(&b0), Some(&b1)) = (buf.first(), buf.get(1)) else {
+        return Ok(None);
+    };
+    if b0 & 0x70 != 0 {
+        return Err(WsError::Protocol("reserved bits set without an extension"));
+    }
+    let fin = b0 & 0x80 != 0;
+    let opcode = b0 & 0x0F;
+    if b1 & 0x80 == 0 {
+        return Err(WsError::Protocol("client frames must be masked"));
+    }
+    let (len, at) = match b1 & 0x7F {
+        126 => match buf.get(2..4) {
+            Some(b) => (u64::from(u16::from_be_bytes([b[0], b[1]])), 4),
+            None => return Ok(None),
+        },
+        127 => match buf.get(2..10).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
+            Some(b) => (u64::from_be_bytes(b), 10),
+            None => return Ok(None),
+        },
+        l => (u64::from(l), 2),
+    };
+    if len >> 63 != 0 {
+        return Err(WsError::Protocol("frame length with the top bit set"));
+    }
+    match opcode {
+        OP_CONTINUATION | OP_TEXT | OP_BINARY => {}
+        OP_CLOSE | OP_PING | OP_PONG => {
+            if !fin {
+                return Err(WsError::Protocol("fragmented control frame"));
+            }
+            if len > 125 {
+                return Err(WsError::Protocol("control frame longer than 125 bytes"));
+            }
+        }
+        _ => return Err(WsError::Protocol("unknown opcode")),
+    }
+    let Some(mask) = buf
+        .get(at..at + 4)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+    else {
+        return Ok(None);
+    };
+    Ok(Some(Header {
+        fin,
+        opcode,
+        len,
+        mask,
+        header_len: at + 4,
+    }))
+}
+
+fn unmask(payload: &mut [u8], mask: [u8; 4]) {
+    let word = u32::from_ne_bytes(mask);
+    let mut chunks = payload.chunks_exact_mut(4);
+    for c in &mut chunks {
+        let v = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]) ^ word;
+        c.copy_from_slice(&v.to_ne_bytes());
+    }
+    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
+        *b ^= mask[i];
+    }
+}
+
+fn complete(opcode: u8, payload: Vec<u8>) -> Result<Incoming, WsError> {
+    if opcode == OP_TEXT {
+        String::from_utf8(payload)
+            .map(Incoming::Text)
+            .map_err(|_| WsError::Utf8)
+    } else {
+        Ok(Incoming::Binary)
+    }
+}
+
+/// A close frame's payload: nothing, or a valid code and a UTF-8 reason.
+fn parse_close(payload: &[u8]) -> Result<Incoming, WsError> {
+    match payload {
+        [] => Ok(Incoming::Close(None)),
+        [_] => Err(WsError::Protocol("close frame with a one-byte payload")),
+        [hi, lo, reason @ ..] => {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            // RFC 6455 §7.4: codes a peer may send (1004–1006 and 1015 are reserved).
+            if !matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999) {
+                return Err(WsError::Protocol("invalid close code"));
+            }
+            std::str::from_utf8(reason).map_err(|_| WsError::Utf8)?;
+            Ok(Incoming::Close(Some(code)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+
+    fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        let mut f = vec![first];
+        match payload.len() {
+            n if n < 126 => f.push(0x80 | n as u8),
+            n if n <= 0xFFFF => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(0x80 | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(&mask);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        f
+    }
+
+    #[test]
+    fn accept_key_matches_the_rfc_example() {
+        // RFC 6455 §1.3.
+        assert_eq!(
+            accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+
+    #[tokio::test]
+    async fn a_message_split_over_many_reads_and_fragments_is_reassembled() {
+        let (mut client, server) = duplex(64);
+        let mut ws = WsStream::new(server, 1 << 20);
+        let text = "é".repeat(40_000); // 80,000 bytes: 64-bit length, many reads
+        let mut bytes = masked(0x01, &text.as_bytes()[..30_001]); // text, not FIN; splits a char
+        bytes.extend(masked(0x89, b"mid")); // a ping between fragments
+        bytes.extend(masked(0x80, &text.as_bytes()[30_001..])); // continuation, FIN
+        let writer = tokio::spawn(async move { client.write_all(&bytes).await.map(|_| client) });
+        assert_eq!(
+            ws.next().await.unwrap(),
+            Some(Incoming::Ping(Bytes::from_static(b"mid")))
+        );
+        assert_eq!(ws.next().await.unwrap(), Some(Incoming::Text(text)));
+        assert_eq!(
+            ws.rbuf.capacity(),
+            0,
+            "no read buffer kept between messages"
+        );
+        drop(writer.await);
+    }
+
+    #[tokio::test]
+    async fn a_frame_over_the_size_cap_is_refused_from_its_header() {
+        let (mut client, server) = duplex(1024);
+        let mut ws = WsStream::new(server, 100);
+        // Only the header of a 1 MB frame: refused before the payload arrives.
+        client
+            .write_all(&[0x81, 0x80 | 127, 0, 0, 0, 0, 0, 0x10, 0, 0, 1, 2, 3, 4])
+            .await
+            .unwrap();
+        let err = ws.next().await.unwrap_err();
+        assert_eq!(err.close_code(), Some(1009));
+    }
+
+    #[tokio::test]
+    async fn fragments_adding_up_past_the_cap_are_refused() {
+        let (mut client, server) = duplex(1024);
+        let mut ws = WsStream::new(server, 100);
+        let mut bytes = masked(0x01, &[b'a'; 60]);
+        bytes.extend(masked(0x80, &[b'a'; 60]));
+        client.write_all(&bytes).await.unwrap();
+        assert_eq!(ws.next().await.unwrap_err().close_code(), Some(1009));
+    }
+
+    #[tokio::test]
+    async fn unmasked_client_frames_are_a_protocol_error() {
+        let (mut client, server) = duplex(1024);
+        let mut ws = WsStream::new(server, 100);
+        client.write_all(&[0x81, 0x02, b'{', b'}']).await.unwrap();
+        assert_eq!(ws.next().await.unwrap_err().close_code(), Some(1002));
+    }
+
+    #[tokio::test]
+    async fn a_continuation_without_a_message_is_a_protocol_error() {
+        let (mut client, server) = duplex(1024);
+        let mut ws = WsStream::new(server, 100);
+        client.write_all(&masked(0x80, b"x")).await.unwrap();
+        assert_eq!(ws.next().await.unwrap_err().close_code(), Some(1002));
+    }
+
+    #[tokio::test]
+    async fn a_new_message_inside_a_fragmented_one_is_a_protocol_error() {
+        let (mut client, server) = duplex(1024);
+        let mut ws = WsStream::new(server, 100);
+        let mut bytes = masked(0x01, b"a");
+        bytes.extend(masked(0x81, b"b"));
+        client.write_all(&bytes).await.unwrap();
+        assert_eq!(ws.next().await.unwrap_err().close_code(), Some(1002));
+    }
+
+    #[tokio::test]
+    async fn close_codes_and_reasons_are_checked() {
+        for (payload, want) in [
+            (vec![], Ok(Some(Incoming::Close(None)))),
+            (vec![0x03, 0xE8], Ok(Some(Incoming::Close(Some(1000))))),
+            (
+                vec![0x0F, 0xA0, b'o', b'k'],
+                Ok(Some(Incoming::Close(Some(4000)))),
+            ),
+            (vec![0x03], Err(1002)),
+            (vec![0x03, 0xED], Err(1002)), // 1005 may not be sent
+            (vec![0x03, 0xE8, 0xff], Err(1007)),
+        ] {
+            let (mut client, server) = duplex(1024);
+            let mut ws = WsStream::new(server, 100);
+            client.write_all(&masked(0x88, &payload)).await.unwrap();
+            let got = ws.next().await.map_err(|e| e.close_code().unwrap_or(0));
+            assert_eq!(got, want, "close payload {payload:?}");
+        }
+    }
+
+    #[test]
+    fn only_one_pong_waits_and_it_answers_the_latest_ping() {
+        let (_client, server) = duplex(64);
+        let mut ws = WsStream::new(server, 100);
+        ws.push_text(Text::from("a"));
+        for i in 0..100u8 {
+            ws.push_pong(Bytes::from(vec![i]));
+        }
+        assert_eq!(ws.queued(), 2);
+        assert_eq!(&ws.out[1].body[..], &[99]);
+    }
+
+    #[test]
+    fn discarding_keeps_only_a_partly_written_frame() {
+        let (_client, server) = duplex(64);
+        let mut ws = WsStream::new(server, 100);
+        ws.push_text(Text::from("first"));
+        ws.push_text(Text::from("second"));
+        ws.written = 3;
+        ws.discard_queued();
+        assert_eq!(ws.queued(), 1);
+        assert_eq!(&ws.out[0].body[..], b"first");
+        ws.written = 0;
+        ws.discard_queued();
+        assert_eq!(ws.queued(), 0);
+    }
+
+    #[tokio::test]
+    async fn queued_frames_leave_in_order_with_correct_headers() {
+        let (mut client, server) = duplex(1 << 20);
+        let mut ws = WsStream::new(server, 100);
+        let big: String = "x".repeat(70_000);
+        for i in 0..(MAX_FRAMES_PER_WRITE + 5) {
+            ws.push_text(Text::from(format!("m{i}")));
+        }
+        ws.push_text(Text::from(big.clone()));
+        ws.push_text(Text::from("y".repeat(300)));
+        ws.push_close(Some(1001), "bye");
+        ws.flush().await.unwrap();
+        assert_eq!(ws.queued(), 0);
+        drop(ws);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        let mut at = 0;
+        let mut frames = Vec::new();
+        while at < got.len() {
+            let (op, len, hl) = match got[at + 1] {
+                126 => (
+                    got[at],
+                    u16::from_be_bytes([got[at + 2], got[at + 3]]) as usize,
+                    4,
+                ),
+                127 => (
+                    got[at],
+                    u64::from_be_bytes(got[at + 2..at + 10].try_into().unwrap()) as usize,
+                    10,
+                ),
+                n => (got[at], n as usize, 2),
+            };
+            frames.push((op, got[at + hl..at + hl + len].to_vec()));
+            at += hl + len;
+        }
+        assert_eq!(frames.len(), MAX_FRAMES_PER_WRITE + 8);
+        assert_eq!(frames[0], (0x81, b"m0".to_vec()));
+        assert_eq!(
+            frames[MAX_FRAMES_PER_WRITE + 4],
+            (0x81, format!("m{}", MAX_FRAMES_PER_WRITE + 4).into_bytes())
+        );
+        assert_eq!(frames[MAX_FRAMES_PER_WRITE + 5], (0x81, big.into_bytes()));
+        assert_eq!(frames[MAX_FRAMES_PER_WRITE + 6].1.len(), 300);
+        assert_eq!(
+            frames[MAX_FRAMES_PER_WRITE + 7],
+            (0x88, b"\x03\xe9bye".to_vec())
+        );
+    }
+}
