@@ -127,47 +127,67 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             guests = config.guests,
             "hubbub listening"
         );
+        // The handlers are installed before the "listening" line: until then a
+        // SIGHUP or SIGTERM takes its default action and kills the process, and
+        // whoever read the line (a test, a supervisor) may signal at once.
+        let signals = Signals::install().context("installing the signal handlers")?;
+        tokio::spawn(signals.run(shutdown, server.tls()));
         // Tests and scripts read this line to find the port when listening on :0.
         println!("hubbub listening on http://{addr}");
         let _ = std::io::stdout().flush();
-        tokio::spawn(signals(shutdown));
-        if let Some(tls) = server.tls() {
-            tokio::spawn(reload_on_sighup(tls));
-        }
         server.run().await?;
         Ok(())
     })
 }
 
-async fn signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM");
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
-    }
-    shutdown.cancel();
+/// The process's signal handlers: SIGTERM and Ctrl-C start the drain; SIGHUP
+/// re-reads the TLS certificate and key (new connections use them, established ones
+/// are untouched, a bad file keeps the old certificate) and is otherwise logged and
+/// ignored, so a `kill -HUP` meant as "reload" never stops a plain-HTTP server.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
-/// SIGHUP re-reads the TLS certificate and key; new connections use them,
-/// established ones are untouched. A bad file keeps the old certificate.
-async fn reload_on_sighup(tls: std::sync::Arc<hubbub::tls::TlsCerts>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::error!("cannot listen for SIGHUP; certificate reload disabled");
-        return;
-    };
-    while hup.recv().await.is_some() {
-        match tls.reload() {
-            Ok(()) => tracing::info!("TLS certificate reloaded"),
-            Err(e) => tracing::error!(error = %e, "TLS reload failed; keeping the old certificate"),
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    async fn run(
+        mut self,
+        shutdown: CancellationToken,
+        tls: Option<std::sync::Arc<hubbub::tls::TlsCerts>>,
+    ) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => {
+                    tracing::info!("SIGTERM received");
+                    break;
+                }
+                _ = self.int.recv() => {
+                    tracing::info!("interrupt received");
+                    break;
+                }
+                _ = self.hup.recv() => match &tls {
+                    Some(tls) => match tls.reload() {
+                        Ok(()) => tracing::info!("TLS certificate reloaded"),
+                        Err(e) => tracing::error!(
+                            error = %e,
+                            "TLS reload failed; keeping the old certificate"
+                        ),
+                    },
+                    None => tracing::info!("SIGHUP received; nothing to reload without TLS"),
+                },
+            }
         }
+        shutdown.cancel();
     }
 }
 

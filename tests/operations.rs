@@ -174,6 +174,19 @@ async fn a_bad_certificate_on_sighup_keeps_the_old_one() {
 }
 
 #[tokio::test]
+async fn a_sighup_the_moment_the_server_says_it_listens_does_not_stop_it() {
+    // Without TLS there is nothing to reload; the signal must still not take its
+    // default action (terminate), even when it arrives right after the listening line.
+    let s = Server::start(&[]).await;
+    signal(s.pid(), "HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut c = s.guest("after-hup").await;
+    let joined = c.request(json!({"type": "join", "room": "r"})).await;
+    assert_eq!(joined["type"], "joined", "{joined}");
+    assert!(s.log().contains("nothing to reload"), "{}", s.log());
+}
+
+#[tokio::test]
 async fn a_drain_of_2000_connections_at_500_per_second_spreads_closes_over_about_4_seconds() {
     let mut s = Server::start(&["--drain-rate", "500", "--rate-limit", "1000"]).await;
     let mut closers = Vec::new();
