@@ -33,7 +33,16 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
         )?
         .install_recorder()?;
     describe();
+    metrics_process::Collector::default().describe();
     Ok(handle)
+}
+
+/// Update the standard Prometheus process metrics (`process_resident_memory_bytes`,
+/// `process_cpu_seconds_total`, `process_open_fds`, `process_max_fds`,
+/// `process_threads`, …) from /proc. Called on each scrape of `/metrics`, so they
+/// are as fresh as the scrape; `hubbub-bench` reads them when it has no PID.
+pub fn collect_process() {
+    metrics_process::Collector::default().collect();
 }
 
 fn describe() {

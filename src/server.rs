@@ -508,11 +508,14 @@ async fn readyz(State((state, _)): State<Shared>) -> Response {
 
 async fn metrics_handler(State((state, _)): State<Shared>) -> Response {
     match &state.prometheus {
-        Some(h) => (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            h.render(),
-        )
-            .into_response(),
+        Some(h) => {
+            crate::metrics::collect_process();
+            (
+                [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                h.render(),
+            )
+                .into_response()
+        }
         None => (StatusCode::NOT_FOUND, "metrics are not enabled\n").into_response(),
     }
 }

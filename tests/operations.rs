@@ -512,6 +512,24 @@ async fn metrics_cover_connections_messages_queues_closes_store_and_broker() {
 }
 
 #[tokio::test]
+async fn metrics_include_the_process_memory_cpu_and_file_descriptors() {
+    let s = Server::start(&[]).await;
+    let _c = s.guest("someone").await;
+    let (_, body) = s.http_get("/metrics").await;
+    let value = |name: &str| -> f64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics"))
+    };
+    assert!(value("process_resident_memory_bytes") > f64::from(1u32 << 20));
+    assert!(value("process_cpu_seconds_total") >= 0.0);
+    // The listener, the client's socket and the database at least.
+    assert!(value("process_open_fds") >= 3.0);
+    assert!(value("process_max_fds") >= value("process_open_fds"));
+}
+
+#[tokio::test]
 async fn every_metric_the_grafana_dashboard_queries_is_exported() {
     let dashboard: Value = serde_json::from_str(
         &std::fs::read_to_string(

@@ -12,6 +12,7 @@
 //! also reported split into same-node and cross-node deliveries.
 
 use crate::client::{self, Frame, Target};
+use crate::probe::Probe;
 use bytes::{Buf, BytesMut};
 use hdrhistogram::Histogram;
 use std::collections::HashMap;
@@ -223,7 +224,7 @@ impl Rig {
         rate: f64,
         warmup: Duration,
         measure: Duration,
-        pid: Option<u32>,
+        probe: &Probe,
         progress: bool,
     ) -> anyhow::Result<StepResult> {
         let s = &self.shared;
@@ -288,7 +289,7 @@ impl Rig {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let now = s.now_ns();
             if cpu_at_begin.is_none() && now >= begin {
-                cpu_at_begin = pid.map(client::cpu_seconds).transpose()?;
+                cpu_at_begin = Some(probe.sample_or_say().await.map(|x| x.cpu_seconds));
             }
             let seen = s.seen.load(Ordering::Relaxed);
             if progress {
@@ -307,7 +308,7 @@ impl Rig {
                 break;
             }
         }
-        let cpu_at_end = pid.map(client::cpu_seconds).transpose()?;
+        let cpu_at_end = probe.sample_or_say().await.map(|x| x.cpu_seconds);
         for t in send_tasks {
             let _ = t.await;
         }
@@ -338,7 +339,7 @@ impl Rig {
             })
         };
         let (same_node, cross_node) = (split(&s.hist_same), split(&s.hist_cross));
-        let server_cpu_us_per_delivery = match (cpu_at_begin, cpu_at_end) {
+        let server_cpu_us_per_delivery = match (cpu_at_begin.flatten(), cpu_at_end) {
             (Some(a), Some(b)) if received > 0 => Some((b - a) * 1e6 / received as f64),
             _ => None,
         };

@@ -7,12 +7,14 @@
 //!   hubbub-bench fanout ... --ramp            # step the rate up until a step fails
 //!   hubbub-bench acks   --url ws://127.0.0.1:8080/ws --rate 1000
 //!
+//! Without `--pid`, the server's RSS and CPU come from its `/metrics`.
 //! The server must allow the senders' rate (`hubbub --rate-limit`). Progress goes to
 //! stderr; the final table (or one JSON line with `--json`) to stdout.
 
 mod client;
 mod fanout;
 mod floor;
+mod probe;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -55,7 +57,9 @@ struct Common {
     /// into same-node and cross-node deliveries.
     #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
     url: String,
-    /// The server's PID, for RSS and CPU figures from /proc.
+    /// The server's PID, for RSS and CPU figures from /proc. Without it they come
+    /// from each node's /metrics (process_resident_memory_bytes,
+    /// process_cpu_seconds_total), summed over the nodes.
     #[arg(long)]
     pid: Option<u32>,
     /// One JSON line instead of the table.
@@ -161,7 +165,8 @@ fn check_nofile(needed: usize) -> anyhow::Result<()> {
 async fn idle(a: IdleArgs) -> anyhow::Result<()> {
     check_nofile(a.conns)?;
     let targets = a.common.targets()?;
-    let before = a.common.pid.map(client::rss_bytes).transpose()?;
+    let probe = probe::Probe::new(a.common.pid, &targets);
+    let before = probe.sample_or_say().await.map(|s| s.rss_bytes);
     let started = Instant::now();
     let plan = fanout::Plan {
         conns: a.conns,
@@ -173,7 +178,7 @@ async fn idle(a: IdleArgs) -> anyhow::Result<()> {
     let rig = fanout::Rig::open(&targets, plan, !a.common.json).await?;
     let opened = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(a.hold)).await;
-    let after = a.common.pid.map(client::rss_bytes).transpose()?;
+    let after = probe.sample_or_say().await.map(|s| s.rss_bytes);
     let per_conn = match (before, after) {
         (Some(b), Some(a2)) => Some((a2.saturating_sub(b)) as f64 / a.conns as f64),
         _ => None,
@@ -183,7 +188,8 @@ async fn idle(a: IdleArgs) -> anyhow::Result<()> {
         println!(
             "{}",
             json!({"mode": "idle", "conns": a.conns, "rooms": a.rooms, "open_seconds": opened,
-                   "rss_before": before, "rss_after": after, "rss_bytes_per_conn": per_conn})
+                   "rss_before": before, "rss_after": after, "rss_bytes_per_conn": per_conn,
+                   "server_figures": per_conn.map(|_| probe.source())})
         );
     } else {
         println!("mode            idle");
@@ -195,13 +201,19 @@ async fn idle(a: IdleArgs) -> anyhow::Result<()> {
         match (before, after, per_conn) {
             (Some(b), Some(a2), Some(p)) => {
                 println!(
-                    "server RSS      {:.1} MiB -> {:.1} MiB",
+                    "server RSS      {:.1} MiB -> {:.1} MiB (from {})",
                     b as f64 / 1048576.0,
-                    a2 as f64 / 1048576.0
+                    a2 as f64 / 1048576.0,
+                    match probe {
+                        probe::Probe::Pid(_) => "/proc/PID/status",
+                        probe::Probe::Metrics(_) => "/metrics",
+                    }
                 );
                 println!("RSS per conn    {p:.0} bytes");
             }
-            _ => println!("server RSS      (give --pid for RSS figures)"),
+            _ => println!(
+                "server RSS      unavailable (no --pid, and /metrics gave no process figures)"
+            ),
         }
     }
     Ok(())
@@ -260,6 +272,7 @@ async fn fanout_mode(a: FanoutArgs) -> anyhow::Result<()> {
         text_bytes: a.size,
     };
     let progress = !a.common.json;
+    let probe = probe::Probe::new(a.common.pid, &targets);
     let rig = fanout::Rig::open(&targets, plan, progress).await?;
     let warmup = Duration::from_secs(a.warmup);
     let measure = Duration::from_secs(a.duration);
@@ -269,9 +282,7 @@ async fn fanout_mode(a: FanoutArgs) -> anyhow::Result<()> {
         if progress {
             eprintln!("step: {rate:.0} messages/s in");
         }
-        let r = rig
-            .step(rate, warmup, measure, a.common.pid, progress)
-            .await?;
+        let r = rig.step(rate, warmup, measure, &probe, progress).await?;
         if progress {
             print_step(&r);
         }
@@ -293,6 +304,7 @@ async fn fanout_mode(a: FanoutArgs) -> anyhow::Result<()> {
             "{}",
             json!({"mode": "fanout", "conns": a.conns, "rooms": a.rooms, "senders": a.senders, "batch": a.common.batch,
                    "size": a.size, "ramp": a.ramp, "highest_passing_rate": best,
+                   "server_figures": steps.iter().any(|s| s.server_cpu_us_per_delivery.is_some()).then(|| probe.source()),
                    "steps": steps.iter().map(step_json).collect::<Vec<_>>()})
         );
     } else if a.ramp {

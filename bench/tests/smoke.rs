@@ -235,3 +235,57 @@ fn idle_reports_server_rss_per_connection() {
     assert_eq!(r["conns"], 300);
     assert!(r["rss_bytes_per_conn"].as_f64().unwrap() > 0.0, "{r}");
 }
+
+#[test]
+fn idle_without_a_pid_reads_server_rss_from_metrics() {
+    let (_server, url, _dir) = hubbub(&[]);
+    let r = bench(&[
+        "idle", "--url", &url, "--conns", "300", "--rooms", "10", "--hold", "1",
+    ]);
+    assert_eq!(r["server_figures"], "metrics", "{r}");
+    assert!(r["rss_after"].as_u64().unwrap() > 1 << 20, "{r}");
+    assert!(r["rss_bytes_per_conn"].as_f64().unwrap() > 0.0, "{r}");
+}
+
+#[test]
+fn fanout_without_a_pid_reads_server_cpu_from_metrics() {
+    let (_server, url, _dir) = hubbub(&[]);
+    let r = bench(&[
+        "fanout",
+        "--url",
+        &url,
+        "--conns",
+        "200",
+        "--rooms",
+        "1",
+        "--senders",
+        "2",
+        "--rate",
+        "50",
+        "--warmup",
+        "1",
+        "--duration",
+        "3",
+    ]);
+    assert_eq!(r["server_figures"], "metrics", "{r}");
+    let step = &r["steps"][0];
+    assert_eq!(step["received"], step["expected"], "{step}");
+    assert!(
+        step["server_cpu_us_per_delivery"].as_f64().unwrap() > 0.0,
+        "{step}"
+    );
+}
+
+#[test]
+fn a_server_without_metrics_still_gets_measured_and_reports_no_server_figures() {
+    let (_floor, url) = start(
+        Command::new(env!("CARGO_BIN_EXE_hubbub-bench")).args(["floor", "--listen", "127.0.0.1:0"]),
+        "floor listening on ",
+    );
+    let r = bench(&[
+        "idle", "--url", &url, "--conns", "20", "--rooms", "2", "--hold", "0",
+    ]);
+    assert_eq!(r["conns"], 20);
+    assert!(r["rss_bytes_per_conn"].is_null(), "{r}");
+    assert!(r["server_figures"].is_null(), "{r}");
+}
