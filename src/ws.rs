@@ -29,6 +29,7 @@ use sha1::{Digest, Sha1};
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -438,8 +439,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
             if let Some(msg) = self.parse()? {
                 return Poll::Ready(Ok(msg));
             }
-            let mut chunk = [0u8; READ_CHUNK];
-            let mut rb = ReadBuf::new(&mut chunk);
+            // Uninitialized: this runs on every wake-up of the session (each delivery
+            // polls the read side too), and zero-filling 4 KiB each time was 1.5 % of
+            // the server's CPU at 100,000 deliveries/s. ReadBuf tracks what was written.
+            let mut chunk = [const { MaybeUninit::<u8>::uninit() }; READ_CHUNK];
+            let mut rb = ReadBuf::uninit(&mut chunk);
             ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb))?;
             if rb.filled().is_empty() {
                 return Poll::Ready(Err(WsError::Eof));

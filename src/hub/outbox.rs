@@ -27,6 +27,14 @@ struct Inner {
     closing: bool,
 }
 
+/// Why a session must close, found by [`Outbox::alarm`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Alarm {
+    Overflowed,
+    /// The server's drain has reached this connection.
+    Closing,
+}
+
 /// What a drain found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Drained {
@@ -89,18 +97,23 @@ impl Outbox {
         Ok(std::mem::take(&mut g.frames))
     }
 
-    pub fn is_overflowed(&self) -> bool {
-        self.lock().overflowed
+    /// What besides frames a wake-up may bring, in one look under the lock: an
+    /// overflow (close as a slow consumer) wins over the server's close.
+    pub fn alarm(&self) -> Option<Alarm> {
+        let g = self.lock();
+        if g.overflowed {
+            Some(Alarm::Overflowed)
+        } else if g.closing {
+            Some(Alarm::Closing)
+        } else {
+            None
+        }
     }
 
     /// Ask the session to close (the server is shutting down). Wakes it like a push.
     pub fn close(&self) {
         self.lock().closing = true;
         self.notify.notify_one();
-    }
-
-    pub fn is_closing(&self) -> bool {
-        self.lock().closing
     }
 
     /// Resolves after a push into an empty queue, an overflow or a `close`. A wake-up hint only:
@@ -120,7 +133,7 @@ mod tests {
         assert!(o.push("a".into()));
         assert!(o.push("b".into()));
         assert!(!o.push("c".into()));
-        assert!(o.is_overflowed());
+        assert_eq!(o.alarm(), Some(Alarm::Overflowed));
         assert_eq!(o.take(), Err(Drained::Overflowed));
     }
 
@@ -130,7 +143,7 @@ mod tests {
         assert!(o.push("123456".into()));
         assert!(o.push("123456".into()), "6 bytes queued is under the cap");
         assert!(!o.push("1".into()), "12 bytes queued is at the cap");
-        assert!(o.is_overflowed());
+        assert_eq!(o.alarm(), Some(Alarm::Overflowed));
     }
 
     #[test]
@@ -138,7 +151,7 @@ mod tests {
         let o = Outbox::new(100, 10);
         assert!(o.push("abc".into()));
         assert!(o.push("x".repeat(1000).into()));
-        assert!(!o.is_overflowed());
+        assert_eq!(o.alarm(), None);
     }
 
     #[tokio::test]
@@ -148,7 +161,7 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(1), o.notified())
             .await
             .expect("close wakes a waiting session");
-        assert!(o.is_closing());
+        assert_eq!(o.alarm(), Some(Alarm::Closing));
     }
 
     #[test]

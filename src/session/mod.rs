@@ -11,7 +11,7 @@
 mod commands;
 
 use crate::auth::RoomAccess;
-use crate::hub::outbox::Drained;
+use crate::hub::outbox::{Alarm, Drained};
 use crate::hub::{Conn, Outbox};
 use crate::limits::TokenBucket;
 use crate::metrics::{ConnState, Metrics};
@@ -187,14 +187,13 @@ impl Session {
                             Incoming::Close(code) => break Exit::PeerClosed(code),
                         }
                     }
-                    _ = self.outbox.notified() => {
-                        if self.outbox.is_overflowed() {
-                            break self.slow_consumer();
-                        }
-                        if self.outbox.is_closing() {
+                    _ = self.outbox.notified() => match self.outbox.alarm() {
+                        Some(Alarm::Overflowed) => break self.slow_consumer(),
+                        Some(Alarm::Closing) => {
                             break Exit::announced(close::GOING_AWAY, "server shutting down");
                         }
-                    }
+                        None => {}
+                    },
                     () = &mut timer => {
                         let now = Instant::now();
                         if self.deadline.is_some_and(|d| now >= d) {
