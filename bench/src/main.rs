@@ -151,19 +151,29 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-fn check_nofile(needed: usize) -> anyhow::Result<()> {
+/// Files the process needs besides its connections (runtime, stdio, /proc reads).
+const SPARE_FILES: u64 = 64;
+
+/// Raise the open-file limit as far as allowed, and cap `asked` connections to what
+/// it then allows, saying so.
+fn cap_conns(asked: usize) -> usize {
     let limit = client::raise_nofile();
-    eprintln!("open-file limit: {limit}");
-    if (needed as u64) + 64 > limit {
-        anyhow::bail!(
-            "{needed} connections need more open files than this process may have ({limit})"
+    let most = usize::try_from(limit.saturating_sub(SPARE_FILES)).unwrap_or(usize::MAX);
+    if asked > most {
+        eprintln!(
+            "open-file limit {limit} caps the connections at {most} (asked for {asked}); \
+             raise the hard limit (ulimit -Hn) for more"
         );
+        most
+    } else {
+        eprintln!("open-file limit: {limit}");
+        asked
     }
-    Ok(())
 }
 
-async fn idle(a: IdleArgs) -> anyhow::Result<()> {
-    check_nofile(a.conns)?;
+async fn idle(mut a: IdleArgs) -> anyhow::Result<()> {
+    let asked = a.conns;
+    a.conns = cap_conns(asked);
     let targets = a.common.targets()?;
     let probe = probe::Probe::new(a.common.pid, &targets);
     let before = probe.sample_or_say().await.map(|s| s.rss_bytes);
@@ -187,7 +197,7 @@ async fn idle(a: IdleArgs) -> anyhow::Result<()> {
     if a.common.json {
         println!(
             "{}",
-            json!({"mode": "idle", "conns": a.conns, "rooms": a.rooms, "open_seconds": opened,
+            json!({"mode": "idle", "conns": a.conns, "conns_asked": asked, "rooms": a.rooms, "open_seconds": opened,
                    "rss_before": before, "rss_after": after, "rss_bytes_per_conn": per_conn,
                    "server_figures": per_conn.map(|_| probe.source())})
         );
@@ -256,8 +266,9 @@ fn step_json(r: &fanout::StepResult) -> serde_json::Value {
            "passes": r.passes()})
 }
 
-async fn fanout_mode(a: FanoutArgs) -> anyhow::Result<()> {
-    check_nofile(a.conns)?;
+async fn fanout_mode(mut a: FanoutArgs) -> anyhow::Result<()> {
+    let asked = a.conns;
+    a.conns = cap_conns(asked);
     anyhow::ensure!(
         a.senders >= 1 && a.senders <= a.conns,
         "--senders must be 1..=--conns"
@@ -302,7 +313,7 @@ async fn fanout_mode(a: FanoutArgs) -> anyhow::Result<()> {
     if a.common.json {
         println!(
             "{}",
-            json!({"mode": "fanout", "conns": a.conns, "rooms": a.rooms, "senders": a.senders, "batch": a.common.batch,
+            json!({"mode": "fanout", "conns": a.conns, "conns_asked": asked, "rooms": a.rooms, "senders": a.senders, "batch": a.common.batch,
                    "size": a.size, "ramp": a.ramp, "highest_passing_rate": best,
                    "server_figures": steps.iter().any(|s| s.server_cpu_us_per_delivery.is_some()).then(|| probe.source()),
                    "steps": steps.iter().map(step_json).collect::<Vec<_>>()})
@@ -319,8 +330,9 @@ async fn fanout_mode(a: FanoutArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn acks(a: AcksArgs) -> anyhow::Result<()> {
-    check_nofile(a.conns)?;
+async fn acks(mut a: AcksArgs) -> anyhow::Result<()> {
+    let asked = a.conns;
+    a.conns = cap_conns(asked);
     let targets = a.common.targets()?;
     let mut tasks = Vec::new();
     let per_conn = a.rate / a.conns as f64;
@@ -396,7 +408,7 @@ async fn acks(a: AcksArgs) -> anyhow::Result<()> {
     if a.common.json {
         println!(
             "{}",
-            json!({"mode": "acks", "rate": a.rate, "conns": a.conns, "sent": sent, "acked": total.len(),
+            json!({"mode": "acks", "rate": a.rate, "conns": a.conns, "conns_asked": asked, "sent": sent, "acked": total.len(),
                    "acked_per_sec": total.len() as f64 / a.duration as f64,
                    "p50_ms": ms(0.5), "p99_ms": ms(0.99), "max_ms": total.max() as f64 / 1000.0})
         );

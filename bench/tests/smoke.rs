@@ -289,3 +289,28 @@ fn a_server_without_metrics_still_gets_measured_and_reports_no_server_figures() 
     assert!(r["rss_bytes_per_conn"].is_null(), "{r}");
     assert!(r["server_figures"].is_null(), "{r}");
 }
+
+#[test]
+fn an_open_file_limit_below_n_caps_the_connections_and_says_so() {
+    let (_floor, url) = start(
+        Command::new(env!("CARGO_BIN_EXE_hubbub-bench")).args(["floor", "--listen", "127.0.0.1:0"]),
+        "floor listening on ",
+    );
+    // A hard limit of 200 open files that the tool cannot raise: 200 - 64 spare.
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(r#"ulimit -n 200 && exec "$0" idle --url "$1" --conns 500 --rooms 2 --hold 0 --json"#)
+        .arg(env!("CARGO_BIN_EXE_hubbub-bench"))
+        .arg(&url)
+        .output()
+        .expect("run hubbub-bench under ulimit");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let r: Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    assert_eq!(r["conns_asked"], 500, "{r}");
+    assert_eq!(r["conns"], 136, "{r}");
+    assert!(
+        stderr.contains("caps the connections at 136 (asked for 500)"),
+        "{stderr}"
+    );
+}
