@@ -36,6 +36,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Frames handed to one `writev` at most (two slices each: header and payload).
 pub const MAX_FRAMES_PER_WRITE: usize = 64;
+/// Queues this short are written from a small slice array (see `poll_write`).
+const SMALL_WRITE: usize = 4;
 /// Bytes read per read call. On the stack of the reading poll, not per connection.
 const READ_CHUNK: usize = 4096;
 
@@ -199,8 +201,9 @@ impl WsError {
         }
     }
 
-    /// Just the code of [`close`](Self::close).
-    pub fn close_code(&self) -> Option<u16> {
+    /// Just the code of [`close`](Self::close) (what the tests compare).
+    #[cfg(test)]
+    fn close_code(&self) -> Option<u16> {
         self.close().map(|(code, _)| code)
     }
 }
@@ -385,53 +388,67 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
     }
 
     fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let WsStream {
-            io, out, written, ..
-        } = self;
-        while !out.is_empty() {
-            let mut slices = [IoSlice::new(&[]); 2 * MAX_FRAMES_PER_WRITE];
-            let mut n = 0;
-            let mut skip = *written;
-            for f in out.iter().take(MAX_FRAMES_PER_WRITE) {
-                let head = f.head();
-                if skip < head.len() {
-                    slices[n] = IoSlice::new(&head[skip..]);
-                    slices[n + 1] = IoSlice::new(&f.body);
-                    n += 2;
-                } else {
-                    slices[n] = IoSlice::new(&f.body[skip - head.len()..]);
-                    n += 1;
-                }
-                skip = 0;
-            }
-            let mut wrote = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n]))?;
-            if wrote == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
+        while !self.out.is_empty() {
+            // At a few messages per second per connection a wake-up carries one or
+            // two frames: those get a small slice array, so the per-delivery path
+            // does not fill the 128 slices (2 KiB) of a full batch it will not use.
+            let mut wrote = if self.out.len() <= SMALL_WRITE {
+                ready!(self.poll_write_some::<{ 2 * SMALL_WRITE }>(cx))?
+            } else {
+                ready!(self.poll_write_some::<{ 2 * MAX_FRAMES_PER_WRITE }>(cx))?
+            };
             self.unflushed = true;
             while wrote > 0 {
-                let Some(front) = out.front() else { break };
-                let left = front.len() - *written;
+                let Some(front) = self.out.front() else { break };
+                let left = front.len() - self.written;
                 if wrote >= left {
                     wrote -= left;
-                    *written = 0;
-                    out.pop_front();
+                    self.written = 0;
+                    self.out.pop_front();
                 } else {
-                    *written += wrote;
+                    self.written += wrote;
                     wrote = 0;
                 }
             }
         }
         if self.unflushed {
             // A no-op on TCP; TLS needs it to push its records out.
-            ready!(Pin::new(&mut *io).poll_flush(cx))?;
+            ready!(Pin::new(&mut self.io).poll_flush(cx))?;
             self.unflushed = false;
         }
-        if out.capacity() > 0 {
+        if self.out.capacity() > 0 {
             // Idle connections keep no queue allocation.
-            *out = VecDeque::new();
+            self.out = VecDeque::new();
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// One vectored write of the first `SLICES / 2` queued frames (the first one
+    /// from where the last write stopped); returns the bytes written.
+    fn poll_write_some<const SLICES: usize>(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        let mut slices = [IoSlice::new(&[]); SLICES];
+        let mut n = 0;
+        let mut skip = self.written;
+        for f in self.out.iter().take(SLICES / 2) {
+            let head = f.head();
+            if skip < head.len() {
+                slices[n] = IoSlice::new(&head[skip..]);
+                slices[n + 1] = IoSlice::new(&f.body);
+                n += 2;
+            } else {
+                slices[n] = IoSlice::new(&f.body[skip - head.len()..]);
+                n += 1;
+            }
+            skip = 0;
+        }
+        let wrote = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..n]))?;
+        if wrote == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        Poll::Ready(Ok(wrote))
     }
 
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<Incoming, WsError>> {

@@ -35,12 +35,10 @@ pub enum Alarm {
     Closing,
 }
 
-/// What a drain found.
+/// A [`take`](Outbox::take) from a queue that has overflowed: the session closes
+/// as a slow consumer.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Drained {
-    Ok,
-    Overflowed,
-}
+pub struct Overflowed;
 
 impl Outbox {
     pub fn new(max_frames: usize, max_bytes: usize) -> Self {
@@ -88,10 +86,10 @@ impl Outbox {
 
     /// Take every queued frame (the queue's allocation goes with them, so an idle
     /// connection's outbox holds none).
-    pub fn take(&self) -> Result<VecDeque<Text>, Drained> {
+    pub fn take(&self) -> Result<VecDeque<Text>, Overflowed> {
         let mut g = self.lock();
         if g.overflowed {
-            return Err(Drained::Overflowed);
+            return Err(Overflowed);
         }
         g.bytes = 0;
         Ok(std::mem::take(&mut g.frames))
@@ -134,7 +132,7 @@ mod tests {
         assert!(o.push("b".into()));
         assert!(!o.push("c".into()));
         assert_eq!(o.alarm(), Some(Alarm::Overflowed));
-        assert_eq!(o.take(), Err(Drained::Overflowed));
+        assert_eq!(o.take(), Err(Overflowed));
     }
 
     #[test]

@@ -11,7 +11,7 @@
 mod commands;
 
 use crate::auth::RoomAccess;
-use crate::hub::outbox::{Alarm, Drained};
+use crate::hub::outbox::{Alarm, Overflowed};
 use crate::hub::{Conn, Outbox};
 use crate::limits::TokenBucket;
 use crate::metrics::{ConnState, Metrics};
@@ -149,7 +149,7 @@ impl Session {
             let exit = loop {
                 // Refill from the outbox only once the socket took everything: frames
                 // waiting on a slow socket stay counted against the outbox's bounds.
-                if ws.queued() == 0 && self.take_outbox(&mut ws) == Drained::Overflowed {
+                if ws.queued() == 0 && self.take_outbox(&mut ws).is_err() {
                     break self.slow_consumer();
                 }
                 if self.deadline != armed_deadline {
@@ -224,12 +224,10 @@ impl Session {
     /// Move queued frames to the socket, joining them with newlines when the
     /// client asked for batches. Records how deep the queue was (frames written
     /// together).
-    fn take_outbox(&self, ws: &mut Socket) -> Drained {
-        let Ok(frames) = self.outbox.take() else {
-            return Drained::Overflowed;
-        };
+    fn take_outbox(&self, ws: &mut Socket) -> Result<(), Overflowed> {
+        let frames = self.outbox.take()?;
         if frames.is_empty() {
-            return Drained::Ok;
+            return Ok(());
         }
         let metrics = &self.state.metrics;
         metrics.outbox_depth.record(frames.len() as f64);
@@ -255,7 +253,7 @@ impl Session {
                 metrics.batch_size.record(f64::from(in_frame));
             }
         }
-        Drained::Ok
+        Ok(())
     }
 
     fn slow_consumer(&self) -> Exit {
