@@ -245,33 +245,6 @@ pub fn scan(frame: &str, mut each: impl FnMut(Marked)) {
     }
 }
 
-/// CPU seconds (user + system) a process has used, from /proc/PID/stat.
-pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may contain spaces, inside parentheses).
-    let after = stat.rsplit_once(')').context("malformed stat")?.1;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let utime: f64 = f.get(11).context("utime")?.parse()?;
-    let stime: f64 = f.get(12).context("stime")?.parse()?;
-    // Clock ticks: 100 per second on Linux x86_64 and aarch64.
-    Ok((utime + stime) / 100.0)
-}
-
-/// Resident memory of a process in bytes, from /proc/PID/status.
-pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .context("no VmRSS")?;
-    let kb: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .context("VmRSS value")?
-        .parse()?;
-    Ok(kb * 1024)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

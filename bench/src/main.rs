@@ -214,10 +214,7 @@ async fn idle(mut a: IdleArgs) -> anyhow::Result<()> {
                     "server RSS      {:.1} MiB -> {:.1} MiB (from {})",
                     b as f64 / 1048576.0,
                     a2 as f64 / 1048576.0,
-                    match probe {
-                        probe::Probe::Pid(_) => "/proc/PID/status",
-                        probe::Probe::Metrics(_) => "/metrics",
-                    }
+                    probe.origin()
                 );
                 println!("RSS per conn    {p:.0} bytes");
             }

@@ -8,9 +8,10 @@
 //! run because the figures are unavailable (the floor has no `/metrics`): a run
 //! without them reports none and says why.
 
-use crate::client::{self, Target};
+use crate::client::Target;
 use anyhow::Context;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -19,7 +20,15 @@ const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A `/metrics` page larger than this is not Hubbub's.
 const MAX_PAGE: u64 = 4 << 20;
 
-pub enum Probe {
+pub struct Probe {
+    source: Source,
+    /// A sample failed: the run goes on without server figures, and neither says
+    /// so again nor asks again (a ramp would otherwise scrape a server without
+    /// /metrics, and complain, twice per step).
+    gave_up: AtomicBool,
+}
+
+enum Source {
     Pid(u32),
     /// The distinct nodes' HTTP addresses (host:port of their WebSocket URLs).
     Metrics(Vec<SocketAddr>),
@@ -33,32 +42,44 @@ pub struct Sample {
 
 impl Probe {
     pub fn new(pid: Option<u32>, targets: &[Target]) -> Probe {
-        match pid {
-            Some(pid) => Probe::Pid(pid),
+        let source = match pid {
+            Some(pid) => Source::Pid(pid),
             None => {
                 let mut addrs: Vec<SocketAddr> = targets.iter().map(|t| t.addr).collect();
                 addrs.sort();
                 addrs.dedup();
-                Probe::Metrics(addrs)
+                Source::Metrics(addrs)
             }
+        };
+        Probe {
+            source,
+            gave_up: AtomicBool::new(false),
         }
     }
 
-    /// Where the figures come from, for the report.
+    /// Where the figures come from, for the JSON report.
     pub fn source(&self) -> &'static str {
-        match self {
-            Probe::Pid(_) => "pid",
-            Probe::Metrics(_) => "metrics",
+        match self.source {
+            Source::Pid(_) => "pid",
+            Source::Metrics(_) => "metrics",
         }
     }
 
-    pub async fn sample(&self) -> anyhow::Result<Sample> {
-        match self {
-            Probe::Pid(pid) => Ok(Sample {
-                rss_bytes: client::rss_bytes(*pid)?,
-                cpu_seconds: client::cpu_seconds(*pid)?,
+    /// Where the figures come from, for the table.
+    pub fn origin(&self) -> &'static str {
+        match self.source {
+            Source::Pid(_) => "/proc/PID/status",
+            Source::Metrics(_) => "/metrics",
+        }
+    }
+
+    async fn sample(&self) -> anyhow::Result<Sample> {
+        match &self.source {
+            Source::Pid(pid) => Ok(Sample {
+                rss_bytes: rss_bytes(*pid)?,
+                cpu_seconds: cpu_seconds(*pid)?,
             }),
-            Probe::Metrics(addrs) => {
+            Source::Metrics(addrs) => {
                 let mut total = Sample {
                     rss_bytes: 0,
                     cpu_seconds: 0.0,
@@ -77,17 +98,48 @@ impl Probe {
         }
     }
 
-    /// A sample, or `None` with the reason on stderr: figures are optional, the run
-    /// is not.
+    /// A sample, or `None` with the reason on stderr (once): figures are optional,
+    /// the run is not.
     pub async fn sample_or_say(&self) -> Option<Sample> {
+        if self.gave_up.load(Ordering::Relaxed) {
+            return None;
+        }
         match self.sample().await {
             Ok(s) => Some(s),
             Err(e) => {
-                eprintln!("server figures unavailable: {e:#}");
+                self.gave_up.store(true, Ordering::Relaxed);
+                eprintln!("server figures unavailable for this run: {e:#}");
                 None
             }
         }
     }
+}
+
+/// CPU seconds (user + system) a process has used, from /proc/PID/stat.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may contain spaces, inside parentheses).
+    let after = stat.rsplit_once(')').context("malformed stat")?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let utime: f64 = f.get(11).context("utime")?.parse()?;
+    let stime: f64 = f.get(12).context("stime")?.parse()?;
+    // Clock ticks: 100 per second on Linux x86_64 and aarch64.
+    Ok((utime + stime) / 100.0)
+}
+
+/// Resident memory of a process in bytes, from /proc/PID/status.
+fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .context("no VmRSS")?;
+    let kb: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .context("VmRSS value")?
+        .parse()?;
+    Ok(kb * 1024)
 }
 
 /// GET /metrics over plain HTTP/1.0 (no chunked encoding, the server closes after
