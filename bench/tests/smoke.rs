@@ -61,6 +61,14 @@ fn bench(args: &[&str]) -> Value {
     serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text}"))
 }
 
+/// The floor server on a free port, and its WebSocket URL.
+fn floor() -> (Proc, String) {
+    start(
+        Command::new(env!("CARGO_BIN_EXE_hubbub-bench")).args(["floor", "--listen", "127.0.0.1:0"]),
+        "floor listening on ",
+    )
+}
+
 fn hubbub(extra: &[&str]) -> (Proc, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let (p, http) = start(
@@ -82,10 +90,7 @@ fn hubbub(extra: &[&str]) -> (Proc, String, tempfile::TempDir) {
 
 #[test]
 fn fanout_against_the_floor_counts_every_delivery() {
-    let (_floor, url) = start(
-        Command::new(env!("CARGO_BIN_EXE_hubbub-bench")).args(["floor", "--listen", "127.0.0.1:0"]),
-        "floor listening on ",
-    );
+    let (_floor, url) = floor();
     let r = bench(&[
         "fanout",
         "--url",
@@ -278,10 +283,7 @@ fn fanout_without_a_pid_reads_server_cpu_from_metrics() {
 
 #[test]
 fn a_server_without_metrics_still_gets_measured_and_reports_no_server_figures() {
-    let (_floor, url) = start(
-        Command::new(env!("CARGO_BIN_EXE_hubbub-bench")).args(["floor", "--listen", "127.0.0.1:0"]),
-        "floor listening on ",
-    );
+    let (_floor, url) = floor();
     let r = bench(&[
         "idle", "--url", &url, "--conns", "20", "--rooms", "2", "--hold", "0",
     ]);
@@ -292,10 +294,7 @@ fn a_server_without_metrics_still_gets_measured_and_reports_no_server_figures() 
 
 #[test]
 fn an_open_file_limit_below_n_caps_the_connections_and_says_so() {
-    let (_floor, url) = start(
-        Command::new(env!("CARGO_BIN_EXE_hubbub-bench")).args(["floor", "--listen", "127.0.0.1:0"]),
-        "floor listening on ",
-    );
+    let (_floor, url) = floor();
     // A hard limit of 200 open files that the tool cannot raise: 200 - 64 spare.
     let out = Command::new("bash")
         .arg("-c")
