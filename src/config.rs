@@ -585,6 +585,21 @@ impl Config {
     }
 }
 
+impl Config {
+    /// How this node reaches the others.
+    pub fn broker(&self) -> crate::broker::BrokerConfig {
+        match &self.redis_url {
+            None => crate::broker::BrokerConfig::Local,
+            Some(url) => crate::broker::BrokerConfig::Redis {
+                url: url.clone(),
+                cluster: self.redis_cluster,
+                node_id: self.node_id.clone(),
+                node_timeout: self.node_timeout,
+            },
+        }
+    }
+}
+
 /// An address ("10.0.0.7") or a network ("10.0.0.0/8").
 fn parse_net(s: &str) -> Result<ipnet::IpNet, ConfigError> {
     s.parse::<ipnet::IpNet>()

@@ -14,7 +14,7 @@
 //! - [`limits`]: the per-connection rate limit.
 //! - [`hub`]: rooms, DM pairs, presence, sequencing, group commit and fan-out.
 //! - [`broker`]: how stored messages, presence and typing reach the other nodes
-//!   (one node: nothing to do; several: Redis pub/sub or sharded pub/sub).
+//!   (one node: nothing to do; several: a pub/sub broker between nodes).
 //! - [`store`]: durable history (SQLite, or PostgreSQL shared by several nodes,
 //!   which then also assigns `seq`) and the in-memory store.
 //! - [`metrics`]: Prometheus metric names and handles.
@@ -22,11 +22,13 @@
 //! - [`web`]: the embedded chat page and JavaScript SDK.
 //! - [`tls`]: rustls termination with certificate reload.
 
+pub mod app;
 pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod hub;
 pub mod limits;
+pub mod message;
 pub mod metrics;
 pub mod protocol;
 pub mod server;

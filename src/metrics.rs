@@ -131,7 +131,7 @@ fn describe() {
     );
     describe_gauge!(
         "hubbub_broker_up",
-        "1 while the cross-node broker (Redis) answers, 0 while it does not; 1 on a single node"
+        "1 while the cross-node broker answers, 0 while it does not; 1 on a single node"
     );
     describe_counter!(
         "hubbub_broker_gaps_detected_total",

@@ -8,8 +8,9 @@
 //! and 1001) -> wait for them -> drain the committer -> close the store, all within
 //! `--shutdown-timeout`. Must not: handle protocol commands (that is `session`).
 
+use crate::app::AppState;
 use crate::auth::{Authenticator, KeyError};
-use crate::broker::{Broker, RedisBroker, RedisSettings};
+use crate::broker::{Broker, BrokerError};
 use crate::config::{Config, StoreKind};
 use crate::hub::{Hub, Outbox};
 use crate::metrics::Metrics;
@@ -26,10 +27,8 @@ use axum::routing::get;
 use axum::serve::{IncomingStream, Listener};
 use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::PrometheusHandle;
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -51,67 +50,16 @@ pub enum ServerError {
     Key(#[from] KeyError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
-    #[error("cannot reach Redis: {0}")]
-    Broker(#[from] crate::broker::redis::BrokerError),
+    #[error("cannot reach the other nodes: {0}")]
+    Broker(#[from] BrokerError),
     #[error("server error: {0}")]
     Io(#[from] std::io::Error),
-}
-
-/// What every session and handler shares.
-pub struct AppState {
-    pub config: Config,
-    pub hub: Arc<Hub>,
-    pub auth: Authenticator,
-    pub shutdown: CancellationToken,
-    pub metrics: Metrics,
-    prometheus: Option<PrometheusHandle>,
-    next_id: AtomicU64,
-    /// Live sessions, by the outbox through which each is asked to close (a
-    /// per-session token would cost every idle connection ~180 bytes); the drain
-    /// walks this.
-    sessions: Mutex<HashMap<u64, Arc<Outbox>>>,
-    /// Set when a drain starts: the spread (ms) of suggested reconnect delays.
-    drain_spread_ms: AtomicU64,
-    pub tls: Option<Arc<TlsCerts>>,
-}
-
-impl AppState {
-    pub fn next_conn_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Register a session; its outbox is closed when the drain reaches it (at once
-    /// if the drain has already begun).
-    pub fn register_session(&self, id: u64, outbox: &Arc<Outbox>) {
-        if self.shutdown.is_cancelled() {
-            outbox.close();
-        }
-        self.sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, outbox.clone());
-    }
-
-    pub fn unregister_session(&self, id: u64) {
-        self.sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
-    }
-
-    /// A reconnect delay to suggest in `closing`: random within the drain's spread,
-    /// so that clients of a rolling restart do not all come back at once.
-    pub fn suggested_reconnect_ms(&self) -> u64 {
-        let spread = self.drain_spread_ms.load(Ordering::Relaxed).max(1000);
-        rand::random_range(0..=spread)
-    }
 }
 
 /// A bound, not yet running server.
 pub struct Server {
     listener: TcpListener,
     state: Arc<AppState>,
-    committer: tokio::task::JoinHandle<()>,
 }
 
 impl Server {
@@ -157,21 +105,8 @@ impl Server {
         let store = Store::open(&store_config).await?;
         let metrics = Metrics::new();
         metrics.broker_up.set(1.0);
-        let broker = match &config.redis_url {
-            None => Broker::Local,
-            Some(url) => {
-                let settings = RedisSettings {
-                    url: url.clone(),
-                    cluster: config.redis_cluster,
-                    node_id: config.node_id.clone(),
-                    node_timeout: config.node_timeout,
-                };
-                let redis = RedisBroker::connect(&settings, metrics.clone()).await?;
-                tracing::info!(instance = redis.instance(), "joined the cluster over Redis");
-                Broker::Redis(redis)
-            }
-        };
-        let (hub, committer) = Hub::start(store, broker, metrics.clone());
+        let broker = Broker::connect(&config.broker(), metrics.clone()).await?;
+        let hub = Hub::start(store, broker, metrics.clone());
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -179,23 +114,10 @@ impl Server {
                     addr: config.listen,
                     source,
                 })?;
-        let state = Arc::new(AppState {
-            config,
-            hub,
-            auth,
-            shutdown,
-            metrics,
-            prometheus,
-            next_id: AtomicU64::new(1),
-            sessions: Mutex::new(HashMap::new()),
-            drain_spread_ms: AtomicU64::new(0),
-            tls,
-        });
-        Ok(Server {
-            listener,
-            state,
-            committer,
-        })
+        let state = Arc::new(AppState::new(
+            config, hub, auth, shutdown, metrics, prometheus, tls,
+        ));
+        Ok(Server { listener, state })
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr, ServerError> {
@@ -219,41 +141,6 @@ impl Server {
             .merge(crate::web::routes())
             .with_state((state.clone(), tracker.clone()));
 
-        let sweeper = {
-            let hub = state.hub.clone();
-            let token = state.shutdown.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(30));
-                loop {
-                    tokio::select! {
-                        _ = token.cancelled() => return,
-                        _ = tick.tick() => hub.sweep(),
-                    }
-                }
-            })
-        };
-        // The broker outlives the sessions: their leaving is presence news.
-        let broker_stop = CancellationToken::new();
-        let cluster = state.hub.broker().redis().cloned().map(|redis| {
-            redis.start(broker_stop.clone());
-            let hub = state.hub.clone();
-            let token = broker_stop.clone();
-            tokio::spawn(async move {
-                let mut catch_up = tokio::time::interval(Duration::from_secs(1));
-                let mut presence = tokio::time::interval(redis.node_timeout() / 3);
-                loop {
-                    tokio::select! {
-                        _ = token.cancelled() => return,
-                        _ = catch_up.tick() => hub.catch_up().await,
-                        _ = presence.tick() => hub.reconcile_presence().await,
-                        _ = redis.reconnected.notified() => {
-                            hub.catch_up().await;
-                            hub.reconcile_presence().await;
-                        }
-                    }
-                }
-            })
-        });
         let upkeep = state.prometheus.clone().map(|h| {
             let token = state.shutdown.clone();
             tokio::spawn(async move {
@@ -294,18 +181,9 @@ impl Server {
         {
             tracing::warn!("some sessions did not finish closing before --shutdown-timeout");
         }
-        // Every acked message is already stored; this stores and acks the rest.
-        state.hub.drain().await;
-        let _ = self.committer.await;
-        if let Some(redis) = state.hub.broker().redis() {
-            redis.shutdown().await;
-        }
-        broker_stop.cancel();
-        if let Some(c) = cluster {
-            let _ = c.await;
-        }
-        state.hub.store().close().await;
-        sweeper.abort();
+        // Every acked message is already stored; this stores and acks the rest, then
+        // leaves the cluster and closes the store.
+        state.hub.stop().await;
         if let Some(u) = upkeep {
             u.abort();
         }
@@ -317,19 +195,11 @@ impl Server {
 /// Close every session, `--drain-rate` per second, in evenly spaced slices; past the
 /// deadline, close the rest at once.
 async fn drain_sessions(state: &AppState, deadline: Instant) {
-    let outboxes: Vec<Arc<Outbox>> = state
-        .sessions
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .values()
-        .cloned()
-        .collect();
+    let outboxes: Vec<Arc<Outbox>> = state.session_outboxes();
     let rate = u64::from(state.config.drain_rate);
     let n = outboxes.len() as u64;
     let drain_ms = n * 1000 / rate;
-    state
-        .drain_spread_ms
-        .store(drain_ms.clamp(1000, 30_000), Ordering::Relaxed);
+    state.set_drain_spread_ms(drain_ms.clamp(1000, 30_000));
     tracing::info!(
         sessions = n,
         rate,
@@ -486,23 +356,9 @@ async fn readyz(State((state, _)): State<Shared>) -> Response {
     if state.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
-    if !state.hub.broker().healthy() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "message broker (Redis) unreachable\n",
-        )
-            .into_response();
-    }
-    if state.hub.store_failing() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "store commits failing\n").into_response();
-    }
-    match state.hub.store().check().await {
+    match state.hub.ready().await {
         Ok(()) => (StatusCode::OK, "ready\n").into_response(),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("store unavailable: {e}\n"),
-        )
-            .into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
     }
 }
 

@@ -1,22 +1,79 @@
-//! The broker seam: how stored messages, presence changes and typing events reach
-//! the other nodes.
+//! The broker seam: the one way to the other nodes. Stored messages, presence
+//! changes and typing events go out through it, and what other nodes publish comes
+//! back through it as [`Inbound`] events.
 //!
-//! Owns: the choice of transport between nodes and the envelope format on it.
-//! [`Broker::Local`] is one node: nothing leaves the process, and publishing always
-//! succeeds. [`Broker::Redis`] publishes every committed message on the Redis
-//! channel of its room (or of each DM party) and hands what arrives from other nodes
-//! to the hub ([`crate::hub::Hub::on_envelope`]), which delivers it through the same
-//! path as local messages. Must not: store, number or encode messages for clients,
-//! or decide order; the hub orders by `seq` and fills gaps from the store.
+//! Owns: the choice of transport between nodes, the envelope format on it, the
+//! node's identity and heartbeat, and the cluster's presence records.
+//! [`Broker::Local`] is one node: nothing leaves the process, publishing always
+//! succeeds, and there is no remote presence. [`Broker::Redis`] publishes every
+//! committed message on the Redis channel of its room (or of each DM party) and
+//! hands what arrives from other nodes to the sink the hub installed
+//! ([`Broker::set_sink`]), which delivers it through the same path as local
+//! messages. Must not: store, number or encode messages for clients, or decide
+//! order; the hub orders by `seq` and fills gaps from the store. Nothing outside
+//! this module names Redis.
 
 pub mod redis;
 
-pub use self::redis::{RedisBroker, RedisSettings};
-
-use crate::store::{ChannelKey, StoredMessage};
+use self::redis::{RedisBroker, RedisSettings};
+use crate::message::{ChannelKey, StoredMessage};
+use crate::metrics::Metrics;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+pub use self::redis::BrokerError;
+
+/// Where another node is reached: nowhere (one node), or through Redis.
+#[derive(Debug, Clone)]
+pub enum BrokerConfig {
+    Local,
+    Redis {
+        /// One URL, or with `cluster` a comma-separated list of seed nodes.
+        url: String,
+        cluster: bool,
+        node_id: String,
+        node_timeout: Duration,
+    },
+}
+
+/// What another node published, as the hub needs it. Events this node published
+/// itself are not handed back (a message may be: the hub drops duplicates by `seq`).
+#[derive(Debug)]
+pub enum Inbound {
+    /// A stored message.
+    Message(StoredMessage),
+    /// Node instance `inst` now has (`on`) or no longer has `user` in `room`.
+    Presence {
+        room: String,
+        user: String,
+        name: String,
+        inst: String,
+        on: bool,
+    },
+    /// `user` is typing in `room`.
+    Typing {
+        room: String,
+        user: String,
+        name: String,
+    },
+}
+
+/// The other live node instances' presence in one room: user -> (display name,
+/// the instances that have the user there).
+pub type RemotePresence = HashMap<String, (String, HashSet<String>)>;
+
+/// Something a broker subscription is for.
+#[derive(Debug, Clone, Copy)]
+pub enum Topic<'a> {
+    /// A room's messages, presence and typing.
+    Room(&'a str),
+    /// A user's direct messages.
+    User(&'a str),
+}
 
 pub enum Broker {
     /// Single node: publishing is delivering.
@@ -25,11 +82,70 @@ pub enum Broker {
 }
 
 impl Broker {
-    /// Is there more than one node to talk to?
-    pub fn redis(&self) -> Option<&Arc<RedisBroker>> {
+    /// Connect as configured (Redis must be reachable now).
+    pub async fn connect(config: &BrokerConfig, metrics: Metrics) -> Result<Broker, BrokerError> {
+        match config {
+            BrokerConfig::Local => Ok(Broker::Local),
+            BrokerConfig::Redis {
+                url,
+                cluster,
+                node_id,
+                node_timeout,
+            } => {
+                let settings = RedisSettings {
+                    url: url.clone(),
+                    cluster: *cluster,
+                    node_id: node_id.clone(),
+                    node_timeout: *node_timeout,
+                };
+                let redis = RedisBroker::connect(&settings, metrics).await?;
+                tracing::info!(instance = redis.instance(), "joined the cluster over Redis");
+                Ok(Broker::Redis(redis))
+            }
+        }
+    }
+
+    /// Are there other nodes?
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Broker::Redis(_))
+    }
+
+    /// Where inbound events go. Set once, before [`Broker::start`].
+    pub fn set_sink(&self, sink: impl Fn(Inbound) + Send + Sync + 'static) {
+        if let Broker::Redis(r) = self {
+            r.set_sink(sink);
+        }
+    }
+
+    /// Start the broker's own tasks (link checks, subscriptions, presence writes);
+    /// they end when `stop` is cancelled.
+    pub fn start(&self, stop: CancellationToken) {
+        if let Broker::Redis(r) = self {
+            r.start(stop);
+        }
+    }
+
+    /// Leave the cluster cleanly: presence written, heartbeat removed.
+    pub async fn shutdown(&self) {
+        if let Broker::Redis(r) = self {
+            r.shutdown().await;
+        }
+    }
+
+    /// How often the cluster's presence is reconciled (None: one node, never).
+    pub fn presence_period(&self) -> Option<Duration> {
         match self {
             Broker::Local => None,
-            Broker::Redis(r) => Some(r),
+            Broker::Redis(r) => Some(r.node_timeout() / 3),
+        }
+    }
+
+    /// Resolves when the link to the other nodes came back after being down (never
+    /// on one node).
+    pub async fn reconnected(&self) {
+        match self {
+            Broker::Local => std::future::pending().await,
+            Broker::Redis(r) => r.reconnected.notified().await,
         }
     }
 
@@ -41,6 +157,21 @@ impl Broker {
         }
     }
 
+    /// Hold a subscription (reference-counted); returns once it is in place, or at
+    /// once while the link is down (it is made on reconnection).
+    pub async fn subscribe(&self, topic: Topic<'_>) {
+        if let Broker::Redis(r) = self {
+            r.subscribe(channel_of(topic)).await;
+        }
+    }
+
+    /// Release one hold on a subscription.
+    pub fn unsubscribe(&self, topic: Topic<'_>) {
+        if let Broker::Redis(r) = self {
+            r.unsubscribe(&channel_of(topic));
+        }
+    }
+
     /// Publish stored messages to the other nodes; one result per message (true:
     /// every node subscribed to it has it, or will fetch it on reconnect).
     pub async fn publish(&self, msgs: &[Arc<StoredMessage>]) -> Vec<bool> {
@@ -48,6 +179,49 @@ impl Broker {
             Broker::Local => vec![true; msgs.len()],
             Broker::Redis(r) => r.publish(msgs).await,
         }
+    }
+
+    /// Tell the other nodes that `user` is typing in `room` (best effort).
+    pub fn typing(&self, room: &str, user: &str, name: &str) {
+        if let Broker::Redis(r) = self {
+            r.typing(room, user, name);
+        }
+    }
+
+    /// Announce that `user` is (`on`) or no longer is in `room` on this node.
+    pub fn announce_presence(&self, room: &str, user: &str, name: &str, on: bool) {
+        if let Broker::Redis(r) = self {
+            r.presence(room, user, name, on);
+        }
+    }
+
+    /// The other live node instances' presence in `room` (empty on one node).
+    pub async fn presence_snapshot(&self, room: &str) -> Result<RemotePresence, BrokerError> {
+        match self {
+            Broker::Local => Ok(RemotePresence::new()),
+            Broker::Redis(r) => r.presence_snapshot(room, &mut HashMap::new()).await,
+        }
+    }
+
+    /// One round of cluster presence upkeep: refresh this node's heartbeat, then for
+    /// each room make the records of this node match `here` (user -> name of the
+    /// users this node has in the room), remove dead nodes' records, and return the
+    /// other live nodes' presence per room. Stops at the first failure.
+    pub async fn reconcile_presence(
+        &self,
+        rooms: Vec<(String, HashMap<String, String>)>,
+    ) -> Result<Vec<(String, RemotePresence)>, BrokerError> {
+        match self {
+            Broker::Local => Ok(Vec::new()),
+            Broker::Redis(r) => r.reconcile_presence(rooms).await,
+        }
+    }
+}
+
+fn channel_of(topic: Topic<'_>) -> String {
+    match topic {
+        Topic::Room(r) => room_channel(r),
+        Topic::User(u) => user_channel(u),
     }
 }
 
@@ -125,7 +299,7 @@ impl Envelope {
             #[serde(skip_serializing_if = "Option::is_none")]
             cid: Option<&'a str>,
         }
-        crate::protocol::encode(&Out {
+        to_json(&Out {
             k: Kind::Message,
             n: inst,
             c: m.channel.storage_key(),
@@ -154,6 +328,27 @@ impl Envelope {
         }
     }
 
+    /// What this envelope means to a node instance `me`: None for what `me` sent
+    /// itself (presence, typing) and for a malformed message.
+    pub fn into_inbound(self, me: &str) -> Option<Inbound> {
+        match self.k {
+            Kind::Message => self.into_message().map(Inbound::Message),
+            _ if self.n == me => None,
+            Kind::Join | Kind::Leave => Some(Inbound::Presence {
+                on: self.k == Kind::Join,
+                room: self.c,
+                user: self.from,
+                name: self.name,
+                inst: self.n,
+            }),
+            Kind::Typing => Some(Inbound::Typing {
+                room: self.c,
+                user: self.from,
+                name: self.name,
+            }),
+        }
+    }
+
     /// The stored message this envelope carries, if it is a well-formed one.
     pub fn into_message(self) -> Option<StoredMessage> {
         if self.k != Kind::Message || self.seq == 0 {
@@ -170,6 +365,11 @@ impl Envelope {
             client_id: self.cid,
         })
     }
+}
+
+/// Envelopes are our own types: serializing them cannot fail.
+pub(crate) fn to_json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -208,5 +408,17 @@ mod tests {
         let back: Envelope = serde_json::from_str(&json).expect("decode");
         assert_eq!(back.k, Kind::Join);
         assert!(back.into_message().is_none());
+    }
+
+    #[test]
+    fn a_nodes_own_presence_and_typing_are_not_inbound_but_its_messages_are() {
+        let own = Envelope::event(Kind::Typing, "a.1", "lobby", "u", "U");
+        assert!(own.into_inbound("a.1").is_none());
+        let other = Envelope::event(Kind::Leave, "b.2", "lobby", "u", "U");
+        let Some(Inbound::Presence { on, inst, .. }) = other.into_inbound("a.1") else {
+            panic!("expected a presence event");
+        };
+        assert!(!on);
+        assert_eq!(inst, "b.2");
     }
 }

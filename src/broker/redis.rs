@@ -22,10 +22,11 @@
 //! single task applies; on every reconnection it subscribes everything again, so a
 //! Redis restart needs nothing from the operator.
 
-use super::{Envelope, Kind, room_channel, user_channel};
+use super::{
+    Envelope, Inbound, Kind, RemotePresence, room_channel, to_json as encode, user_channel,
+};
+use crate::message::{ChannelKey, StoredMessage};
 use crate::metrics::Metrics;
-use crate::protocol::encode;
-use crate::store::{ChannelKey, StoredMessage};
 use futures_util::future::join_all;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
@@ -84,10 +85,12 @@ impl RedisConn {
     }
 }
 
-type Sink = Box<dyn Fn(Envelope) + Send + Sync>;
+type Sink = Box<dyn Fn(Inbound) + Send + Sync>;
 
 /// What the connection's push handler needs, shared before the broker exists.
-struct Inbound {
+struct PushState {
+    /// This node instance (its own presence and typing are not handed on).
+    inst: String,
     sink: OnceLock<Sink>,
     healthy: AtomicBool,
 }
@@ -111,7 +114,7 @@ pub struct RedisBroker {
     cluster: bool,
     inst: String,
     node_timeout: Duration,
-    inbound: Arc<Inbound>,
+    inbound: Arc<PushState>,
     metrics: Metrics,
     /// Desired subscriptions: channel -> number of holders.
     desired: Mutex<HashMap<String, usize>>,
@@ -139,7 +142,9 @@ impl RedisBroker {
         settings: &RedisSettings,
         metrics: Metrics,
     ) -> Result<Arc<RedisBroker>, BrokerError> {
-        let inbound = Arc::new(Inbound {
+        let inst = format!("{}.{:08x}", settings.node_id, rand::random::<u32>());
+        let inbound = Arc::new(PushState {
+            inst: inst.clone(),
             sink: OnceLock::new(),
             healthy: AtomicBool::new(true),
         });
@@ -186,7 +191,7 @@ impl RedisBroker {
         let broker = Arc::new(RedisBroker {
             conn,
             cluster: settings.cluster,
-            inst: format!("{}.{:08x}", settings.node_id, rand::random::<u32>()),
+            inst,
             node_timeout: settings.node_timeout,
             inbound,
             metrics,
@@ -204,7 +209,7 @@ impl RedisBroker {
     }
 
     /// Where envelopes from other nodes go. Set once, before [`RedisBroker::start`].
-    pub fn set_sink(&self, sink: impl Fn(Envelope) + Send + Sync + 'static) {
+    pub fn set_sink(&self, sink: impl Fn(Inbound) + Send + Sync + 'static) {
         let _ = self.inbound.sink.set(Box::new(sink));
     }
 
@@ -441,15 +446,15 @@ impl RedisBroker {
     }
 
     /// Tell the other nodes that `user` is typing in `room` (best effort).
-    pub fn typing(self: &Arc<Self>, room: &str, user: &str, name: &str) {
+    pub fn typing(&self, room: &str, user: &str, name: &str) {
         if !self.healthy() {
             return;
         }
         let payload = encode(&Envelope::event(Kind::Typing, &self.inst, room, user, name));
         let cmd = self.publish_cmd(&room_channel(room), &payload);
-        let me = self.clone();
+        let conn = self.conn.clone();
         tokio::spawn(async move {
-            let _ = me.conn.query::<i64>(&cmd).await;
+            let _ = conn.query::<i64>(&cmd).await;
         });
     }
 
@@ -507,7 +512,7 @@ impl RedisBroker {
     }
 
     /// Refresh this instance's heartbeat key.
-    pub async fn heartbeat(&self) -> Result<(), BrokerError> {
+    async fn heartbeat(&self) -> Result<(), BrokerError> {
         let mut cmd = redis::cmd("SET");
         cmd.arg(node_key(&self.inst))
             .arg("1")
@@ -517,17 +522,14 @@ impl RedisBroker {
     }
 
     /// Is the node instance `inst` alive (its heartbeat key exists)?
-    pub async fn alive(&self, inst: &str) -> Result<bool, BrokerError> {
+    async fn alive(&self, inst: &str) -> Result<bool, BrokerError> {
         let mut cmd = redis::cmd("EXISTS");
         cmd.arg(node_key(inst));
         Ok(self.conn.query::<i64>(&cmd).await? > 0)
     }
 
     /// Every (instance, user, name) in `room`'s presence hash.
-    pub async fn presence_of(
-        &self,
-        room: &str,
-    ) -> Result<Vec<(String, String, String)>, BrokerError> {
+    async fn presence_of(&self, room: &str) -> Result<Vec<(String, String, String)>, BrokerError> {
         let mut cmd = redis::cmd("HGETALL");
         cmd.arg(presence_key(room));
         let map: HashMap<String, String> = self.conn.query(&cmd).await?;
@@ -541,7 +543,7 @@ impl RedisBroker {
     }
 
     /// Write a presence field directly (reconciliation).
-    pub async fn presence_set(
+    async fn presence_set(
         &self,
         room: &str,
         inst: &str,
@@ -557,6 +559,76 @@ impl RedisBroker {
         self.conn.query::<i64>(&cmd).await.map(|_| ())
     }
 
+    /// The other live instances' presence in `room`. Records of dead instances
+    /// (no heartbeat) are removed for everyone on the way; `alive` caches the
+    /// liveness checks of one pass.
+    pub async fn presence_snapshot(
+        &self,
+        room: &str,
+        alive: &mut HashMap<String, bool>,
+    ) -> Result<RemotePresence, BrokerError> {
+        Ok(self.snapshot_with_mine(room, alive).await?.0)
+    }
+
+    /// [`Self::presence_snapshot`], plus the users this instance's records name.
+    async fn snapshot_with_mine(
+        &self,
+        room: &str,
+        alive: &mut HashMap<String, bool>,
+    ) -> Result<(RemotePresence, HashSet<String>), BrokerError> {
+        let mut theirs = RemotePresence::new();
+        let mut mine = HashSet::new();
+        for (inst, user, name) in self.presence_of(room).await? {
+            if inst == self.inst {
+                mine.insert(user);
+                continue;
+            }
+            let live = match alive.get(&inst) {
+                Some(&l) => l,
+                None => {
+                    let l = self.alive(&inst).await.unwrap_or(true);
+                    alive.insert(inst.clone(), l);
+                    l
+                }
+            };
+            if live {
+                theirs
+                    .entry(user)
+                    .or_insert_with(|| (name, HashSet::new()))
+                    .1
+                    .insert(inst);
+            } else {
+                // A dead node's entry: remove it for everyone.
+                let _ = self.presence_set(room, &inst, &user, "", false).await;
+            }
+        }
+        Ok((theirs, mine))
+    }
+
+    /// One round of presence upkeep (see [`super::Broker::reconcile_presence`]).
+    pub async fn reconcile_presence(
+        &self,
+        rooms: Vec<(String, HashMap<String, String>)>,
+    ) -> Result<Vec<(String, RemotePresence)>, BrokerError> {
+        self.heartbeat().await?;
+        let mut alive = HashMap::new();
+        let mut out = Vec::with_capacity(rooms.len());
+        for (room, here) in rooms {
+            let (theirs, mine) = self.snapshot_with_mine(&room, &mut alive).await?;
+            // This node's own records: write what is missing, remove what is stale.
+            for (user, name) in &here {
+                if !mine.contains(user) {
+                    let _ = self.presence_set(&room, &self.inst, user, name, true).await;
+                }
+            }
+            for user in mine.iter().filter(|u| !here.contains_key(*u)) {
+                let _ = self.presence_set(&room, &self.inst, user, "", false).await;
+            }
+            out.push((room, theirs));
+        }
+        Ok(out)
+    }
+
     /// Leave the cluster cleanly: presence written, heartbeat removed.
     pub async fn shutdown(&self) {
         self.flush_presence().await;
@@ -567,7 +639,7 @@ impl RedisBroker {
 }
 
 /// Runs on the Redis connection's reader for every push: must not block.
-fn on_push(inbound: &Inbound, info: PushInfo) {
+fn on_push(inbound: &PushState, info: PushInfo) {
     match info.kind {
         PushKind::Message | PushKind::SMessage => {
             let Some(Value::BulkString(payload)) = info.data.get(1) else {
@@ -575,8 +647,10 @@ fn on_push(inbound: &Inbound, info: PushInfo) {
             };
             match serde_json::from_slice::<Envelope>(payload) {
                 Ok(env) => {
-                    if let Some(sink) = inbound.sink.get() {
-                        sink(env);
+                    if let (Some(sink), Some(event)) =
+                        (inbound.sink.get(), env.into_inbound(&inbound.inst))
+                    {
+                        sink(event);
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "ignoring a malformed broker envelope"),

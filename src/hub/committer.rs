@@ -13,12 +13,12 @@
 //! get `unavailable` (see [`super::Hub::submit`]).
 
 use super::{Channel, Conn, Hub};
+use crate::message::{ChannelKey, StoredMessage};
 use crate::metrics::Metrics;
+use crate::protocol::events::Ack;
 use crate::protocol::{self, CommandId};
-use crate::store::{ChannelKey, Sequenced, Store, StoredMessage};
-use serde::Serialize;
+use crate::store::{LocalStore, PgStore, Sequenced, Store};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
@@ -47,16 +47,6 @@ pub enum Job {
     Stop(oneshot::Sender<()>),
 }
 
-#[derive(Serialize)]
-struct Ack<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    room: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    dm: Option<&'a str>,
-    seq: u64,
-    ts: i64,
-}
-
 fn send_ack(
     metrics: &Metrics,
     conn: &Conn,
@@ -70,7 +60,9 @@ fn send_ack(
     conn.send(protocol::reply("ack", id, Ack { room, dm, seq, ts }).into());
 }
 
-pub async fn run(mut rx: mpsc::Receiver<Job>, store: Arc<Store>, hub: Arc<Hub>, metrics: Metrics) {
+pub async fn run(mut rx: mpsc::Receiver<Job>, hub: Arc<Hub>) {
+    let store = hub.store.clone();
+    let metrics = hub.metrics.clone();
     let mut jobs: Vec<Job> = Vec::with_capacity(64);
     let mut msgs: Vec<Arc<StoredMessage>> = Vec::with_capacity(64);
     loop {
@@ -82,13 +74,16 @@ pub async fn run(mut rx: mpsc::Receiver<Job>, store: Arc<Store>, hub: Arc<Hub>, 
             Job::Append { msg, .. } => Some(msg.clone()),
             _ => None,
         }));
-        let stop = if hub.sequenced_by_store() {
-            commit_sequenced(&store, &hub, &metrics, &msgs, &mut jobs).await
-        } else {
-            if !msgs.is_empty() {
-                commit(&store, &msgs, &metrics, &hub).await;
+        let stop = match &*store {
+            Store::Shared(shared) => {
+                commit_sequenced(shared, &hub, &metrics, &msgs, &mut jobs).await
             }
-            finish_local(&hub, &metrics, &mut jobs)
+            Store::Local(local) => {
+                if !msgs.is_empty() {
+                    commit(local, &msgs, &metrics, &hub).await;
+                }
+                finish_local(&hub, &metrics, &mut jobs)
+            }
         };
         if let Some(tx) = stop {
             let _ = tx.send(());
@@ -128,7 +123,7 @@ fn finish_local(
 /// and acked only if the publish succeeded. A failed commit stored nothing and
 /// numbered nothing, so its senders get `unavailable` and may simply resend.
 async fn commit_sequenced(
-    store: &Store,
+    store: &PgStore,
     hub: &Arc<Hub>,
     metrics: &Metrics,
     msgs: &[Arc<StoredMessage>],
@@ -138,9 +133,10 @@ async fn commit_sequenced(
     let mut failed = false;
     if !msgs.is_empty() {
         let started = Instant::now();
-        let since =
-            super::now_ms() - i64::try_from(super::CLIENT_ID_WINDOW.as_millis()).unwrap_or(0);
-        match store.append_sequenced(msgs, since).await {
+        match store
+            .append_sequenced(msgs, super::client_id_horizon())
+            .await
+        {
             Ok(o) => {
                 metrics
                     .commit_seconds
@@ -148,11 +144,11 @@ async fn commit_sequenced(
                 metrics.commit_batch.record(msgs.len() as f64);
                 let new = o.iter().filter(|s| matches!(s, Sequenced::New(_))).count();
                 metrics.stored.increment(new as u64);
-                hub.store_failing.store(false, Ordering::Relaxed);
+                hub.set_store_failing(false);
                 outcomes = o;
             }
             Err(e) => {
-                hub.store_failing.store(true, Ordering::Relaxed);
+                hub.set_store_failing(true);
                 metrics.store_errors.increment(1);
                 tracing::error!(error = %e, batch = msgs.len(), "store commit failed; senders get unavailable");
                 failed = true;
@@ -195,7 +191,7 @@ async fn commit_sequenced(
                             metrics,
                             &conn,
                             id.as_ref(),
-                            "stored, but the other nodes could not be told (Redis unreachable); \
+                            "stored, but the other nodes could not be told (broker unreachable); \
                              resend with the same client_id to be sure",
                         );
                     }
@@ -231,7 +227,7 @@ fn send_error(metrics: &Metrics, conn: &Conn, id: Option<&CommandId>, message: &
     conn.send(protocol::error_event(id, &err).into());
 }
 
-async fn commit(store: &Store, msgs: &[Arc<StoredMessage>], metrics: &Metrics, hub: &Hub) {
+async fn commit(store: &LocalStore, msgs: &[Arc<StoredMessage>], metrics: &Metrics, hub: &Hub) {
     let mut backoff = Duration::from_millis(50);
     loop {
         let started = Instant::now();
@@ -242,11 +238,11 @@ async fn commit(store: &Store, msgs: &[Arc<StoredMessage>], metrics: &Metrics, h
                     .record(started.elapsed().as_secs_f64());
                 metrics.commit_batch.record(msgs.len() as f64);
                 metrics.stored.increment(msgs.len() as u64);
-                hub.store_failing.store(false, Ordering::Relaxed);
+                hub.set_store_failing(false);
                 return;
             }
             Err(e) => {
-                hub.store_failing.store(true, Ordering::Relaxed);
+                hub.set_store_failing(true);
                 metrics.store_errors.increment(1);
                 tracing::error!(error = %e, batch = msgs.len(), "store commit failed; retrying");
                 tokio::time::sleep(backoff).await;

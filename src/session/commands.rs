@@ -7,39 +7,17 @@
 
 use super::{Exit, Session};
 use crate::auth::{AuthError, EXP_LEEWAY_SECS, now_secs};
-use crate::hub::{Conn, MessageRef, Outgoing};
+use crate::hub::{Conn, Outgoing};
 use crate::limits::Verdict;
+use crate::message::ChannelKey;
 use crate::metrics::ConnState;
+use crate::protocol::events::{History, Left, Limits, Pong, Presence, Welcome, message_refs};
 use crate::protocol::{
     self, Command, CommandError, CommandId, ErrorCode, HistoryTarget, ParseLimits, close,
 };
-use crate::store::ChannelKey;
-use serde::Serialize;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-
-#[derive(Serialize)]
-struct Welcome<'a> {
-    user: &'a str,
-    name: &'a str,
-    conn: String,
-    heartbeat_ms: u64,
-    limits: Limits,
-}
-
-#[derive(Serialize)]
-struct Limits {
-    max_message: usize,
-    max_text: usize,
-    max_meta: usize,
-    max_client_id: usize,
-    max_history: u64,
-    max_rooms_per_conn: usize,
-    rate_limit: u32,
-    rate_burst: u32,
-    send_queue: usize,
-}
 
 impl Session {
     pub(super) fn reply(&self, frame: String) {
@@ -259,10 +237,6 @@ impl Session {
                 self.joined(&room)?;
                 hub.leave(&conn, &room);
                 self.rooms.retain(|r| *r != room);
-                #[derive(Serialize)]
-                struct Left<'a> {
-                    room: &'a str,
-                }
                 self.reply(protocol::reply("left", id, Left { room: &room }));
                 Ok(())
             }
@@ -320,22 +294,8 @@ impl Session {
                     }
                 };
                 let msgs = hub.history(&key, before, limit).await?;
-                #[derive(Serialize)]
-                struct History<'a> {
-                    #[serde(skip_serializing_if = "Option::is_none")]
-                    room: Option<&'a str>,
-                    #[serde(skip_serializing_if = "Option::is_none")]
-                    dm: Option<&'a str>,
-                    messages: Vec<MessageRef<'a>>,
-                }
                 let (room, dm) = key.target(&conn.user);
-                let messages = msgs
-                    .iter()
-                    .map(|m| MessageRef {
-                        msg: m,
-                        viewer: &conn.user,
-                    })
-                    .collect();
+                let messages = message_refs(&msgs, &conn.user);
                 self.reply(protocol::reply(
                     "history",
                     id,
@@ -345,11 +305,6 @@ impl Session {
             }
             Command::Presence { room } => {
                 self.may_join(&room)?;
-                #[derive(Serialize)]
-                struct Presence<'a> {
-                    room: &'a str,
-                    members: Vec<protocol::Member>,
-                }
                 let members = hub.presence(&room);
                 self.reply(protocol::reply(
                     "presence",
@@ -367,8 +322,6 @@ impl Session {
                 Ok(())
             }
             Command::Ping => {
-                #[derive(Serialize)]
-                struct Pong {}
                 self.reply(protocol::reply("pong", id, Pong {}));
                 Ok(())
             }

@@ -10,13 +10,13 @@
 
 mod commands;
 
+use crate::app::AppState;
 use crate::auth::RoomAccess;
 use crate::hub::outbox::{Alarm, Overflowed};
 use crate::hub::{Conn, Outbox};
 use crate::limits::TokenBucket;
 use crate::metrics::{ConnState, Metrics};
 use crate::protocol::{self, close};
-use crate::server::AppState;
 use crate::ws::{Incoming, Lines, Text, WsError, WsStream};
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;

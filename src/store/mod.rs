@@ -1,13 +1,16 @@
 //! Durable history: the messages of every room and direct-message pair, by `seq`.
 //!
-//! Owns: the persisted shape of a message ([`StoredMessage`]), the channel key that
-//! names a room or a DM pair ([`ChannelKey`]), the history `epoch`, and the three
+//! Owns: how messages ([`crate::message`]) are persisted, the history `epoch`, the
+//! SQL schemas and queries, and the three
 //! stores: SQLite (durable, the single-node default), memory (bounded rings, fresh
 //! epoch on every start) and PostgreSQL (shared by several nodes). Must not: deliver
-//! anything. Who numbers messages: on one node the hub's sequencer assigns `seq`
-//! and SQLite/memory only store it; with PostgreSQL the store assigns `seq` inside
-//! the commit ([`Store::append_sequenced`]), because only the shared database can
-//! order messages sent to different nodes.
+//! anything, or build what a client sees (the protocol module encodes messages).
+//!
+//! Who numbers messages is a type, chosen when the store is opened: a
+//! [`Store::Local`] store (SQLite or memory) keeps what the hub numbered
+//! ([`LocalStore::append`]); the [`Store::Shared`] store (PostgreSQL) numbers each
+//! batch inside its commit ([`PgStore::append_sequenced`]), because only the shared
+//! database can order messages sent to different nodes.
 //!
 //! The store is an enum rather than a trait object: there are few stores, the calls
 //! are async, and an enum keeps them static-dispatch without boxing every future.
@@ -20,9 +23,7 @@ pub use memory::MemoryStore;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
-use crate::protocol::encode;
-use serde::Serialize;
-use serde_json::value::RawValue;
+use crate::message::{ChannelKey, StoredMessage};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -39,114 +40,6 @@ pub enum StoreError {
     },
     #[error("stored message is corrupt: {0}")]
     Corrupt(String),
-}
-
-/// A room or a direct-message pair: the unit that has its own `seq`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum ChannelKey {
-    Room(String),
-    /// The two users, sorted, so that (a, b) and (b, a) are one pair.
-    Dm(String, String),
-}
-
-impl ChannelKey {
-    pub fn dm(a: &str, b: &str) -> Self {
-        if a <= b {
-            ChannelKey::Dm(a.to_owned(), b.to_owned())
-        } else {
-            ChannelKey::Dm(b.to_owned(), a.to_owned())
-        }
-    }
-
-    /// The key in the database: `#room` or `@["a","b"]`. Room names cannot contain
-    /// `#`, `@` or `"`, so rooms and pairs never collide.
-    pub fn storage_key(&self) -> String {
-        match self {
-            ChannelKey::Room(r) => format!("#{r}"),
-            ChannelKey::Dm(a, b) => format!("@{}", encode(&[a, b])),
-        }
-    }
-
-    /// `(room, dm)` as `viewer` names this channel on the wire: the room's name, or
-    /// for a DM pair the other party.
-    pub fn target<'a>(&'a self, viewer: &str) -> (Option<&'a str>, Option<&'a str>) {
-        match self {
-            ChannelKey::Room(r) => (Some(r.as_str()), None),
-            ChannelKey::Dm(..) => (None, self.peer_of(viewer)),
-        }
-    }
-
-    /// The inverse of [`ChannelKey::storage_key`].
-    pub fn from_storage_key(s: &str) -> Option<ChannelKey> {
-        if let Some(room) = s.strip_prefix('#') {
-            return Some(ChannelKey::Room(room.to_owned()));
-        }
-        let pair: [String; 2] = serde_json::from_str(s.strip_prefix('@')?).ok()?;
-        let [a, b] = pair;
-        Some(ChannelKey::dm(&a, &b))
-    }
-
-    /// For a DM pair, the other party as seen by `viewer`.
-    pub fn peer_of<'a>(&'a self, viewer: &str) -> Option<&'a str> {
-        match self {
-            ChannelKey::Room(_) => None,
-            ChannelKey::Dm(a, b) => Some(if a == viewer { b } else { a }),
-        }
-    }
-}
-
-/// One stored message. Immutable once stored; shared by `Arc` between the committer,
-/// the recent-message ring of its channel and replies that include it.
-#[derive(Debug)]
-pub struct StoredMessage {
-    pub channel: ChannelKey,
-    pub seq: u64,
-    pub ts: i64,
-    pub from: String,
-    pub name: String,
-    pub text: String,
-    pub meta: Option<Box<RawValue>>,
-    pub client_id: Option<String>,
-}
-
-/// The wire form of a message (`type: message`), also used inside `joined.messages`
-/// and `history.messages`.
-#[derive(Serialize)]
-pub struct MessageEvent<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    room: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    dm: Option<&'a str>,
-    seq: u64,
-    ts: i64,
-    from: &'a str,
-    name: &'a str,
-    text: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    meta: Option<&'a RawValue>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    client_id: Option<&'a str>,
-}
-
-impl StoredMessage {
-    /// The event as `viewer` sees it: for a DM, `dm` is the other party.
-    pub fn event(&self, viewer: &str) -> MessageEvent<'_> {
-        let (room, dm) = self.channel.target(viewer);
-        MessageEvent {
-            kind: "message",
-            room,
-            dm,
-            seq: self.seq,
-            ts: self.ts,
-            from: &self.from,
-            name: &self.name,
-            text: &self.text,
-            meta: self.meta.as_deref(),
-            client_id: self.client_id.as_deref(),
-        }
-    }
 }
 
 /// What the hub needs to take over a channel: where its sequence stands and which
@@ -182,82 +75,68 @@ pub enum StoreConfig {
     },
 }
 
+/// The history store, by who numbers messages. This is chosen once, when the store
+/// is opened, and the write path of each kind exists only on its own type, so the
+/// hub cannot number messages for PostgreSQL nor leave SQLite to number them.
 pub enum Store {
+    /// One node: the hub numbers messages and this store keeps them.
+    Local(LocalStore),
+    /// Several nodes share this store; it numbers messages inside the commit.
+    Shared(PgStore),
+}
+
+/// A single-node store: it stores messages whose `seq` the hub assigned.
+pub enum LocalStore {
     Sqlite(SqliteStore),
     Memory(MemoryStore),
-    Postgres(PgStore),
+}
+
+impl LocalStore {
+    /// Store a batch in one transaction: all of it or none of it.
+    pub async fn append(&self, batch: &[Arc<StoredMessage>]) -> Result<(), StoreError> {
+        match self {
+            LocalStore::Sqlite(s) => s.append(batch).await,
+            LocalStore::Memory(s) => {
+                s.append(batch);
+                Ok(())
+            }
+        }
+    }
 }
 
 impl Store {
     pub async fn open(config: &StoreConfig) -> Result<Arc<Store>, StoreError> {
         Ok(Arc::new(match config {
-            StoreConfig::Sqlite { file } => Store::Sqlite(SqliteStore::open(file).await?),
-            StoreConfig::Memory { ring } => Store::Memory(MemoryStore::new(*ring)),
-            StoreConfig::Postgres { url } => Store::Postgres(PgStore::open(url).await?),
+            StoreConfig::Sqlite { file } => {
+                Store::Local(LocalStore::Sqlite(SqliteStore::open(file).await?))
+            }
+            StoreConfig::Memory { ring } => {
+                Store::Local(LocalStore::Memory(MemoryStore::new(*ring)))
+            }
+            StoreConfig::Postgres { url } => Store::Shared(PgStore::open(url).await?),
         }))
-    }
-
-    /// Does this store assign `seq` itself (shared by several nodes)?
-    pub fn sequences(&self) -> bool {
-        matches!(self, Store::Postgres(_))
     }
 
     /// The name of this store's history; it changes only when history was lost.
     pub fn epoch(&self) -> &str {
         match self {
-            Store::Sqlite(s) => s.epoch(),
-            Store::Memory(s) => s.epoch(),
-            Store::Postgres(s) => s.epoch(),
+            Store::Local(LocalStore::Sqlite(s)) => s.epoch(),
+            Store::Local(LocalStore::Memory(s)) => s.epoch(),
+            Store::Shared(s) => s.epoch(),
         }
     }
 
+    /// Where a channel's sequence stands and its recent `client_id`s (those used
+    /// since `client_ids_since_ts`; the shared store checks them in the commit).
     pub async fn load_channel(
         &self,
         key: &ChannelKey,
         client_ids_since_ts: i64,
     ) -> Result<ChannelInit, StoreError> {
         match self {
-            Store::Sqlite(s) => s.load_channel(key, client_ids_since_ts).await,
-            Store::Memory(s) => Ok(s.load_channel(key, client_ids_since_ts)),
-            Store::Postgres(s) => s.load_channel(key).await,
-        }
-    }
-
-    /// Number and store a batch in one transaction (stores that [`Store::sequences`]):
-    /// a `client_id` used since `client_id_since_ts` yields the original message.
-    pub async fn append_sequenced(
-        &self,
-        batch: &[Arc<StoredMessage>],
-        client_id_since_ts: i64,
-    ) -> Result<Vec<Sequenced>, StoreError> {
-        match self {
-            Store::Postgres(s) => s.append_sequenced(batch, client_id_since_ts).await,
-            _ => Err(StoreError::Corrupt(
-                "this store does not assign seq; the hub does".to_owned(),
-            )),
-        }
-    }
-
-    /// The last stored `seq` of each of these channels (by storage key) that has one.
-    /// Only the shared store answers; a single-node store has nothing to catch up on.
-    pub async fn last_seqs(&self, keys: &[String]) -> Result<Vec<(String, u64)>, StoreError> {
-        match self {
-            Store::Postgres(s) => s.last_seqs(keys).await,
-            _ => Ok(Vec::new()),
-        }
-    }
-
-    /// Store a batch in one transaction: all of it or none of it.
-    pub async fn append(&self, batch: &[Arc<StoredMessage>]) -> Result<(), StoreError> {
-        match self {
-            Store::Sqlite(s) => s.append(batch).await,
-            Store::Memory(s) => {
-                s.append(batch);
-                Ok(())
-            }
-            Store::Postgres(_) => Err(StoreError::Corrupt(
-                "PostgreSQL assigns seq itself: use append_sequenced".to_owned(),
-            )),
+            Store::Local(LocalStore::Sqlite(s)) => s.load_channel(key, client_ids_since_ts).await,
+            Store::Local(LocalStore::Memory(s)) => Ok(s.load_channel(key, client_ids_since_ts)),
+            Store::Shared(s) => s.load_channel(key).await,
         }
     }
 
@@ -272,9 +151,14 @@ impl Store {
             return Ok(Vec::new());
         }
         match self {
-            Store::Sqlite(s) => s.range(key, after, upto).await,
-            Store::Memory(s) => Ok(s.range(key, after, upto)),
-            Store::Postgres(s) => s.range(key, after, upto).await,
+            Store::Local(LocalStore::Sqlite(s)) => s.range(key, after, upto).await,
+            Store::Local(LocalStore::Memory(s)) => {
+                // A read yields once, as every other store's does, so an in-memory
+                // server interleaves commits and joins like a durable one.
+                tokio::task::yield_now().await;
+                Ok(s.range(key, after, upto))
+            }
+            Store::Shared(s) => s.range(key, after, upto).await,
         }
     }
 
@@ -290,26 +174,29 @@ impl Store {
             return Ok(Vec::new());
         }
         match self {
-            Store::Sqlite(s) => s.latest(key, before, limit).await,
-            Store::Memory(s) => Ok(s.latest(key, before, limit)),
-            Store::Postgres(s) => s.latest(key, before, limit).await,
+            Store::Local(LocalStore::Sqlite(s)) => s.latest(key, before, limit).await,
+            Store::Local(LocalStore::Memory(s)) => {
+                tokio::task::yield_now().await;
+                Ok(s.latest(key, before, limit))
+            }
+            Store::Shared(s) => s.latest(key, before, limit).await,
         }
     }
 
     /// Is the store usable? (`/readyz`)
     pub async fn check(&self) -> Result<(), StoreError> {
         match self {
-            Store::Sqlite(s) => s.check().await,
-            Store::Memory(_) => Ok(()),
-            Store::Postgres(s) => s.check().await,
+            Store::Local(LocalStore::Sqlite(s)) => s.check().await,
+            Store::Local(LocalStore::Memory(_)) => Ok(()),
+            Store::Shared(s) => s.check().await,
         }
     }
 
     pub async fn close(&self) {
         match self {
-            Store::Sqlite(s) => s.close().await,
-            Store::Postgres(s) => s.close().await,
-            Store::Memory(_) => {}
+            Store::Local(LocalStore::Sqlite(s)) => s.close().await,
+            Store::Local(LocalStore::Memory(_)) => {}
+            Store::Shared(s) => s.close().await,
         }
     }
 }

@@ -1,112 +1,15 @@
-//! Wire types of the Hubbub protocol (docs/PROTOCOL.md): parsing client commands,
-//! encoding server events, error codes, close codes and the name rules.
+//! Client commands: parsing one frame into a validated [`Command`] and its `id`.
 //!
-//! Owns: the exact JSON shapes on the wire. Must not: touch sockets, the hub or the
-//! store. Everything here is pure and synchronous so it can be unit-tested alone.
+//! Owns: the command shapes of docs/PROTOCOL.md ("Commands") and the per-field
+//! checks (names, text length, `meta`, `client_id`, counts). Must not: decide
+//! permissions or touch state; that is the session's and the hub's.
 
-use serde::Serialize;
+use super::{
+    CommandError, CommandId, DEFAULT_HISTORY, ErrorCode, MAX_CLIENT_ID_CHARS, MAX_HISTORY,
+    MAX_META_BYTES, MAX_USER_ID_CHARS, valid_room_name,
+};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
-use std::fmt;
-
-/// Largest `history` / `limit` a client may ask for; larger counts are clamped.
-pub const MAX_HISTORY: u64 = 500;
-/// Default `history` / `limit` when the client gives none.
-pub const DEFAULT_HISTORY: u64 = 50;
-/// A rejoin returns at most this many missed messages; beyond it `recovered: false`.
-pub const MAX_RECOVERY: u64 = 1000;
-/// `meta`, serialized, may be at most this many bytes.
-pub const MAX_META_BYTES: usize = 1024;
-/// `client_id` may be at most this many characters.
-pub const MAX_CLIENT_ID_CHARS: usize = 64;
-/// A user id given to `direct` / `history.dm` may be at most this many characters.
-pub const MAX_USER_ID_CHARS: usize = 256;
-
-/// Close codes of the protocol (PROTOCOL.md, "Close codes").
-pub mod close {
-    pub const NORMAL: u16 = 1000;
-    pub const GOING_AWAY: u16 = 1001;
-    pub const PROTOCOL_ERROR: u16 = 1002;
-    pub const INVALID_UTF8: u16 = 1007;
-    pub const POLICY: u16 = 1008;
-    pub const TOO_BIG: u16 = 1009;
-    pub const INTERNAL: u16 = 1011;
-    pub const OVERLOADED: u16 = 1013;
-    pub const NO_HELLO: u16 = 4000;
-    pub const UNAUTHORIZED: u16 = 4001;
-    pub const SLOW_CONSUMER: u16 = 4008;
-    pub const RATE_LIMITED: u16 = 4029;
-}
-
-/// The error codes of the protocol (PROTOCOL.md, "Errors").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    BadRequest,
-    Unauthorized,
-    Forbidden,
-    NotFound,
-    NotJoined,
-    RateLimited,
-    TooLarge,
-    Conflict,
-    Unavailable,
-    Internal,
-}
-
-impl ErrorCode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::BadRequest => "bad_request",
-            ErrorCode::Unauthorized => "unauthorized",
-            ErrorCode::Forbidden => "forbidden",
-            ErrorCode::NotFound => "not_found",
-            ErrorCode::NotJoined => "not_joined",
-            ErrorCode::RateLimited => "rate_limited",
-            ErrorCode::TooLarge => "too_large",
-            ErrorCode::Conflict => "conflict",
-            ErrorCode::Unavailable => "unavailable",
-            ErrorCode::Internal => "internal",
-        }
-    }
-}
-
-/// A command that failed: the code and the human text sent back in `error`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{code:?}: {message}")]
-pub struct CommandError {
-    pub code: ErrorCode,
-    pub message: String,
-}
-
-impl CommandError {
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        CommandError {
-            code,
-            message: message.into(),
-        }
-    }
-    pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(ErrorCode::BadRequest, message)
-    }
-}
-
-/// The client-chosen `id` of a command: a string or an integer, echoed verbatim.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(untagged)]
-pub enum CommandId {
-    Int(i64),
-    Str(String),
-}
-
-impl fmt::Display for CommandId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            CommandId::Int(i) => write!(f, "{i}"),
-            CommandId::Str(s) => write!(f, "{s:?}"),
-        }
-    }
-}
 
 /// `since` of a `join`: where the client's copy of a room's history ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -457,95 +360,10 @@ fn truncate(s: &str, max_chars: usize) -> &str {
     }
 }
 
-/// Room names: 1-64 characters from `A-Z a-z 0-9 _ - . :`.
-pub fn valid_room_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
-}
-
-/// Guest names: 1-32 characters from `A-Z a-z 0-9 _ - .`.
-pub fn valid_guest_name(name: &str) -> bool {
-    (1..=32).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
-}
-
-/// One member in a presence list: one entry per user, not per connection.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Member {
-    pub user: String,
-    pub name: String,
-}
-
-/// Encode a server event. Serialization of our own types cannot fail (no maps with
-/// non-string keys, no non-finite floats), so a failure is a bug we log and survive.
-pub fn encode<T: Serialize>(event: &T) -> String {
-    serde_json::to_string(event).unwrap_or_else(|e| {
-        tracing::error!(error = %e, "failed to encode a server event");
-        r#"{"type":"error","code":"internal","message":"encoding failed"}"#.to_owned()
-    })
-}
-
-#[derive(Serialize)]
-struct ErrorEvent<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    id: Option<&'a CommandId>,
-    code: ErrorCode,
-    message: &'a str,
-}
-
-/// `{"type":"error",...}` answering command `id` (or none).
-pub fn error_event(id: Option<&CommandId>, err: &CommandError) -> String {
-    encode(&ErrorEvent {
-        kind: "error",
-        id,
-        code: err.code,
-        message: &err.message,
-    })
-}
-
-#[derive(Serialize)]
-struct ClosingEvent<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    reason: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reconnect_ms: Option<u64>,
-}
-
-/// `{"type":"closing","reason":...}`, sent just before a server-initiated close;
-/// with `reconnect_ms`, the delay the server suggests before reconnecting.
-pub fn closing_event(reason: &str, reconnect_ms: Option<u64>) -> String {
-    encode(&ClosingEvent {
-        kind: "closing",
-        reason,
-        reconnect_ms,
-    })
-}
-
-/// A reply that is only `type` and `id` plus fixed fields (pong, left).
-#[derive(Serialize)]
-pub struct Reply<'a, T: Serialize> {
-    #[serde(rename = "type")]
-    pub kind: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub id: Option<&'a CommandId>,
-    #[serde(flatten)]
-    pub body: T,
-}
-
-pub fn reply<T: Serialize>(kind: &'static str, id: Option<&CommandId>, body: T) -> String {
-    encode(&Reply { kind, id, body })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::valid_guest_name;
 
     const LIMITS: ParseLimits = ParseLimits { max_text: 10 };
 
@@ -627,17 +445,5 @@ mod tests {
             "c".repeat(65)
         );
         assert_eq!(err_of(&frame).error.code, ErrorCode::BadRequest);
-    }
-
-    #[test]
-    fn error_event_carries_id_code_and_message() {
-        let e = error_event(
-            Some(&CommandId::Str("a".into())),
-            &CommandError::new(ErrorCode::NotJoined, "join first"),
-        );
-        assert_eq!(
-            e,
-            r#"{"type":"error","id":"a","code":"not_joined","message":"join first"}"#
-        );
     }
 }

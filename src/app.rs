@@ -1,0 +1,105 @@
+//! The application state every session and HTTP handler shares.
+//!
+//! Owns: the configuration, the hub, the authenticator, the shutdown signal, the
+//! metrics and the registry of live sessions (which the drain walks). Must not:
+//! serve anything itself; `server` serves HTTP and `session` runs connections, and
+//! both import this module, never each other's.
+
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::hub::{Hub, Outbox};
+use crate::metrics::Metrics;
+use crate::tls::TlsCerts;
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio_util::sync::CancellationToken;
+
+/// What every session and handler shares.
+pub struct AppState {
+    pub config: Config,
+    pub hub: Arc<Hub>,
+    pub auth: Authenticator,
+    pub shutdown: CancellationToken,
+    pub metrics: Metrics,
+    pub(crate) prometheus: Option<PrometheusHandle>,
+    next_id: AtomicU64,
+    /// Live sessions, by the outbox through which each is asked to close (a
+    /// per-session token would cost every idle connection ~180 bytes); the drain
+    /// walks this.
+    sessions: Mutex<HashMap<u64, Arc<Outbox>>>,
+    /// Set when a drain starts: the spread (ms) of suggested reconnect delays.
+    drain_spread_ms: AtomicU64,
+    pub tls: Option<Arc<TlsCerts>>,
+}
+
+impl AppState {
+    pub fn new(
+        config: Config,
+        hub: Arc<Hub>,
+        auth: Authenticator,
+        shutdown: CancellationToken,
+        metrics: Metrics,
+        prometheus: Option<PrometheusHandle>,
+        tls: Option<Arc<TlsCerts>>,
+    ) -> AppState {
+        AppState {
+            config,
+            hub,
+            auth,
+            shutdown,
+            metrics,
+            prometheus,
+            next_id: AtomicU64::new(1),
+            sessions: Mutex::new(HashMap::new()),
+            drain_spread_ms: AtomicU64::new(0),
+            tls,
+        }
+    }
+
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Register a session; its outbox is closed when the drain reaches it (at once
+    /// if the drain has already begun).
+    pub fn register_session(&self, id: u64, outbox: &Arc<Outbox>) {
+        if self.shutdown.is_cancelled() {
+            outbox.close();
+        }
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, outbox.clone());
+    }
+
+    pub fn unregister_session(&self, id: u64) {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+
+    /// A reconnect delay to suggest in `closing`: random within the drain's spread,
+    /// so that clients of a rolling restart do not all come back at once.
+    pub fn suggested_reconnect_ms(&self) -> u64 {
+        let spread = self.drain_spread_ms.load(Ordering::Relaxed).max(1000);
+        rand::random_range(0..=spread)
+    }
+
+    /// The outboxes of every live session, to close them (the drain).
+    pub fn session_outboxes(&self) -> Vec<Arc<Outbox>> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Set the spread (ms) of the reconnect delays suggested from now on.
+    pub fn set_drain_spread_ms(&self, ms: u64) {
+        self.drain_spread_ms.store(ms, Ordering::Relaxed);
+    }
+}

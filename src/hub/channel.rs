@@ -1,0 +1,359 @@
+//! One channel (a room or a DM pair) in memory: its sequence, ordered delivery with
+//! gap filling, and fan-out to this node's receivers.
+//!
+//! Owns: [`Channel`] and its state under one lock, loading it from the store (and,
+//! for a room, its broker subscription and cluster presence), and
+//! [`Hub::deliver`], the one local fan-out path that every committed message takes,
+//! whether it was sent here or (with a cross-node broker) elsewhere. Must not: hold
+//! the channel's lock across an await, or do per-receiver work other than pushing
+//! the one encoded frame into each receiver's bounded outbox.
+//!
+//! Ordering: `committed` is the last `seq` delivered here. A message ahead of
+//! `committed + 1` waits in `pending` while the missing ones are read from the store
+//! (a gap: a broadcast that was lost, or is merely late); a periodic catch-up
+//! compares each channel with the store so that even the last message of a burst
+//! is never missed. Duplicates (`seq <= committed`) are dropped.
+
+use super::presence::Presence;
+use super::{Hub, client_id_horizon, lock};
+use crate::broker::Topic;
+use crate::message::{ChannelKey, StoredMessage};
+use crate::protocol::{self, CommandError, ErrorCode};
+use crate::store::{ChannelInit, Store};
+use crate::ws::Text;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::OnceCell;
+use tokio::time::Instant;
+
+/// Committed messages each channel keeps in memory to close the join race.
+pub(super) const RECENT: usize = 64;
+/// Messages held back per channel while a gap before them is filled; more are
+/// dropped from the buffer and read from the store with the gap.
+const MAX_PENDING: usize = 4096;
+/// How long a gap may be just a late broadcast before the store is asked.
+const GAP_GRACE: Duration = Duration::from_millis(25);
+/// Messages read from the store per gap-filling query.
+const FILL_PAGE: u64 = 1000;
+
+/// A room or a DM pair in memory.
+pub struct Channel {
+    pub(super) key: ChannelKey,
+    pub(super) loaded: OnceCell<()>,
+    pub(super) inner: Mutex<ChannelInner>,
+}
+
+pub(super) struct ChannelInner {
+    /// The next `seq` to assign (when this node numbers messages).
+    pub(super) next_seq: u64,
+    /// The last `seq` delivered on this node (stored, in order, nothing missing).
+    pub(super) committed: u64,
+    /// Is `committed` known? (A DM pair first seen from the broker starts at the
+    /// first message it sees.) Messages before that wait in `pending`.
+    pub(super) anchored: bool,
+    /// Messages that arrived ahead of `committed + 1`, waiting for the gap to close.
+    pub(super) pending: BTreeMap<u64, Arc<StoredMessage>>,
+    /// The highest `seq` known to exist (seen from the broker or the store).
+    pub(super) highest_seen: u64,
+    /// A gap-filling task is running for this channel.
+    pub(super) filling: bool,
+    /// Presence events applied from other nodes so far: a reconciliation whose
+    /// snapshot is older than the latest event does not overwrite it.
+    pub(super) presence_events: u64,
+    pub(super) recent: VecDeque<Arc<StoredMessage>>,
+    pub(super) members: HashMap<u64, Arc<super::Conn>>,
+    pub(super) presence: HashMap<String, Presence>,
+    /// (user, client_id) -> (seq, ts), for idempotent resends.
+    pub(super) client_ids: HashMap<(String, String), (u64, i64)>,
+    client_id_order: VecDeque<(i64, String, String)>,
+    /// Set when the channel was dropped from the hub's map; holders must look again.
+    pub(super) evicted: bool,
+    pub(super) last_active: Instant,
+}
+
+impl Channel {
+    pub(super) fn new(key: &ChannelKey) -> Arc<Channel> {
+        Arc::new(Channel {
+            key: key.clone(),
+            loaded: OnceCell::new(),
+            inner: Mutex::new(ChannelInner {
+                next_seq: 1,
+                committed: 0,
+                anchored: false,
+                pending: BTreeMap::new(),
+                highest_seen: 0,
+                filling: false,
+                presence_events: 0,
+                recent: VecDeque::new(),
+                members: HashMap::new(),
+                presence: HashMap::new(),
+                client_ids: HashMap::new(),
+                client_id_order: VecDeque::new(),
+                evicted: false,
+                last_active: Instant::now(),
+            }),
+        })
+    }
+}
+
+impl ChannelInner {
+    fn apply_init(&mut self, init: ChannelInit) {
+        self.next_seq = init.last_seq + 1;
+        self.committed = init.last_seq;
+        self.highest_seen = self.highest_seen.max(init.last_seq);
+        self.anchored = true;
+        let mut ids = init.client_ids;
+        ids.sort_by_key(|(_, _, seq, _)| *seq);
+        for (user, cid, seq, ts) in ids {
+            self.remember_client_id(user, cid, seq, ts);
+        }
+    }
+
+    pub(super) fn remember_client_id(&mut self, user: String, cid: String, seq: u64, ts: i64) {
+        self.client_id_order
+            .push_back((ts, user.clone(), cid.clone()));
+        self.client_ids.insert((user, cid), (seq, ts));
+    }
+
+    pub(super) fn prune_client_ids(&mut self, now_ms: i64) {
+        let horizon =
+            now_ms - i64::try_from(super::CLIENT_ID_WINDOW.as_millis()).unwrap_or(i64::MAX);
+        while let Some((ts, _, _)) = self.client_id_order.front() {
+            if *ts >= horizon {
+                break;
+            }
+            if let Some((ts, user, cid)) = self.client_id_order.pop_front() {
+                let key = (user, cid);
+                if self.client_ids.get(&key).is_some_and(|(_, t)| *t == ts) {
+                    self.client_ids.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Nothing of this channel is in flight: it may be evicted when idle.
+    pub(super) fn settled(&self, store: &Store) -> bool {
+        match store {
+            Store::Local(_) => self.next_seq == self.committed + 1,
+            Store::Shared(_) => self.pending.is_empty() && !self.filling,
+        }
+    }
+}
+
+impl Hub {
+    /// The channel for `key`, loaded on first use. A room's channel is subscribed
+    /// on the broker first and its cluster presence read, then its last `seq`, so
+    /// nothing published after the load can be missed.
+    pub(super) async fn channel(
+        self: &Arc<Self>,
+        key: &ChannelKey,
+    ) -> Result<Arc<Channel>, CommandError> {
+        let ch = lock(&self.channels)
+            .entry(key.clone())
+            .or_insert_with(|| Channel::new(key))
+            .clone();
+        ch.loaded
+            .get_or_try_init(|| async {
+                if matches!(*self.store, Store::Shared(_)) && matches!(key, ChannelKey::Dm(..)) {
+                    // A DM pair is anchored by the first message delivered here.
+                    return Ok(());
+                }
+                let mut remote = Default::default();
+                if let ChannelKey::Room(room) = key {
+                    self.broker.subscribe(Topic::Room(room)).await;
+                    match self.broker.presence_snapshot(room).await {
+                        Ok(entries) => remote = entries,
+                        Err(e) => tracing::warn!(error = %e, "reading room presence failed"),
+                    }
+                }
+                let init = self
+                    .store
+                    .load_channel(key, client_id_horizon())
+                    .await
+                    .map_err(|e| {
+                        tracing::error!(error = %e, "loading channel state failed");
+                        // The next attempt subscribes again: release this one's hold.
+                        if let ChannelKey::Room(room) = key {
+                            self.broker.unsubscribe(Topic::Room(room));
+                        }
+                        CommandError::new(ErrorCode::Unavailable, "history store unavailable")
+                    })?;
+                let mut g = lock(&ch.inner);
+                g.apply_init(init);
+                Presence::adopt_snapshot(&mut g, remote);
+                // Anything that arrived from the broker during the load.
+                self.advance(&ch, &mut g);
+                Ok::<(), CommandError>(())
+            })
+            .await?;
+        Ok(ch)
+    }
+
+    /// Deliver a stored message to every local receiver, in `seq` order. The single
+    /// fan-out path: local commits, broker envelopes and gap fills all end here.
+    /// Duplicates are dropped; a message ahead of a gap waits for the gap to close.
+    pub fn deliver(self: &Arc<Self>, ch: &Arc<Channel>, msg: &Arc<StoredMessage>) {
+        let mut g = lock(&ch.inner);
+        if !g.anchored {
+            if matches!(*self.store, Store::Shared(_)) && matches!(ch.key, ChannelKey::Dm(..)) {
+                g.committed = msg.seq - 1;
+                g.anchored = true;
+            } else {
+                // The channel is loading; the loader delivers what waits here.
+                if g.pending.len() < MAX_PENDING {
+                    g.pending.insert(msg.seq, msg.clone());
+                }
+                g.highest_seen = g.highest_seen.max(msg.seq);
+                return;
+            }
+        }
+        if msg.seq <= g.committed {
+            return; // already delivered
+        }
+        g.highest_seen = g.highest_seen.max(msg.seq);
+        if msg.seq > g.committed + 1 {
+            if g.pending.len() < MAX_PENDING {
+                g.pending.insert(msg.seq, msg.clone());
+            }
+            self.start_fill(ch, &mut g);
+            return;
+        }
+        self.fan_out(ch, &mut g, msg);
+        self.advance(ch, &mut g);
+    }
+
+    /// Deliver what waits in `pending` now that it is next, and start filling if a
+    /// gap remains.
+    pub(super) fn advance(
+        self: &Arc<Self>,
+        ch: &Arc<Channel>,
+        g: &mut MutexGuard<'_, ChannelInner>,
+    ) {
+        loop {
+            let committed = g.committed;
+            // Drop what was delivered meanwhile.
+            while g
+                .pending
+                .first_key_value()
+                .is_some_and(|(s, _)| *s <= committed)
+            {
+                g.pending.pop_first();
+            }
+            match g.pending.first_key_value() {
+                Some((&s, _)) if s == committed + 1 => {
+                    if let Some((_, m)) = g.pending.pop_first() {
+                        self.fan_out(ch, g, &m);
+                    }
+                }
+                _ => break,
+            }
+        }
+        if g.highest_seen > g.committed && g.anchored {
+            self.start_fill(ch, g);
+        }
+    }
+
+    /// Start reading a gap from the store, unless that is already under way.
+    pub(super) fn start_fill(
+        self: &Arc<Self>,
+        ch: &Arc<Channel>,
+        g: &mut MutexGuard<'_, ChannelInner>,
+    ) {
+        if g.filling {
+            return;
+        }
+        g.filling = true;
+        self.metrics.gaps_detected.increment(1);
+        let hub = self.clone();
+        let ch = ch.clone();
+        tokio::spawn(async move { hub.fill_gap(ch).await });
+    }
+
+    /// Read missing messages from the store and deliver them, until `committed`
+    /// reaches the highest `seq` known to exist.
+    async fn fill_gap(self: Arc<Self>, ch: Arc<Channel>) {
+        tokio::time::sleep(GAP_GRACE).await;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let (after, upto) = {
+                let mut g = lock(&ch.inner);
+                if g.committed >= g.highest_seen {
+                    g.filling = false;
+                    self.metrics.gaps_filled.increment(1);
+                    return;
+                }
+                let upto = g.highest_seen.min(g.committed + FILL_PAGE);
+                (g.committed, upto)
+            };
+            match self.store.range(&ch.key, after, upto).await {
+                Ok(msgs) if !msgs.is_empty() => {
+                    for m in &msgs {
+                        self.deliver(&ch, m);
+                    }
+                    // Counted as how far `committed` moved, at most the messages read.
+                    let moved = lock(&ch.inner).committed.saturating_sub(after);
+                    self.metrics
+                        .gap_messages
+                        .increment(moved.min(msgs.len() as u64));
+                    backoff = Duration::from_millis(50);
+                }
+                Ok(_) => {
+                    // Known to exist but not readable yet: try again shortly.
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "filling a gap from the store failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// Send one message (the next in order) to this node's receivers.
+    fn fan_out(
+        &self,
+        ch: &Channel,
+        g: &mut MutexGuard<'_, ChannelInner>,
+        msg: &Arc<StoredMessage>,
+    ) {
+        g.committed = msg.seq;
+        if g.recent.len() == RECENT {
+            g.recent.pop_front();
+        }
+        g.recent.push_back(msg.clone());
+        match &ch.key {
+            ChannelKey::Room(_) => {
+                let frame = Text::from(protocol::events::message_event(msg, ""));
+                let mut refused = 0u64;
+                for c in g.members.values() {
+                    if !c.send(frame.clone()) {
+                        refused += 1;
+                    }
+                }
+                let n = g.members.len() as u64;
+                self.metrics.deliveries.increment(n - refused);
+                self.metrics.out("message", n - refused);
+                self.metrics.dropped_deliveries.increment(refused);
+            }
+            ChannelKey::Dm(a, b) => {
+                let mut n = 0u64;
+                for viewer in [a, b] {
+                    // Encoded once per party, and only if the party has connections.
+                    let mut frame = None;
+                    n += self.registry.send_to(viewer, || {
+                        frame
+                            .get_or_insert_with(|| {
+                                Text::from(protocol::events::message_event(msg, viewer))
+                            })
+                            .clone()
+                    });
+                }
+                self.metrics.deliveries.increment(n);
+                self.metrics.out("message", n);
+            }
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! Presence: who is in each room, per user and cluster-wide, and typing.
+//!
+//! Owns: a room's presence entries (a user's connections here plus the other node
+//! instances that have the user there), the `member` join/leave events, applying
+//! other nodes' presence news and the periodic reconciliation with the cluster's
+//! records, and relaying `typing`. Must not: talk to other nodes except through the
+//! broker seam, or keep per-connection state (that is the channel's member map).
+//!
+//! `member join`/`leave` fire when a user becomes present anywhere or is gone
+//! everywhere, so every node announces each user once.
+
+use super::channel::ChannelInner;
+use super::{Conn, Hub, lock};
+use crate::broker::{RemotePresence, Topic};
+use crate::message::ChannelKey;
+use crate::protocol::Member;
+use crate::protocol::events::{MemberChange, member_event, typing_event};
+use crate::ws::Text;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::MutexGuard;
+
+/// One user's presence in one room.
+pub(super) struct Presence {
+    name: String,
+    /// This node's connections of the user in the room.
+    pub(super) conns: usize,
+    /// Other node instances that have the user in the room.
+    remote: HashSet<String>,
+}
+
+impl Presence {
+    fn new(name: &str) -> Presence {
+        Presence {
+            name: name.to_owned(),
+            conns: 0,
+            remote: HashSet::new(),
+        }
+    }
+
+    fn present(&self) -> bool {
+        self.conns > 0 || !self.remote.is_empty()
+    }
+
+    /// Take in the other nodes' presence read while a room was loading.
+    pub(super) fn adopt_snapshot(g: &mut ChannelInner, remote: RemotePresence) {
+        for (user, (name, insts)) in remote {
+            g.presence
+                .entry(user)
+                .or_insert_with(|| Presence::new(&name))
+                .remote
+                .extend(insts);
+        }
+    }
+}
+
+impl ChannelInner {
+    /// The room's presence list, one entry per user, sorted by user id.
+    pub(super) fn members_list(&self) -> Vec<Member> {
+        let mut v: Vec<Member> = self
+            .presence
+            .iter()
+            .filter(|(_, p)| p.present())
+            .map(|(user, p)| Member {
+                user: user.clone(),
+                name: p.name.clone(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.user.cmp(&b.user));
+        v
+    }
+
+    /// Send `frame` to every member connection except those of `user`; returns how
+    /// many it was queued for.
+    fn broadcast_except(&self, user: &str, frame: &Text) -> u64 {
+        let mut n = 0;
+        for c in self.members.values() {
+            if c.user != user && c.send(frame.clone()) {
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+impl Hub {
+    /// `conn` became a member of `room`: count it, and announce its user if the user
+    /// is new to the room (here and, through the broker, everywhere).
+    pub(super) fn presence_arrive(&self, room: &str, g: &mut ChannelInner, conn: &Conn) {
+        let p = g
+            .presence
+            .entry(conn.user.clone())
+            .or_insert_with(|| Presence::new(&conn.name));
+        let was_present = p.present();
+        p.conns += 1;
+        if p.conns == 1 {
+            self.broker
+                .announce_presence(room, &conn.user, &conn.name, true);
+            if !was_present {
+                let ev = Text::from(member_event(
+                    room,
+                    &conn.user,
+                    &conn.name,
+                    MemberChange::Join,
+                ));
+                let n = g.broadcast_except(&conn.user, &ev);
+                self.metrics.out("member", n);
+            }
+        }
+    }
+
+    /// `conn` is no longer a member of `room`: announce its user's leaving if it was
+    /// the user's last connection anywhere.
+    pub(super) fn presence_depart(&self, room: &str, g: &mut ChannelInner, conn: &Conn) {
+        let (last_here, gone) = match g.presence.get_mut(&conn.user) {
+            Some(p) => {
+                p.conns = p.conns.saturating_sub(1);
+                (p.conns == 0, !p.present())
+            }
+            None => (false, false),
+        };
+        if last_here {
+            self.broker
+                .announce_presence(room, &conn.user, &conn.name, false);
+        }
+        if gone {
+            g.presence.remove(&conn.user);
+            let ev = Text::from(member_event(
+                room,
+                &conn.user,
+                &conn.name,
+                MemberChange::Leave,
+            ));
+            let n = g.broadcast_except(&conn.user, &ev);
+            self.metrics.out("member", n);
+        }
+    }
+
+    /// The presence list of `room` (one entry per user, on every node).
+    pub fn presence(&self, room: &str) -> Vec<Member> {
+        let key = ChannelKey::Room(room.to_owned());
+        match lock(&self.channels).get(&key).cloned() {
+            None => Vec::new(),
+            Some(ch) => lock(&ch.inner).members_list(),
+        }
+    }
+
+    /// Another node's presence news about `room`.
+    pub(super) fn on_remote_presence(
+        &self,
+        room: &str,
+        user: &str,
+        name: &str,
+        inst: &str,
+        on: bool,
+    ) {
+        let key = ChannelKey::Room(room.to_owned());
+        let Some(ch) = lock(&self.channels).get(&key).cloned() else {
+            return;
+        };
+        let mut g = lock(&ch.inner);
+        g.presence_events += 1;
+        self.apply_remote_presence(room, &mut g, user, name, inst, on);
+    }
+
+    /// Node instance `inst` now has (`on`) or no longer has `user` in `room`.
+    fn apply_remote_presence(
+        &self,
+        room: &str,
+        g: &mut MutexGuard<'_, ChannelInner>,
+        user: &str,
+        name: &str,
+        inst: &str,
+        on: bool,
+    ) {
+        let p = g
+            .presence
+            .entry(user.to_owned())
+            .or_insert_with(|| Presence::new(name));
+        let was = p.present();
+        if on {
+            p.remote.insert(inst.to_owned());
+        } else {
+            p.remote.remove(inst);
+        }
+        let now = p.present();
+        let name = p.name.clone();
+        if !now {
+            g.presence.remove(user);
+        }
+        if was != now {
+            let change = if now {
+                MemberChange::Join
+            } else {
+                MemberChange::Leave
+            };
+            let ev = Text::from(member_event(room, user, &name, change));
+            let n = g.broadcast_except(user, &ev);
+            self.metrics.out("member", n);
+        }
+    }
+
+    /// Reconcile with the cluster's presence records: the broker refreshes this
+    /// node's heartbeat, rewrites this node's records from what it has, drops dead
+    /// nodes' records, and this node adopts the live nodes' view (so a dead node's
+    /// users leave). Runs every `--node-timeout` / 3, so a dead node's users leave
+    /// within 4/3 of it.
+    pub(super) async fn reconcile_presence(&self) {
+        let rooms: Vec<(String, Arc<super::Channel>)> = lock(&self.channels)
+            .iter()
+            .filter_map(|(k, ch)| match k {
+                ChannelKey::Room(r) if ch.loaded.initialized() => Some((r.clone(), ch.clone())),
+                _ => None,
+            })
+            .collect();
+        let mut asked = Vec::with_capacity(rooms.len());
+        let mut events_before = HashMap::with_capacity(rooms.len());
+        for (room, ch) in &rooms {
+            let g = lock(&ch.inner);
+            events_before.insert(room.clone(), g.presence_events);
+            let here: HashMap<String, String> = g
+                .presence
+                .iter()
+                .filter(|(_, p)| p.conns > 0)
+                .map(|(u, p)| (u.clone(), p.name.clone()))
+                .collect();
+            asked.push((room.clone(), here));
+        }
+        let views = match self.broker.reconcile_presence(asked).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "presence reconciliation failed");
+                return;
+            }
+        };
+        let channels: HashMap<String, Arc<super::Channel>> = rooms.into_iter().collect();
+        for (room, theirs) in views {
+            let Some(ch) = channels.get(&room) else {
+                continue;
+            };
+            let mut g = lock(&ch.inner);
+            // Adopt the other nodes' view, unless an event arrived since the snapshot
+            // was read (the event is newer; the next pass checks again).
+            if events_before.get(&room) != Some(&g.presence_events) {
+                continue;
+            }
+            let known: Vec<(String, Vec<String>)> = g
+                .presence
+                .iter()
+                .map(|(u, p)| (u.clone(), p.remote.iter().cloned().collect()))
+                .collect();
+            for (user, insts) in known {
+                let keep = theirs.get(&user).map(|(_, s)| s);
+                for inst in insts {
+                    if !keep.is_some_and(|k| k.contains(&inst)) {
+                        self.apply_remote_presence(&room, &mut g, &user, "", &inst, false);
+                    }
+                }
+            }
+            for (user, (name, insts)) in &theirs {
+                for inst in insts {
+                    let has = g
+                        .presence
+                        .get(user)
+                        .is_some_and(|p| p.remote.contains(inst));
+                    if !has {
+                        self.apply_remote_presence(&room, &mut g, user, name, inst, true);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Relay a `typing` event to the room's other users (on every node). Never stored.
+    pub fn typing(&self, conn: &Conn, room: &str) {
+        self.broker.typing(room, &conn.user, &conn.name);
+        self.typing_local(room, &conn.user, &conn.name);
+    }
+
+    pub(super) fn typing_local(&self, room: &str, user: &str, name: &str) {
+        let key = ChannelKey::Room(room.to_owned());
+        let Some(ch) = lock(&self.channels).get(&key).cloned() else {
+            return;
+        };
+        let ev = Text::from(typing_event(room, user, name));
+        let n = lock(&ch.inner).broadcast_except(user, &ev);
+        self.metrics.out("typing", n);
+    }
+
+    /// Release a room's broker subscription (its channel left memory).
+    pub(super) fn forget_room(&self, room: &str) {
+        self.broker.unsubscribe(Topic::Room(room));
+    }
+}

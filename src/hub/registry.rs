@@ -1,0 +1,55 @@
+//! The registry of connections by user: where a user's direct messages go.
+//!
+//! Owns: the map from user id to that user's live connections on this node. Must
+//! not: know about rooms or presence (that is the channel's). Lock order: a
+//! channel's lock may be held when this registry's is taken, never the other way.
+
+use super::{Conn, lock};
+use crate::ws::Text;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+#[derive(Default)]
+pub(super) struct Registry {
+    users: Mutex<HashMap<String, Vec<Arc<Conn>>>>,
+}
+
+impl Registry {
+    /// Add a connection; true if it is its user's first on this node.
+    pub(super) fn add(&self, conn: &Arc<Conn>) -> bool {
+        let mut users = lock(&self.users);
+        let conns = users.entry(conn.user.clone()).or_default();
+        conns.push(conn.clone());
+        conns.len() == 1
+    }
+
+    /// Remove a connection; true if it was its user's last on this node.
+    pub(super) fn remove(&self, conn: &Conn) -> bool {
+        let mut users = lock(&self.users);
+        let Some(v) = users.get_mut(&conn.user) else {
+            return false;
+        };
+        v.retain(|c| c.id != conn.id);
+        if v.is_empty() {
+            users.remove(&conn.user);
+            return true;
+        }
+        false
+    }
+
+    /// Queue a frame for every connection of `user` (made only if there is one);
+    /// returns how many took it.
+    pub(super) fn send_to(&self, user: &str, mut frame: impl FnMut() -> Text) -> u64 {
+        let users = lock(&self.users);
+        let Some(conns) = users.get(user) else {
+            return 0;
+        };
+        let mut n = 0;
+        for c in conns {
+            if c.send(frame()) {
+                n += 1;
+            }
+        }
+        n
+    }
+}
