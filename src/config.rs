@@ -1,12 +1,16 @@
 //! Configuration: command-line flags, `HUBBUB_*` environment variables and a TOML
 //! file, merged in that order of precedence (flag > environment > file > default).
 //!
-//! Owns: parsing and validating every setting into one [`Config`]. Must not: open
-//! sockets or files other than the config file itself.
+//! Owns: the definition of every setting, each named once in [`SETTINGS`] (its
+//! flag, environment variable, file key, type, default and description all come
+//! from that one entry), and parsing and validating them into one [`Config`].
+//! Must not: open sockets or files other than the config file itself.
 
 use clap::{Args, Parser, Subcommand};
-use serde::Deserialize;
+use std::collections::HashMap;
 use std::net::SocketAddr;
+#[cfg(test)]
+use std::path::Path;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -22,6 +26,8 @@ pub enum ConfigError {
         path: String,
         source: Box<toml::de::Error>,
     },
+    #[error("config file {path}: unknown key {key:?}")]
+    UnknownKey { path: String, key: String },
     #[error("{key}: {message}")]
     Invalid { key: &'static str, message: String },
 }
@@ -93,181 +99,263 @@ pub struct TokenArgs {
     pub ttl: String,
 }
 
-/// Flags of `hubbub serve`. Every one is optional so that the environment and the
-/// config file can fill what a flag leaves out.
-#[derive(Debug, Args, Default)]
-pub struct ServeArgs {
-    /// TOML config file (keys are the flag names with `_` for `-`).
-    #[arg(long, env = "HUBBUB_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Address to listen on [default: 127.0.0.1:8080].
-    #[arg(long, env = "HUBBUB_LISTEN", value_name = "ADDR")]
-    pub listen: Option<String>,
-    /// Directory for the SQLite history [default: ./hubbub-data].
-    #[arg(long, env = "HUBBUB_DATA_DIR", value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// History store: sqlite or memory [default: sqlite].
-    #[arg(long, env = "HUBBUB_STORE", value_name = "sqlite|memory")]
-    pub store: Option<String>,
-    /// Allow guest access (default: on unless a JWT key is configured).
-    #[arg(long, overrides_with = "no_guests")]
-    pub guests: bool,
-    /// Refuse guest access.
-    #[arg(long, overrides_with = "guests")]
-    pub no_guests: bool,
-    /// HS256 shared secret for JWTs.
-    #[arg(
-        long,
-        env = "HUBBUB_JWT_SECRET",
-        value_name = "SECRET",
-        hide_env_values = true
-    )]
-    pub jwt_secret: Option<String>,
-    /// PEM public key (RSA for RS256 or EC P-256 for ES256) for JWTs.
-    #[arg(long, env = "HUBBUB_JWT_PUBLIC_KEY", value_name = "PEM_FILE")]
-    pub jwt_public_key: Option<PathBuf>,
-    /// Comma-separated allowed Origins; empty allows all.
-    #[arg(long, env = "HUBBUB_ALLOWED_ORIGINS", value_name = "LIST")]
-    pub allowed_origins: Option<String>,
-    /// Seconds between server pings [default: 25].
-    #[arg(long, env = "HUBBUB_HEARTBEAT", value_name = "SECS")]
-    pub heartbeat: Option<String>,
-    /// Seconds a new connection has to say hello [default: 10].
-    #[arg(long, env = "HUBBUB_HELLO_TIMEOUT", value_name = "SECS")]
-    pub hello_timeout: Option<String>,
-    /// Largest WebSocket message in bytes; larger closes with 1009 [default: 65536].
-    #[arg(long, env = "HUBBUB_MAX_MESSAGE", value_name = "BYTES")]
-    pub max_message: Option<usize>,
-    /// Longest message text in Unicode code points [default: 4000].
-    #[arg(long, env = "HUBBUB_MAX_TEXT", value_name = "CHARS")]
-    pub max_text: Option<usize>,
-    /// Commands per second per connection (token bucket, burst 2x) [default: 20].
-    #[arg(long, env = "HUBBUB_RATE_LIMIT", value_name = "PER_SEC")]
-    pub rate_limit: Option<u32>,
-    /// Rooms one connection may join [default: 100].
-    #[arg(long, env = "HUBBUB_MAX_ROOMS_PER_CONN", value_name = "N")]
-    pub max_rooms_per_conn: Option<usize>,
-    /// Outgoing queue per connection, in messages [default: 1024].
-    #[arg(long, env = "HUBBUB_SEND_QUEUE", value_name = "N")]
-    pub send_queue: Option<usize>,
-    /// Outgoing queue per connection, in bytes [default: 1048576].
-    #[arg(long, env = "HUBBUB_SEND_QUEUE_BYTES", value_name = "BYTES")]
-    pub send_queue_bytes: Option<usize>,
-    /// Messages kept per room by --store memory [default: 1000].
-    #[arg(long, env = "HUBBUB_MEMORY_HISTORY", value_name = "N")]
-    pub memory_history: Option<usize>,
-    /// Log format: text or json [default: text].
-    #[arg(long, env = "HUBBUB_LOG_FORMAT", value_name = "text|json")]
-    pub log_format: Option<String>,
-    /// PEM certificate chain: serve wss:// and https:// (needs --tls-key).
-    #[arg(long, env = "HUBBUB_TLS_CERT", value_name = "FILE")]
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key for --tls-cert.
-    #[arg(long, env = "HUBBUB_TLS_KEY", value_name = "FILE")]
-    pub tls_key: Option<PathBuf>,
-    /// Comma-separated proxy addresses or CIDRs whose X-Forwarded-For is believed.
-    #[arg(long, env = "HUBBUB_TRUSTED_PROXIES", value_name = "LIST")]
-    pub trusted_proxies: Option<String>,
-    /// Sessions closed per second when draining on SIGTERM [default: 1000].
-    #[arg(long, env = "HUBBUB_DRAIN_RATE", value_name = "PER_SEC")]
-    pub drain_rate: Option<u32>,
-    /// Upper bound on the whole shutdown, in seconds [default: 30].
-    #[arg(long, env = "HUBBUB_SHUTDOWN_TIMEOUT", value_name = "SECS")]
-    pub shutdown_timeout: Option<String>,
-    /// Shared history: postgres://USER@HOST/DB (several nodes) or sqlite://PATH
-    /// (one node; PATH is the database file) [default: sqlite in --data-dir].
-    #[arg(long, env = "HUBBUB_DATABASE_URL", value_name = "URL")]
-    pub database_url: Option<String>,
-    /// Redis for fan-out and presence across nodes (needs a postgres:// --database-url).
-    /// With --redis-cluster, a comma-separated list of seed nodes.
-    #[arg(long, env = "HUBBUB_REDIS_URL", value_name = "URL")]
-    pub redis_url: Option<String>,
-    /// --redis-url points at a Redis Cluster: use sharded pub/sub (SPUBLISH/SSUBSCRIBE).
-    #[arg(long, env = "HUBBUB_REDIS_CLUSTER")]
-    pub redis_cluster: bool,
-    /// This node's name among the nodes (letters, digits, `.`, `_`, `-`) [default: host name].
-    #[arg(long, env = "HUBBUB_NODE_ID", value_name = "NAME")]
-    pub node_id: Option<String>,
-    /// A node silent for this long is dead: its users leave presence [default: 10].
-    #[arg(long, env = "HUBBUB_NODE_TIMEOUT", value_name = "SECS")]
-    pub node_timeout: Option<String>,
+/// How a setting is given on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `--key VALUE`.
+    Value,
+    /// `--key` alone turns it on.
+    Flag,
+    /// `--key` turns it on, `--no-key` off.
+    Toggle,
 }
 
-impl ServeArgs {
-    /// No flags: `file` as the config file and whatever `HUBBUB_*` says.
-    pub fn from_env_and_file(file: PathBuf) -> ServeArgs {
-        use clap::FromArgMatches;
-        let cmd = <ServeArgs as Args>::augment_args(clap::Command::new("hubbub"));
-        let matches = cmd.get_matches_from(["hubbub"]);
-        let mut args = ServeArgs::from_arg_matches(&matches).unwrap_or_default();
-        args.config = Some(file);
-        args
+/// One setting: everything about it but its type (see [`SETTINGS`]).
+#[derive(Debug)]
+pub struct Setting {
+    pub key: &'static str,
+    pub kind: Kind,
+    /// The placeholder in `--help` (`--listen ADDR`).
+    pub value_name: &'static str,
+    pub help: &'static str,
+    /// The default, as it would be written in the file ("" for none).
+    pub default: fn() -> String,
+    /// How the README states the default, where the value alone would not say it.
+    pub default_doc: &'static str,
+}
+
+impl Setting {
+    /// `--key-name`.
+    pub fn flag(&self) -> String {
+        format!("--{}", self.key.replace('_', "-"))
     }
-}
 
-/// The config file: the same keys as the flags.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    listen: Option<String>,
-    data_dir: Option<PathBuf>,
-    store: Option<String>,
-    guests: Option<bool>,
-    jwt_secret: Option<String>,
-    jwt_public_key: Option<PathBuf>,
-    allowed_origins: Option<StrOrList>,
-    heartbeat: Option<NumOrStr>,
-    hello_timeout: Option<NumOrStr>,
-    max_message: Option<usize>,
-    max_text: Option<usize>,
-    rate_limit: Option<u32>,
-    max_rooms_per_conn: Option<usize>,
-    send_queue: Option<usize>,
-    send_queue_bytes: Option<usize>,
-    memory_history: Option<usize>,
-    log_format: Option<String>,
-    tls_cert: Option<PathBuf>,
-    tls_key: Option<PathBuf>,
-    trusted_proxies: Option<StrOrList>,
-    drain_rate: Option<u32>,
-    shutdown_timeout: Option<NumOrStr>,
-    database_url: Option<String>,
-    redis_url: Option<String>,
-    redis_cluster: Option<bool>,
-    node_id: Option<String>,
-    node_timeout: Option<NumOrStr>,
-}
+    /// `HUBBUB_KEY_NAME`.
+    pub fn env(&self) -> String {
+        format!("HUBBUB_{}", self.key.to_uppercase())
+    }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum StrOrList {
-    Str(String),
-    List(Vec<String>),
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum NumOrStr {
-    Int(i64),
-    Float(f64),
-    Str(String),
-}
-
-impl NumOrStr {
-    fn into_string(self) -> String {
-        match self {
-            NumOrStr::Int(i) => i.to_string(),
-            NumOrStr::Float(f) => f.to_string(),
-            NumOrStr::Str(s) => s,
+    /// The default as the README and `--help` state it.
+    pub fn default_text(&self) -> String {
+        match (self.default_doc, (self.default)()) {
+            ("", d) if d.is_empty() => "—".to_owned(),
+            ("", d) => format!("`{d}`"),
+            (doc, _) => doc.to_owned(),
         }
     }
+
+    /// The setting's row in the README's configuration table.
+    pub fn readme_row(&self) -> String {
+        let flag = match self.kind {
+            Kind::Value => format!("`{} {}`", self.flag(), self.value_name),
+            Kind::Flag => format!("`{}`", self.flag()),
+            Kind::Toggle => format!("`{}` / `--no-{}`", self.flag(), &self.flag()[2..]),
+        };
+        let default = self.default_text();
+        // A `|` inside a cell, even in a code span, would end the cell in Markdown.
+        let flag = flag.replace('|', "\\|");
+        format!("| {flag} | {default} | {} |", self.help)
+    }
 }
 
+/// The README's configuration table, as the settings define it.
+pub fn readme_table() -> String {
+    let mut rows = vec![
+        "| flag | default | meaning |".to_owned(),
+        "|---|---|---|".to_owned(),
+    ];
+    rows.extend(SETTINGS.iter().map(Setting::readme_row));
+    rows.push(format!("| `--config FILE` | — | {CONFIG_HELP} |"));
+    rows.join("\n")
+}
+
+const CONFIG_HELP: &str = "TOML file with any of the keys above";
+
+macro_rules! settings {
+    ($(
+        $key:ident : $ty:ty = $default:expr ; $([$doc:literal])? $kind:ident $value_name:literal ;
+        $help:literal ;
+    )*) => {
+        /// The effective configuration: one field per setting.
+        #[derive(Debug, Clone)]
+        pub struct Config {
+            $( pub $key: $ty, )*
+        }
+
+        /// Every setting of `hubbub serve`, in the order of the README's table.
+        pub const SETTINGS: &[Setting] = &[
+            $(
+                Setting {
+                    key: stringify!($key),
+                    kind: Kind::$kind,
+                    value_name: $value_name,
+                    help: $help,
+                    default: || $default.to_string(),
+                    default_doc: concat!("" $(, $doc)?),
+                },
+            )*
+        ];
+
+        impl Config {
+            /// Parse each setting's winning raw value.
+            fn from_raw(raw: &Raw) -> Result<Config, ConfigError> {
+                Ok(Config {
+                    $( $key: raw.parse(stringify!($key))?, )*
+                })
+            }
+
+            /// (key, value as written in a file) of every setting.
+            fn shown(&self) -> Vec<(&'static str, String)> {
+                vec![ $( (stringify!($key), SettingValue::show(&self.$key)), )* ]
+            }
+        }
+    };
+}
+
+/// A type a setting can have: parsed from its raw text (a flag's value, an
+/// environment variable, or a TOML value), shown as a TOML value.
+pub trait SettingValue: Sized {
+    fn parse(key: &'static str, raw: &str) -> Result<Self, ConfigError>;
+    fn show(&self) -> String;
+}
+
+fn parse_with<T>(key: &'static str, raw: &str, what: &str) -> Result<T, ConfigError>
+where
+    T: std::str::FromStr,
+{
+    raw.trim()
+        .parse()
+        .map_err(|_| invalid(key, format!("{raw:?} is not {what}")))
+}
+
+impl SettingValue for SocketAddr {
+    fn parse(key: &'static str, raw: &str) -> Result<Self, ConfigError> {
+        parse_with(key, raw, "an address (host:port)")
+    }
+    fn show(&self) -> String {
+        format!("{:?}", self.to_string())
+    }
+}
+
+impl SettingValue for PathBuf {
+    fn parse(_: &'static str, raw: &str) -> Result<Self, ConfigError> {
+        Ok(PathBuf::from(raw))
+    }
+    fn show(&self) -> String {
+        format!("{:?}", self.display().to_string())
+    }
+}
+
+impl SettingValue for String {
+    fn parse(_: &'static str, raw: &str) -> Result<Self, ConfigError> {
+        Ok(raw.to_owned())
+    }
+    fn show(&self) -> String {
+        format!("{self:?}")
+    }
+}
+
+impl SettingValue for usize {
+    fn parse(key: &'static str, raw: &str) -> Result<Self, ConfigError> {
+        parse_with(key, raw, "a whole number")
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl SettingValue for u32 {
+    fn parse(key: &'static str, raw: &str) -> Result<Self, ConfigError> {
+        parse_with(key, raw, "a whole number")
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl SettingValue for bool {
+    fn parse(key: &'static str, raw: &str) -> Result<Self, ConfigError> {
+        parse_bool(raw).ok_or_else(|| invalid(key, format!("{raw:?}: use true or false")))
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl SettingValue for Duration {
+    fn parse(key: &'static str, raw: &str) -> Result<Self, ConfigError> {
+        parse_secs(key, raw)
+    }
+    fn show(&self) -> String {
+        self.as_secs_f64().to_string()
+    }
+}
+
+/// Not set when empty.
+impl<T: SettingValue> SettingValue for Option<T> {
+    fn parse(key: &'static str, raw: &str) -> Result<Self, ConfigError> {
+        if raw.trim().is_empty() {
+            Ok(None)
+        } else {
+            T::parse(key, raw).map(Some)
+        }
+    }
+    fn show(&self) -> String {
+        self.as_ref()
+            .map_or_else(|| "\"(none)\"".to_owned(), SettingValue::show)
+    }
+}
+
+/// A comma-separated list (a TOML array is joined to one first).
+impl SettingValue for Vec<String> {
+    fn parse(_: &'static str, raw: &str) -> Result<Self, ConfigError> {
+        Ok(split_list(raw))
+    }
+    fn show(&self) -> String {
+        format!("{:?}", self.join(","))
+    }
+}
+
+/// Addresses ("10.0.0.7") or networks ("10.0.0.0/8"), comma-separated.
+impl SettingValue for Vec<ipnet::IpNet> {
+    fn parse(key: &'static str, raw: &str) -> Result<Self, ConfigError> {
+        split_list(raw)
+            .iter()
+            .map(|s| {
+                s.parse::<ipnet::IpNet>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| invalid(key, format!("{s:?} is not an IP address or CIDR")))
+            })
+            .collect()
+    }
+    fn show(&self) -> String {
+        let v: Vec<String> = self.iter().map(ToString::to_string).collect();
+        format!("{:?}", v.join(","))
+    }
+}
+
+/// `--store`: which single-node store (a `postgres://` database URL overrides it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StoreKind {
+pub enum StoreChoice {
     Sqlite,
     Memory,
-    Postgres,
+}
+
+impl SettingValue for StoreChoice {
+    fn parse(key: &'static str, raw: &str) -> Result<Self, ConfigError> {
+        match raw.trim() {
+            "sqlite" => Ok(StoreChoice::Sqlite),
+            "memory" => Ok(StoreChoice::Memory),
+            other => Err(invalid(key, format!("{other:?}: use sqlite or memory"))),
+        }
+    }
+    fn show(&self) -> String {
+        match self {
+            StoreChoice::Sqlite => "\"sqlite\"",
+            StoreChoice::Memory => "\"memory\"",
+        }
+        .to_owned()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -276,261 +364,275 @@ pub enum LogFormat {
     Json,
 }
 
-/// The effective configuration.
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub listen: SocketAddr,
-    pub data_dir: PathBuf,
-    pub store: StoreKind,
-    pub guests: bool,
-    pub jwt_secret: Option<String>,
-    pub jwt_public_key: Option<PathBuf>,
-    pub allowed_origins: Vec<String>,
-    pub heartbeat: Duration,
-    pub hello_timeout: Duration,
-    pub max_message: usize,
-    pub max_text: usize,
-    pub rate_limit: u32,
-    pub max_rooms_per_conn: usize,
-    pub send_queue: usize,
-    pub send_queue_bytes: usize,
-    pub memory_history: usize,
-    pub log_format: LogFormat,
-    pub tls_cert: Option<PathBuf>,
-    pub tls_key: Option<PathBuf>,
-    pub trusted_proxies: Vec<ipnet::IpNet>,
-    pub drain_rate: u32,
-    pub shutdown_timeout: Duration,
-    /// The SQLite database file (`sqlite://PATH`); None: `data_dir/hubbub.db`.
-    pub sqlite_file: Option<PathBuf>,
-    /// `postgres://...` when `store` is Postgres.
-    pub postgres_url: Option<String>,
-    pub redis_url: Option<String>,
-    pub redis_cluster: bool,
-    pub node_id: String,
-    pub node_timeout: Duration,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            data_dir: PathBuf::from("./hubbub-data"),
-            store: StoreKind::Sqlite,
-            guests: true,
-            jwt_secret: None,
-            jwt_public_key: None,
-            allowed_origins: Vec::new(),
-            heartbeat: Duration::from_secs(25),
-            hello_timeout: Duration::from_secs(10),
-            max_message: 65536,
-            max_text: 4000,
-            rate_limit: 20,
-            max_rooms_per_conn: 100,
-            send_queue: 1024,
-            send_queue_bytes: 1 << 20,
-            memory_history: 1000,
-            log_format: LogFormat::Text,
-            tls_cert: None,
-            tls_key: None,
-            trusted_proxies: Vec::new(),
-            drain_rate: 1000,
-            shutdown_timeout: Duration::from_secs(30),
-            sqlite_file: None,
-            postgres_url: None,
-            redis_url: None,
-            redis_cluster: false,
-            node_id: default_node_id(),
-            node_timeout: Duration::from_secs(10),
+impl SettingValue for LogFormat {
+    fn parse(key: &'static str, raw: &str) -> Result<Self, ConfigError> {
+        match raw.trim() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(invalid(key, format!("{other:?}: use text or json"))),
         }
+    }
+    fn show(&self) -> String {
+        match self {
+            LogFormat::Text => "\"text\"",
+            LogFormat::Json => "\"json\"",
+        }
+        .to_owned()
     }
 }
 
-impl Config {
-    /// Merge flags (already merged with the environment by clap) over the config
-    /// file over the defaults. `guests_env` is `HUBBUB_GUESTS`, read by the caller.
-    pub fn resolve(args: ServeArgs, guests_env: Option<String>) -> Result<Config, ConfigError> {
-        let file = match &args.config {
-            None => FileConfig::default(),
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.display().to_string(),
-                    source,
-                })?;
-                toml::from_str(&text).map_err(|source| ConfigError::Parse {
-                    path: path.display().to_string(),
-                    source: Box::new(source),
-                })?
-            }
-        };
-        let d = Config::default();
+/// The store the settings select.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    Sqlite,
+    Memory,
+    Postgres,
+}
 
-        let listen_s = args.listen.or(file.listen);
-        let listen = match listen_s {
-            None => d.listen,
-            Some(s) => s
-                .parse()
-                .map_err(|e| invalid("listen", format!("{s:?} is not an address: {e}")))?,
+/// Each setting's winning raw text: flag or environment, else file, else default.
+struct Raw(HashMap<&'static str, String>);
+
+impl Raw {
+    fn parse<T: SettingValue>(&self, key: &'static str) -> Result<T, ConfigError> {
+        let raw = match self.0.get(key) {
+            Some(v) => v.clone(),
+            None => SETTINGS
+                .iter()
+                .find(|s| s.key == key)
+                .map(|s| (s.default)())
+                .unwrap_or_default(),
         };
-        let mut store = match args.store.or(file.store).as_deref() {
-            None | Some("sqlite") => StoreKind::Sqlite,
-            Some("memory") => StoreKind::Memory,
-            Some(other) => {
-                return Err(invalid("store", format!("{other:?}: use sqlite or memory")));
-            }
-        };
-        let mut sqlite_file = None;
-        let mut postgres_url = None;
-        match args
-            .database_url
-            .or(file.database_url)
-            .filter(|s| !s.is_empty())
-        {
-            None => {}
-            Some(url) => {
-                if let Some(path) = url.strip_prefix("sqlite://") {
-                    if path.is_empty() {
-                        return Err(invalid("database_url", "sqlite:// needs a file path"));
-                    }
-                    store = StoreKind::Sqlite;
-                    sqlite_file = Some(PathBuf::from(path));
-                } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-                    store = StoreKind::Postgres;
-                    postgres_url = Some(url);
-                } else {
-                    return Err(invalid(
-                        "database_url",
-                        "use postgres://USER@HOST/DB or sqlite://PATH",
-                    ));
+        T::parse(key, &raw)
+    }
+}
+
+/// What `hubbub serve` was given on its command line and in its environment.
+#[derive(Debug, Default, Clone)]
+pub struct ServeArgs {
+    /// The config file (`--config`, `HUBBUB_CONFIG`).
+    pub config: Option<PathBuf>,
+    /// Raw values from flags or the environment, by key.
+    pub given: HashMap<&'static str, String>,
+}
+
+impl ServeArgs {
+    /// No flags: `file` as the config file and whatever `HUBBUB_*` says.
+    pub fn from_env_and_file(file: PathBuf) -> ServeArgs {
+        use clap::FromArgMatches;
+        let cmd = <ServeArgs as Args>::augment_args(clap::Command::new("hubbub"));
+        let mut args = cmd
+            .try_get_matches_from(["hubbub"])
+            .ok()
+            .and_then(|m| ServeArgs::from_arg_matches(&m).ok())
+            .unwrap_or_default();
+        args.config = Some(file);
+        args
+    }
+
+    /// Set a setting as a flag would (for tests and embedders).
+    pub fn with(mut self, key: &'static str, value: &str) -> ServeArgs {
+        self.given.insert(key, value.to_owned());
+        self
+    }
+}
+
+fn no_flag_id(key: &str) -> String {
+    format!("no_{key}")
+}
+
+impl clap::Args for ServeArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        use clap::{Arg, ArgAction};
+        let mut cmd = cmd.arg(
+            Arg::new("config")
+                .long("config")
+                .env("HUBBUB_CONFIG")
+                .value_name("FILE")
+                .help("TOML config file (keys are the flag names with `_` for `-`)"),
+        );
+        for s in SETTINGS {
+            let help = format!(
+                "{} [default: {}]",
+                s.help,
+                s.default_text().replace('`', "")
+            );
+            let arg = Arg::new(s.key).long(s.flag()[2..].to_owned()).help(help);
+            cmd = match s.kind {
+                Kind::Value => {
+                    let arg = arg.env(s.env()).value_name(s.value_name);
+                    // Secrets stay out of `--help`.
+                    cmd.arg(arg.hide_env_values(s.key.ends_with("secret")))
                 }
+                Kind::Flag => cmd.arg(arg.action(ArgAction::SetTrue)),
+                Kind::Toggle => cmd
+                    .arg(
+                        arg.action(ArgAction::SetTrue)
+                            .overrides_with(no_flag_id(s.key)),
+                    )
+                    .arg(
+                        Arg::new(no_flag_id(s.key))
+                            .long(format!("no-{}", &s.flag()[2..]))
+                            .action(ArgAction::SetTrue)
+                            .overrides_with(s.key)
+                            .help(format!("the opposite of {}", s.flag())),
+                    ),
+            };
+        }
+        cmd
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+impl clap::FromArgMatches for ServeArgs {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let mut given = HashMap::new();
+        for s in SETTINGS {
+            let value = match s.kind {
+                Kind::Value => m.get_one::<String>(s.key).cloned(),
+                Kind::Flag | Kind::Toggle => {
+                    if m.get_flag(s.key) {
+                        Some("true".to_owned())
+                    } else if s.kind == Kind::Toggle && m.get_flag(&no_flag_id(s.key)) {
+                        Some("false".to_owned())
+                    } else {
+                        // A flag's environment variable says true or false.
+                        std::env::var(s.env()).ok()
+                    }
+                }
+            };
+            if let Some(v) = value {
+                given.insert(s.key, v);
             }
         }
-        let redis_url = args.redis_url.or(file.redis_url).filter(|s| !s.is_empty());
-        let redis_cluster = args.redis_cluster || file.redis_cluster.unwrap_or(false);
-        let node_id = args.node_id.or(file.node_id).unwrap_or(d.node_id.clone());
-        let node_timeout = match args
-            .node_timeout
-            .or(file.node_timeout.map(NumOrStr::into_string))
-        {
-            None => d.node_timeout,
-            Some(s) => parse_secs("node_timeout", &s)?,
-        };
-        let jwt_secret = args
-            .jwt_secret
-            .or(file.jwt_secret)
-            .filter(|s| !s.is_empty());
-        let jwt_public_key = args.jwt_public_key.or(file.jwt_public_key);
-        let guests_flag = if args.guests {
-            Some(true)
-        } else if args.no_guests {
-            Some(false)
-        } else {
-            None
-        };
-        let guests_env = match guests_env {
-            None => None,
-            Some(v) => Some(parse_bool(&v).ok_or_else(|| {
-                invalid("guests", format!("HUBBUB_GUESTS={v:?}: use true or false"))
-            })?),
-        };
-        let guests = guests_flag
-            .or(guests_env)
-            .or(file.guests)
-            .unwrap_or(jwt_secret.is_none() && jwt_public_key.is_none());
-        let allowed_origins = match args.allowed_origins {
-            Some(s) => split_list(&s),
-            None => match file.allowed_origins {
-                None => Vec::new(),
-                Some(StrOrList::Str(s)) => split_list(&s),
-                Some(StrOrList::List(l)) => l.into_iter().filter(|s| !s.is_empty()).collect(),
-            },
-        };
-        let heartbeat = match args.heartbeat.or(file.heartbeat.map(NumOrStr::into_string)) {
-            None => d.heartbeat,
-            Some(s) => parse_secs("heartbeat", &s)?,
-        };
-        let hello_timeout = match args
-            .hello_timeout
-            .or(file.hello_timeout.map(NumOrStr::into_string))
-        {
-            None => d.hello_timeout,
-            Some(s) => parse_secs("hello_timeout", &s)?,
-        };
-        let log_format = match args.log_format.or(file.log_format).as_deref() {
-            None | Some("text") => LogFormat::Text,
-            Some("json") => LogFormat::Json,
-            Some(other) => {
-                return Err(invalid(
-                    "log_format",
-                    format!("{other:?}: use text or json"),
-                ));
-            }
-        };
-        let trusted_list = match args.trusted_proxies {
-            Some(s) => split_list(&s),
-            None => match file.trusted_proxies {
-                None => Vec::new(),
-                Some(StrOrList::Str(s)) => split_list(&s),
-                Some(StrOrList::List(l)) => l,
-            },
-        };
-        let trusted_proxies = trusted_list
+        Ok(ServeArgs {
+            config: m.get_one::<String>("config").map(PathBuf::from),
+            given,
+        })
+    }
+
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+/// A TOML value as the raw text a flag would carry.
+fn toml_raw(v: &toml::Value) -> Option<String> {
+    match v {
+        toml::Value::String(s) => Some(s.clone()),
+        toml::Value::Integer(i) => Some(i.to_string()),
+        toml::Value::Float(f) => Some(f.to_string()),
+        toml::Value::Boolean(b) => Some(b.to_string()),
+        toml::Value::Array(items) => items
             .iter()
-            .map(|p| parse_net(p))
-            .collect::<Result<Vec<_>, _>>()?;
-        let shutdown_timeout = match args
-            .shutdown_timeout
-            .or(file.shutdown_timeout.map(NumOrStr::into_string))
-        {
-            None => d.shutdown_timeout,
-            Some(s) => parse_secs("shutdown_timeout", &s)?,
+            .map(toml_raw)
+            .collect::<Option<Vec<_>>>()
+            .map(|v| v.join(",")),
+        _ => None,
+    }
+}
+
+/// The config file's values, by key; an unknown key or a table is an error.
+fn read_file(path: &std::path::Path) -> Result<HashMap<&'static str, String>, ConfigError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    let table: toml::Table = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: shown.clone(),
+        source: Box::new(source),
+    })?;
+    let mut out = HashMap::new();
+    for (k, v) in &table {
+        let Some(s) = SETTINGS.iter().find(|s| s.key == k) else {
+            return Err(ConfigError::UnknownKey {
+                path: shown,
+                key: k.clone(),
+            });
         };
-        let tls_cert = args.tls_cert.or(file.tls_cert);
-        let tls_key = args.tls_key.or(file.tls_key);
-        let c = Config {
-            sqlite_file,
-            postgres_url,
-            redis_url,
-            redis_cluster,
-            node_id,
-            node_timeout,
-            tls_cert,
-            tls_key,
-            trusted_proxies,
-            shutdown_timeout,
-            drain_rate: args.drain_rate.or(file.drain_rate).unwrap_or(d.drain_rate),
-            listen,
-            data_dir: args.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
-            store,
-            guests,
-            jwt_secret,
-            jwt_public_key,
-            allowed_origins,
-            heartbeat,
-            hello_timeout,
-            max_message: args
-                .max_message
-                .or(file.max_message)
-                .unwrap_or(d.max_message),
-            max_text: args.max_text.or(file.max_text).unwrap_or(d.max_text),
-            rate_limit: args.rate_limit.or(file.rate_limit).unwrap_or(d.rate_limit),
-            max_rooms_per_conn: args
-                .max_rooms_per_conn
-                .or(file.max_rooms_per_conn)
-                .unwrap_or(d.max_rooms_per_conn),
-            send_queue: args.send_queue.or(file.send_queue).unwrap_or(d.send_queue),
-            send_queue_bytes: args
-                .send_queue_bytes
-                .or(file.send_queue_bytes)
-                .unwrap_or(d.send_queue_bytes),
-            memory_history: args
-                .memory_history
-                .or(file.memory_history)
-                .unwrap_or(d.memory_history),
-            log_format,
+        let raw = toml_raw(v).ok_or_else(|| {
+            invalid(
+                s.key,
+                "must be a string, a number, a boolean or a list of them",
+            )
+        })?;
+        out.insert(s.key, raw);
+    }
+    Ok(out)
+}
+
+impl Config {
+    /// Merge flags and the environment (already merged by clap) over the config
+    /// file over the defaults, and check the result.
+    pub fn resolve(args: ServeArgs) -> Result<Config, ConfigError> {
+        let mut raw = match &args.config {
+            None => HashMap::new(),
+            Some(path) => read_file(path)?,
         };
+        raw.extend(args.given);
+        let mut c = Config::from_raw(&Raw(raw))?;
+        // Guests are on unless a JWT key is set, and nothing says otherwise.
+        c.guests = Some(
+            c.guests
+                .unwrap_or(c.jwt_secret.is_none() && c.jwt_public_key.is_none()),
+        );
         c.validate()?;
         Ok(c)
+    }
+
+    /// Is guest access on?
+    pub fn guests_allowed(&self) -> bool {
+        self.guests.unwrap_or(false)
+    }
+
+    /// Which store the settings select.
+    pub fn store_kind(&self) -> StoreKind {
+        match self.database_url.as_deref() {
+            Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
+                StoreKind::Postgres
+            }
+            Some(u) if u.starts_with("sqlite://") => StoreKind::Sqlite,
+            _ => match self.store {
+                StoreChoice::Sqlite => StoreKind::Sqlite,
+                StoreChoice::Memory => StoreKind::Memory,
+            },
+        }
+    }
+
+    /// The store to open.
+    pub fn store_config(&self) -> crate::store::StoreConfig {
+        use crate::store::StoreConfig;
+        match (self.store_kind(), self.database_url.as_deref()) {
+            (StoreKind::Postgres, Some(url)) => StoreConfig::Postgres {
+                url: url.to_owned(),
+            },
+            (StoreKind::Sqlite, Some(url)) if url.starts_with("sqlite://") => StoreConfig::Sqlite {
+                file: PathBuf::from(&url["sqlite://".len()..]),
+            },
+            (StoreKind::Memory, _) => StoreConfig::Memory {
+                ring: self.memory_history,
+            },
+            _ => StoreConfig::Sqlite {
+                file: self.data_dir.join("hubbub.db"),
+            },
+        }
+    }
+
+    /// How this node reaches the others.
+    pub fn broker(&self) -> crate::broker::BrokerConfig {
+        match &self.redis_url {
+            None => crate::broker::BrokerConfig::Local,
+            Some(url) => crate::broker::BrokerConfig::Redis {
+                url: url.clone(),
+                cluster: self.redis_cluster,
+                node_id: self.node_id.clone(),
+                node_timeout: self.node_timeout,
+            },
+        }
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -559,7 +661,18 @@ impl Config {
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err(invalid("tls_cert", "--tls-cert and --tls-key go together"));
         }
-        if self.redis_url.is_some() && self.store != StoreKind::Postgres {
+        if let Some(url) = &self.database_url {
+            let ok = url.starts_with("postgres://")
+                || url.starts_with("postgresql://")
+                || url.strip_prefix("sqlite://").is_some_and(|p| !p.is_empty());
+            if !ok {
+                return Err(invalid(
+                    "database_url",
+                    "use postgres://USER@HOST/DB or sqlite://PATH (with a file path)",
+                ));
+            }
+        }
+        if self.redis_url.is_some() && self.store_kind() != StoreKind::Postgres {
             return Err(invalid(
                 "redis_url",
                 "several nodes must share their history: give --database-url postgres://...",
@@ -583,124 +696,84 @@ impl Config {
         }
         Ok(())
     }
-}
 
-impl Config {
-    /// How this node reaches the others.
-    pub fn broker(&self) -> crate::broker::BrokerConfig {
-        match &self.redis_url {
-            None => crate::broker::BrokerConfig::Local,
-            Some(url) => crate::broker::BrokerConfig::Redis {
-                url: url.clone(),
-                cluster: self.redis_cluster,
-                node_id: self.node_id.clone(),
-                node_timeout: self.node_timeout,
-            },
-        }
-    }
-}
-
-/// An address ("10.0.0.7") or a network ("10.0.0.0/8").
-fn parse_net(s: &str) -> Result<ipnet::IpNet, ConfigError> {
-    s.parse::<ipnet::IpNet>()
-        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-        .map_err(|_| {
-            invalid(
-                "trusted_proxies",
-                format!("{s:?} is not an IP address or CIDR"),
-            )
-        })
-}
-
-impl Config {
     /// The effective configuration as TOML, with secrets masked.
     pub fn describe(&self) -> String {
-        let opt = |p: &Option<PathBuf>| {
-            p.as_ref()
-                .map_or("(none)".to_owned(), |p| p.display().to_string())
-        };
-        let list = |v: &[String]| {
-            if v.is_empty() {
-                "(all)".to_owned()
-            } else {
-                v.join(",")
-            }
-        };
-        let nets: Vec<String> = self
-            .trusted_proxies
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        [
-            format!("listen = {:?}", self.listen.to_string()),
-            format!("data_dir = {:?}", self.data_dir.display().to_string()),
-            format!(
-                "store = {:?}",
-                match self.store {
-                    StoreKind::Sqlite => "sqlite",
-                    StoreKind::Memory => "memory",
-                    StoreKind::Postgres => "postgres",
-                }
-            ),
-            format!("memory_history = {}", self.memory_history),
-            format!("guests = {}", self.guests),
-            format!(
-                "jwt_secret = {:?}",
-                if self.jwt_secret.is_some() {
-                    "********"
-                } else {
-                    "(none)"
-                }
-            ),
-            format!("jwt_public_key = {:?}", opt(&self.jwt_public_key)),
-            format!("allowed_origins = {:?}", list(&self.allowed_origins)),
-            format!("heartbeat = {}", self.heartbeat.as_secs_f64()),
-            format!("hello_timeout = {}", self.hello_timeout.as_secs_f64()),
-            format!("max_message = {}", self.max_message),
-            format!("max_text = {}", self.max_text),
-            format!("rate_limit = {}", self.rate_limit),
-            format!("max_rooms_per_conn = {}", self.max_rooms_per_conn),
-            format!("send_queue = {}", self.send_queue),
-            format!("send_queue_bytes = {}", self.send_queue_bytes),
-            format!(
-                "log_format = {:?}",
-                match self.log_format {
-                    LogFormat::Text => "text",
-                    LogFormat::Json => "json",
-                }
-            ),
-            format!("tls_cert = {:?}", opt(&self.tls_cert)),
-            format!("tls_key = {:?}", opt(&self.tls_key)),
-            format!(
-                "trusted_proxies = {:?}",
-                if nets.is_empty() {
-                    "(none)".to_owned()
-                } else {
-                    nets.join(",")
-                }
-            ),
-            format!("drain_rate = {}", self.drain_rate),
-            format!("shutdown_timeout = {}", self.shutdown_timeout.as_secs_f64()),
-            format!(
-                "database_url = {:?}",
-                match (&self.postgres_url, &self.sqlite_file) {
-                    (Some(u), _) => mask_url(u),
-                    (None, Some(f)) => format!("sqlite://{}", f.display()),
-                    (None, None) => "(sqlite in data_dir)".to_owned(),
-                }
-            ),
-            format!(
-                "redis_url = {:?}",
-                self.redis_url
-                    .as_deref()
-                    .map_or("(none)".to_owned(), mask_url)
-            ),
-            format!("redis_cluster = {}", self.redis_cluster),
-            format!("node_id = {:?}", self.node_id),
-            format!("node_timeout = {}", self.node_timeout.as_secs_f64()),
-        ]
-        .join("\n")
+        self.shown()
+            .into_iter()
+            .map(|(key, value)| {
+                let value = match key {
+                    "jwt_secret" if self.jwt_secret.is_some() => "\"********\"".to_owned(),
+                    "database_url" | "redis_url" => mask_url(&value),
+                    _ => value,
+                };
+                format!("{key} = {value}")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
+}
+
+// Every setting, named once: the key gives the TOML key, the flag (`--` + the key
+// with `-` for `_`) and the environment variable (`HUBBUB_` + the key in
+// capitals); then its type, its default, how it is given on the command line, and
+// the description that `--help` and the README's table both show (a test holds the
+// README to it). `""` as a default means "not set".
+settings! {
+    listen: SocketAddr = "127.0.0.1:8080"; Value "ADDR";
+        "address to listen on (`:0` picks a port; the chosen one is printed)";
+    data_dir: PathBuf = "./hubbub-data"; Value "DIR";
+        "where the SQLite history lives (`hubbub.db`)";
+    store: StoreChoice = "sqlite"; Value "sqlite|memory";
+        "durable SQLite, or in-memory rings (new epoch every start)";
+    memory_history: usize = "1000"; Value "N";
+        "messages kept per room by `--store memory`";
+    guests: Option<bool> = ""; ["on, unless a JWT key is set"] Toggle "";
+        "guest access (`HUBBUB_GUESTS=true/false`)";
+    jwt_secret: Option<String> = ""; Value "SECRET";
+        "HS256 shared secret";
+    jwt_public_key: Option<PathBuf> = ""; Value "PEM_FILE";
+        "RSA (RS256) or EC P-256 (ES256) public key";
+    allowed_origins: Vec<String> = ""; ["empty = all"] Value "LIST";
+        "comma-separated allowed `Origin`s; others get 403";
+    heartbeat: Duration = "25"; Value "SECS";
+        "server ping interval; silent peers are dropped after 2";
+    hello_timeout: Duration = "10"; Value "SECS";
+        "time to say `hello` before close 4000";
+    max_message: usize = "65536"; Value "BYTES";
+        "largest WebSocket message; larger closes with 1009";
+    max_text: usize = "4000"; Value "CHARS";
+        "longest message text, in Unicode code points";
+    rate_limit: u32 = "20"; Value "PER_SEC";
+        "per-connection token bucket (burst 2x)";
+    max_rooms_per_conn: usize = "100"; Value "N";
+        "rooms one connection may join";
+    send_queue: usize = "1024"; Value "N";
+        "outgoing queue per connection, in messages";
+    send_queue_bytes: usize = "1048576"; Value "BYTES";
+        "outgoing queue per connection, in bytes";
+    tls_cert: Option<PathBuf> = ""; Value "FILE";
+        "PEM certificate chain: `https://` and `wss://` on the same listener (TLS 1.2/1.3); SIGHUP reloads it; needs `--tls-key`";
+    tls_key: Option<PathBuf> = ""; Value "FILE";
+        "PEM private key for `--tls-cert`";
+    trusted_proxies: Vec<ipnet::IpNet> = ""; Value "LIST";
+        "proxy addresses or CIDRs whose `X-Forwarded-For` is believed (e.g. `127.0.0.1,10.0.0.0/8`)";
+    drain_rate: u32 = "1000"; Value "PER_SEC";
+        "sessions closed per second on SIGTERM";
+    shutdown_timeout: Duration = "30"; Value "SECS";
+        "upper bound on the whole shutdown";
+    database_url: Option<String> = ""; ["SQLite in `--data-dir`"] Value "URL";
+        "`postgres://USER@HOST/DB` (history shared by several nodes) or `sqlite://PATH` (one node; PATH is the database file)";
+    redis_url: Option<String> = ""; Value "URL";
+        "Redis for fan-out and presence between nodes (needs a `postgres://` database); with `--redis-cluster`, a comma-separated list of seed nodes";
+    redis_cluster: bool = "false"; ["off"] Flag "";
+        "the Redis is a Redis Cluster: sharded pub/sub (`SPUBLISH`/`SSUBSCRIBE`, Redis 7)";
+    node_id: String = default_node_id(); ["host name"] Value "NAME";
+        "this node's name in logs, Redis keys and presence";
+    node_timeout: Duration = "10"; Value "SECS";
+        "a node silent this long is dead; its users leave presence within 4/3 of it";
+    log_format: LogFormat = "text"; Value "text|json";
+        "log format on stderr (`HUBBUB_LOG` sets the filter, e.g. `debug`)";
 }
 
 /// The default node id: the host name, or "node" when it has no usable one.
@@ -800,6 +873,10 @@ pub fn parse_ttl(s: &str) -> Result<u64, ConfigError> {
 mod tests {
     use super::*;
 
+    fn resolve(args: ServeArgs) -> Result<Config, ConfigError> {
+        Config::resolve(args)
+    }
+
     #[test]
     fn ttl_units() {
         assert_eq!(parse_ttl("30s").unwrap(), 30);
@@ -815,8 +892,8 @@ mod tests {
         assert_eq!(parse_secs("k", "25").unwrap(), Duration::from_secs(25));
         assert_eq!(parse_secs("k", "0.5").unwrap(), Duration::from_millis(500));
         assert_eq!(
-            parse_secs("k", "200ms").unwrap(),
-            Duration::from_millis(200)
+            parse_secs("k", "500ms").unwrap(),
+            Duration::from_millis(500)
         );
         assert!(parse_secs("k", "-1").is_err());
     }
@@ -828,17 +905,45 @@ mod tests {
         std::fs::write(&path, "max_text = 100\nrate_limit = 7\n").unwrap();
         let args = ServeArgs {
             config: Some(path),
-            max_text: Some(50),
             ..Default::default()
-        };
-        let c = Config::resolve(args, None).unwrap();
+        }
+        .with("max_text", "50");
+        let c = resolve(args).unwrap();
         assert_eq!(c.max_text, 50);
         assert_eq!(c.rate_limit, 7);
         assert_eq!(c.max_rooms_per_conn, 100);
     }
 
     #[test]
-    fn unknown_file_key_is_an_error() {
+    fn every_default_parses_and_validates() {
+        let c = resolve(ServeArgs::default()).expect("the defaults are a valid configuration");
+        assert_eq!(c.listen, SocketAddr::from(([127, 0, 0, 1], 8080)));
+        assert_eq!(c.heartbeat, Duration::from_secs(25));
+        assert_eq!(c.store_kind(), StoreKind::Sqlite);
+        assert!(c.guests_allowed());
+    }
+
+    #[test]
+    fn file_lists_and_strings_mean_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.toml");
+        std::fs::write(
+            &path,
+            "allowed_origins = [\"https://a\", \"https://b\"]\ntrusted_proxies = \"10.0.0.0/8, 127.0.0.1\"\nheartbeat = 0.5\n",
+        )
+        .unwrap();
+        let c = resolve(ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.allowed_origins, vec!["https://a", "https://b"]);
+        assert_eq!(c.trusted_proxies.len(), 2);
+        assert_eq!(c.heartbeat, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn unknown_file_key_is_an_error_naming_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("h.toml");
         std::fs::write(&path, "max_txt = 100\n").unwrap();
@@ -846,67 +951,57 @@ mod tests {
             config: Some(path),
             ..Default::default()
         };
-        assert!(matches!(
-            Config::resolve(args, None),
-            Err(ConfigError::Parse { .. })
-        ));
+        let err = resolve(args).expect_err("refused");
+        assert!(matches!(err, ConfigError::UnknownKey { .. }), "{err}");
+        assert!(err.to_string().contains("max_txt"));
+    }
+
+    #[test]
+    fn a_bad_value_names_its_setting() {
+        let err = resolve(ServeArgs::default().with("max_text", "many")).expect_err("refused");
+        assert!(err.to_string().starts_with("max_text:"), "{err}");
     }
 
     #[test]
     fn a_jwt_key_turns_guests_off_unless_asked() {
-        let args = ServeArgs {
-            jwt_secret: Some("s".into()),
-            ..Default::default()
-        };
-        assert!(!Config::resolve(args, None).unwrap().guests);
-        let args = ServeArgs {
-            jwt_secret: Some("s".into()),
-            guests: true,
-            ..Default::default()
-        };
-        assert!(Config::resolve(args, None).unwrap().guests);
+        let args = ServeArgs::default().with("jwt_secret", "s");
+        assert!(!resolve(args).unwrap().guests_allowed());
+        let args = ServeArgs::default()
+            .with("jwt_secret", "s")
+            .with("guests", "true");
+        assert!(resolve(args).unwrap().guests_allowed());
     }
 
     #[test]
     fn a_database_url_picks_the_store() {
-        let pg = ServeArgs {
-            database_url: Some("postgres://u@h/db".into()),
-            ..Default::default()
-        };
-        let c = Config::resolve(pg, None).unwrap();
-        assert_eq!(c.store, StoreKind::Postgres);
-        assert_eq!(c.postgres_url.as_deref(), Some("postgres://u@h/db"));
-        let lite = ServeArgs {
-            database_url: Some("sqlite:///var/lib/hubbub/h.db".into()),
-            ..Default::default()
-        };
-        let c = Config::resolve(lite, None).unwrap();
-        assert_eq!(c.store, StoreKind::Sqlite);
-        assert_eq!(c.sqlite_file, Some(PathBuf::from("/var/lib/hubbub/h.db")));
-        let other = ServeArgs {
-            database_url: Some("mysql://h/db".into()),
-            ..Default::default()
-        };
-        assert!(Config::resolve(other, None).is_err());
+        let c = resolve(ServeArgs::default().with("database_url", "postgres://u@h/db")).unwrap();
+        assert_eq!(c.store_kind(), StoreKind::Postgres);
+        assert!(matches!(
+            c.store_config(),
+            crate::store::StoreConfig::Postgres { url } if url == "postgres://u@h/db"
+        ));
+        let c = resolve(ServeArgs::default().with("database_url", "sqlite:///var/lib/hubbub/h.db"))
+            .unwrap();
+        assert_eq!(c.store_kind(), StoreKind::Sqlite);
+        assert!(matches!(
+            c.store_config(),
+            crate::store::StoreConfig::Sqlite { file } if file == Path::new("/var/lib/hubbub/h.db")
+        ));
+        assert!(resolve(ServeArgs::default().with("database_url", "mysql://h/db")).is_err());
+        assert!(resolve(ServeArgs::default().with("database_url", "sqlite://")).is_err());
     }
 
     #[test]
     fn redis_needs_a_shared_postgres_database() {
-        let args = ServeArgs {
-            redis_url: Some("redis://h".into()),
-            ..Default::default()
-        };
-        let err = Config::resolve(args, None).unwrap_err().to_string();
+        let err = resolve(ServeArgs::default().with("redis_url", "redis://h"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("postgres"), "{err}");
     }
 
     #[test]
     fn a_node_id_must_be_a_plain_name() {
-        let args = ServeArgs {
-            node_id: Some("a|b".into()),
-            ..Default::default()
-        };
-        assert!(Config::resolve(args, None).is_err());
+        assert!(resolve(ServeArgs::default().with("node_id", "a|b")).is_err());
     }
 
     #[test]
@@ -916,5 +1011,44 @@ mod tests {
             "postgres://u:****@h/db"
         );
         assert_eq!(mask_url("redis://h:6379"), "redis://h:6379");
+    }
+
+    #[test]
+    fn every_setting_has_a_flag_an_environment_variable_and_a_file_key() {
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        for s in SETTINGS {
+            let arg = cmd
+                .get_arguments()
+                .find(|a| a.get_id() == s.key)
+                .unwrap_or_else(|| panic!("{} has a flag", s.key));
+            assert_eq!(arg.get_long(), Some(&s.flag()[2..]));
+            if s.kind == Kind::Value {
+                assert_eq!(
+                    arg.get_env().and_then(|e| e.to_str()),
+                    Some(s.env().as_str())
+                );
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("h.toml");
+            let default = (s.default)();
+            let value = if default.is_empty() {
+                "x"
+            } else {
+                default.as_str()
+            };
+            std::fs::write(&path, format!("{} = {value:?}\n", s.key)).unwrap();
+            assert!(read_file(&path).is_ok(), "{} is a file key", s.key);
+        }
+    }
+
+    #[test]
+    fn the_readme_configuration_table_matches_the_settings() {
+        let readme = include_str!("../README.md");
+        let table = readme_table();
+        assert!(
+            readme.contains(&table),
+            "README.md's configuration table differs from the settings; it should read:\n\n{table}\n"
+        );
     }
 }

@@ -51,7 +51,7 @@ fn run() -> anyhow::Result<()> {
 
 fn config_check(file: std::path::PathBuf) -> anyhow::Result<()> {
     let args = ServeArgs::from_env_and_file(file);
-    let config = Config::resolve(args, std::env::var("HUBBUB_GUESTS").ok())?;
+    let config = Config::resolve(args)?;
     println!("# effective configuration (file, then HUBBUB_* environment, then defaults)");
     println!("{}", config.describe());
     Ok(())
@@ -110,7 +110,7 @@ fn token(args: TokenArgs) -> anyhow::Result<()> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = Config::resolve(args, std::env::var("HUBBUB_GUESTS").ok())?;
+    let config = Config::resolve(args)?;
     init_logging(config.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -123,8 +123,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let addr = server.local_addr()?;
         tracing::info!(
             %addr,
-            store = ?config.store,
-            guests = config.guests,
+            store = ?config.store_kind(),
+            guests = config.guests_allowed(),
             "hubbub listening"
         );
         // The handlers are installed before the "listening" line: until then a

@@ -11,11 +11,11 @@
 use crate::app::AppState;
 use crate::auth::{Authenticator, KeyError};
 use crate::broker::{Broker, BrokerError};
-use crate::config::{Config, StoreKind};
+use crate::config::Config;
 use crate::hub::{Hub, Outbox};
 use crate::metrics::Metrics;
 use crate::session;
-use crate::store::{Store, StoreConfig, StoreError};
+use crate::store::{Store, StoreError};
 use crate::tls::{TlsCerts, TlsListener};
 use crate::ws::{self, WsStream};
 use axum::Router;
@@ -82,27 +82,13 @@ impl Server {
         let auth = Authenticator::new(
             config.jwt_secret.as_deref(),
             pem.as_ref().map(|(p, k)| (p.as_str(), k.as_slice())),
-            config.guests,
+            config.guests_allowed(),
         )?;
-        let store_config = match config.store {
-            StoreKind::Sqlite => StoreConfig::Sqlite {
-                file: config
-                    .sqlite_file
-                    .clone()
-                    .unwrap_or_else(|| config.data_dir.join("hubbub.db")),
-            },
-            StoreKind::Postgres => StoreConfig::Postgres {
-                url: config.postgres_url.clone().unwrap_or_default(),
-            },
-            StoreKind::Memory => StoreConfig::Memory {
-                ring: config.memory_history,
-            },
-        };
         let tls = match (&config.tls_cert, &config.tls_key) {
             (Some(cert), Some(key)) => Some(TlsCerts::load(cert, key)?),
             _ => None,
         };
-        let store = Store::open(&store_config).await?;
+        let store = Store::open(&config.store_config()).await?;
         let metrics = Metrics::new();
         metrics.broker_up.set(1.0);
         let broker = Broker::connect(&config.broker(), metrics.clone()).await?;
