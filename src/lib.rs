@@ -6,17 +6,20 @@
 //!   `/metrics`), and graceful shutdown.
 //! - [`ws`]: RFC 6455 framing (handshake checks, client frames in, server frames
 //!   out with one vectored write per batch), written for small idle connections.
+//! - [`app`]: the state every session and handler shares.
 //! - [`session`]: one connection's task: hello, commands, heartbeat, writing its
 //!   outgoing queue, closing with the right code.
-//! - [`protocol`]: the wire types (docs/PROTOCOL.md): parsing commands, encoding
+//! - [`protocol`]: every wire type (docs/PROTOCOL.md): parsing commands, encoding
 //!   events, error and close codes.
+//! - [`message`]: what a message is, whatever stores, carries or shows it.
 //! - [`auth`]: JWT and guest identities, room permissions.
 //! - [`limits`]: the per-connection rate limit.
-//! - [`hub`]: rooms, DM pairs, presence, sequencing, group commit and fan-out.
-//! - [`broker`]: how stored messages, presence and typing reach the other nodes
-//!   (one node: nothing to do; several: a pub/sub broker between nodes).
-//! - [`store`]: durable history (SQLite, or PostgreSQL shared by several nodes,
-//!   which then also assigns `seq`) and the in-memory store.
+//! - [`hub`]: rooms, DM pairs, presence, sequencing, group commit and fan-out,
+//!   and the upkeep tasks it owns.
+//! - [`broker`]: the one way to the other nodes: stored messages, presence and
+//!   typing (one node: nothing to do; several: a pub/sub broker between nodes).
+//! - [`store`]: durable history, by who numbers messages: local (SQLite, or the
+//!   in-memory store; the hub numbers) or shared (PostgreSQL, which numbers).
 //! - [`metrics`]: Prometheus metric names and handles.
 //! - [`config`]: flags, environment and config file.
 //! - [`web`]: the embedded chat page and JavaScript SDK.

@@ -1,12 +1,14 @@
 //! The listener and the HTTP surface: `/ws` (upgrade), `/healthz`, `/readyz`,
 //! `/metrics`, and graceful shutdown.
 //!
-//! Owns: binding (plain or TLS), the router, the Origin check, the client address
-//! behind trusted proxies, the WebSocket upgrade, the registry of live sessions,
-//! and the shutdown order: stop accepting and turn `/readyz` red -> close sessions
-//! at `--drain-rate` per second (each sends `closing` with a jittered reconnect delay
-//! and 1001) -> wait for them -> drain the committer -> close the store, all within
-//! `--shutdown-timeout`. Must not: handle protocol commands (that is `session`).
+//! Owns: opening the store and the broker and starting the hub, binding (plain or
+//! TLS), the router, the Origin check, the client address behind trusted proxies,
+//! the WebSocket upgrade, and the shutdown order: stop accepting and turn `/readyz`
+//! red -> close sessions at `--drain-rate` per second (each sends `closing` with a
+//! jittered reconnect delay and 1001) -> wait for them -> stop the hub (which
+//! stores and acks what is in flight, leaves the cluster and closes the store), all
+//! within `--shutdown-timeout`. Must not: handle protocol commands (that is
+//! `session`), or reach into the hub's parts: it only starts and stops the hub.
 
 use crate::app::AppState;
 use crate::auth::{Authenticator, KeyError};

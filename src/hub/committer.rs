@@ -1,5 +1,10 @@
 //! The committer: group commit of sequenced messages, then delivery and `ack`.
 //!
+//! Owns: the job queue's consumer, the write path that matches the store's type,
+//! and when an `ack` or an `unavailable` is sent. Must not: number messages for a
+//! shared store (it numbers them in the commit), or ack before the commit and the
+//! publish both succeeded.
+//!
 //! One task takes every job that is waiting (up to [`MAX_BATCH`]), stores all new
 //! messages in one transaction, publishes them to the other nodes (with a broker),
 //! delivers them here, and only then acks the senders. So an `ack` always means

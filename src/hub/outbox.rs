@@ -1,5 +1,8 @@
 //! One connection's outgoing queue: bounded in frames and in bytes.
 //!
+//! Owns: the queue, its bounds and the wake-up of the session that drains it.
+//! Must not: block or wait, ever; the fan-out pushes under a room-wide lock.
+//!
 //! Policy when it fills: a push into a queue that already holds `max_frames`
 //! frames or `max_bytes` bytes is refused, the queue is marked overflowed and the session is woken to close the connection
 //! with 4008 (slow consumer). Nothing ever waits on a full queue, so one slow

@@ -1,7 +1,7 @@
 //! The registry of connections by user: where a user's direct messages go.
 //!
-//! Owns: the map from user id to that user's live connections on this node. Must
-//! not: know about rooms or presence (that is the channel's). Lock order: a
+//! Owns: the map from user id to that user's live connections on this node.
+//! Must not: know about rooms or presence (that is the channel's). Lock order: a
 //! channel's lock may be held when this registry's is taken, never the other way.
 
 use super::{Conn, lock};

@@ -2,6 +2,11 @@
 //! presence, typing and ping commands, each answered with its reply or an `error`
 //! carrying the command's `id`.
 //!
+//! Owns: the per-command checks that need the session (permissions from the
+//! token, joined rooms, the rate limit) and the reply to each command. Must not:
+//! build JSON by hand (events come from the protocol module) or keep shared state
+//! (that is the hub's).
+//!
 //! A command error never closes the connection; only the session-level rules do
 //! (no/second `hello` -> 4000, bad credentials -> 4001, persistent flooding -> 4029).
 

@@ -1,5 +1,8 @@
 //! The memory store: each channel's history in a bounded ring, gone on restart.
 //!
+//! Owns: the rings and the epoch. Must not: grow without bound (each ring keeps
+//! `--memory-history` messages) or claim to hold what it dropped.
+//!
 //! A fresh epoch on every start tells reconnecting clients that history was lost,
 //! so they get `recovered: false` instead of a silently wrong "nothing missed".
 

@@ -1,5 +1,9 @@
 //! The PostgreSQL store: history shared by every node, and the source of `seq`.
 //!
+//! Owns: the PostgreSQL schema (migrations/postgres), its queries and the
+//! numbering transaction. Must not: publish or deliver; the committer does, after
+//! this commit returns.
+//!
 //! With several nodes no node may number messages on its own. A batch commit locks
 //! the counter row of each of its channels (`channels ... FOR UPDATE`, in key order so
 //! that two nodes never deadlock on each other's locks), checks `client_id`s under

@@ -1,5 +1,8 @@
 //! The SQLite store: WAL journal, `synchronous = FULL`, one transaction per batch.
 //!
+//! Owns: the SQLite schema (migrations/sqlite) and its queries. Must not: number
+//! messages (the hub did) or hold a transaction across anything but its own work.
+//!
 //! Durability: a commit returns only after SQLite has fsynced the WAL, so an `ack`
 //! sent after [`SqliteStore::append`] survives a crash of the process and of the OS.
 //! Throughput comes from group commit (the hub's committer hands us every message
