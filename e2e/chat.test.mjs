@@ -275,3 +275,57 @@ test("scrolling to the top loads older history, in order, without duplicates", a
     await server.stop();
   }
 });
+
+test("a large room shows the member count and pages its member list", async () => {
+  // Over 2 members the server sends counts instead of who joined (PROTOCOL 1.1).
+  const server = await new Server(["--presence-events-max", "2"]).start();
+  const others = [];
+  try {
+    const alice = await userPage(browser, server, "alice");
+    await joinRoom(alice, "big");
+    for (const name of ["bob", "carol", "dave", "erin"]) {
+      const c = await nodeClient(server, name);
+      await c.join("big");
+      others.push(c);
+    }
+    await alice.waitForFunction(() => document.getElementById("member-count").textContent === "(5)", null, {
+      timeout: 5000,
+    });
+    const names = () =>
+      alice.evaluate(() => [...document.querySelectorAll("#member-list .member-name")].map((n) => n.textContent));
+    // The list reloads its first page when the count says it is stale.
+    await alice.waitForFunction(() => document.querySelectorAll("#member-list .member-name").length === 5, null, {
+      timeout: 5000,
+    });
+    assert.deepEqual(await names(), ["alice", "bob", "carol", "dave", "erin"]);
+    assert.equal(await alice.evaluate(() => document.getElementById("members-more").hidden), true);
+    await shot(alice, "13-large-room-count");
+  } finally {
+    for (const c of others) c.close();
+    await server.stop();
+  }
+});
+
+test("joining a room of over 100 members lists the first 100 and pages the rest", async () => {
+  const server = await new Server().start();
+  const others = [];
+  try {
+    for (let i = 0; i < 101; i++) {
+      const c = await nodeClient(server, `a${String(i).padStart(3, "0")}`);
+      await c.join("crowd");
+      others.push(c);
+    }
+    const alice = await userPage(browser, server, "alice");
+    await joinRoom(alice, "crowd");
+    const listed = () => alice.evaluate(() => document.querySelectorAll("#member-list .member-name").length);
+    await alice.waitForFunction(() => document.getElementById("member-count").textContent === "(102)");
+    assert.equal(await listed(), 100, "the joined reply's first page");
+    assert.equal(await alice.evaluate(() => document.getElementById("members-more").hidden), false);
+    await alice.click("#members-more");
+    await alice.waitForFunction(() => document.querySelectorAll("#member-list .member-name").length === 102);
+    assert.equal(await alice.evaluate(() => document.getElementById("members-more").hidden), true);
+  } finally {
+    for (const c of others) c.close();
+    await server.stop();
+  }
+});

@@ -772,6 +772,8 @@ settings! {
         "this node's name in logs, Redis keys and presence";
     node_timeout: Duration = "10"; Value "SECS";
         "a node silent this long is dead; its users leave presence within 4/3 of it";
+    presence_events_max: usize = "1000"; Value "N";
+        "rooms with more members than this get a `members` count (at most once a second) instead of per-user `member` events";
     log_format: LogFormat = "text"; Value "text|json";
         "log format on stderr (`HUBBUB_LOG` sets the filter, e.g. `debug`)";
 }

@@ -14,7 +14,7 @@ use crate::app::AppState;
 use crate::auth::{Authenticator, KeyError};
 use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
-use crate::hub::{Hub, Outbox};
+use crate::hub::{Hub, HubOptions, Outbox};
 use crate::metrics::Metrics;
 use crate::session;
 use crate::store::{Store, StoreError};
@@ -94,7 +94,10 @@ impl Server {
         let metrics = Metrics::new();
         metrics.broker_up.set(1.0);
         let broker = Broker::connect(&config.broker(), metrics.clone()).await?;
-        let hub = Hub::start(store, broker, metrics.clone());
+        let options = HubOptions {
+            presence_events_max: config.presence_events_max,
+        };
+        let hub = Hub::start(store, broker, metrics.clone(), options);
         let listener =
             TcpListener::bind(config.listen)
                 .await

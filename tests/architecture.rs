@@ -54,7 +54,10 @@ fn redis_is_named_only_in_the_broker_and_the_config() {
         .filter(|(_, text)| text.to_lowercase().contains("redis"))
         .map(|(rel, _)| rel)
         .collect();
-    assert!(offenders.is_empty(), "Redis named outside broker/: {offenders:?}");
+    assert!(
+        offenders.is_empty(),
+        "Redis named outside broker/: {offenders:?}"
+    );
 }
 
 #[test]
@@ -65,7 +68,10 @@ fn sql_is_spoken_only_in_the_store() {
         .filter(|(_, text)| text.contains("sqlx"))
         .map(|(rel, _)| rel)
         .collect();
-    assert!(offenders.is_empty(), "sqlx used outside store/: {offenders:?}");
+    assert!(
+        offenders.is_empty(),
+        "sqlx used outside store/: {offenders:?}"
+    );
 }
 
 #[test]
@@ -82,7 +88,10 @@ fn serde_serialize_derives_live_in_the_protocol_or_the_broker() {
         .filter(|(_, text)| text.contains("derive(Serialize") || text.contains(", Serialize"))
         .map(|(rel, _)| rel)
         .collect();
-    assert!(offenders.is_empty(), "wire types outside protocol/: {offenders:?}");
+    assert!(
+        offenders.is_empty(),
+        "wire types outside protocol/: {offenders:?}"
+    );
 }
 
 #[test]
@@ -112,7 +121,10 @@ fn no_two_modules_import_each_other() {
             }
         }
     }
-    assert!(cycles.is_empty(), "modules importing each other: {cycles:?}");
+    assert!(
+        cycles.is_empty(),
+        "modules importing each other: {cycles:?}"
+    );
 }
 
 #[test]
@@ -133,5 +145,8 @@ fn every_module_says_what_it_owns_and_what_it_must_not_do() {
         })
         .map(|(rel, _)| rel)
         .collect();
-    assert!(missing.is_empty(), "module docs without Owns/Must not: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "module docs without Owns/Must not: {missing:?}"
+    );
 }

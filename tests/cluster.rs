@@ -624,3 +624,53 @@ async fn redis_without_a_shared_postgres_database_is_refused_at_start() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("postgres"), "says what is missing: {err}");
 }
+
+#[tokio::test]
+async fn a_large_room_spread_over_nodes_gets_cluster_wide_counts_and_pages() {
+    let (_db, _redis, n) = cluster(2, &["--presence-events-max", "2"]).await;
+    let mut watcher = n[0].member("watcher", "big").await;
+    let _x = n[1].member("x", "big").await;
+    let ev = watcher.recv_type("member").await;
+    assert_eq!(
+        ev["user"], "x",
+        "within the threshold a join is announced per user"
+    );
+    let _y = n[1].member("y", "big").await;
+    let _z = n[0].member("z", "big").await;
+    // Four users on two nodes: over the threshold, so a count, cluster-wide.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v = watcher.recv().await;
+        assert_ne!(
+            v["type"], "member",
+            "no per-user events above the threshold: {v}"
+        );
+        if v["type"] == "members" && v["count"] == 4 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no members count of 4");
+    }
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut cmd = json!({"type": "presence", "room": "big", "limit": 3});
+        if let Some(a) = &after {
+            cmd["after"] = json!(a);
+        }
+        let page = watcher.request(cmd).await;
+        assert_eq!(page["type"], "presence", "{page}");
+        assert_eq!(page["member_count"], 4);
+        for m in page["members"].as_array().expect("members") {
+            seen.push(m["user"].as_str().expect("user").to_owned());
+        }
+        after = page["next"].as_str().map(str::to_owned);
+        if after.is_none() {
+            break;
+        }
+    }
+    assert_eq!(
+        seen,
+        vec!["watcher", "x", "y", "z"],
+        "pages cover both nodes' members once"
+    );
+}

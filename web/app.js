@@ -46,6 +46,9 @@ function conv(key) {
       pending: new Map(),
       unread: 0,
       members: new Map(),
+      // Users in the room on every node; in a large room only a page of them is in
+      // `members` (more come with "Show more", via presence pages).
+      memberCount: 0,
       oldest: null,
       complete: false,
     });
@@ -76,6 +79,7 @@ function start(identity) {
   hub.on("state", showState);
   hub.on("message", onMessage);
   hub.on("member", onMember);
+  hub.on("members", onMembers);
   hub.on("typing", onTyping);
   hub.on("closing", (c) => setStatus("closing", `Server: ${c.reason || "closing"}`));
   hub.on("welcome", (w) => {
@@ -148,6 +152,7 @@ function joinRoom(room, open) {
     .join(room, { history: 50 })
     .then((j) => {
       c.members = new Map(j.members.map((m) => [m.user, m.name]));
+      c.memberCount = j.member_count ?? j.members.length;
       if (c.oldest === null && j.messages.length) c.oldest = j.messages[0].seq;
       if (j.messages.length === 0 || j.messages[0].seq === 1) c.complete = true;
       $("join-room").value = "";
@@ -216,6 +221,7 @@ function openConv(key) {
   renderLists();
   renderMessages(true);
   renderMembers();
+  if (c.membersStale) loadMembers(true);
 }
 
 function renderEmpty() {
@@ -258,7 +264,10 @@ function renderMembers() {
   if (!current) return;
   const c = conv(current);
   const members = c.kind === "room" ? [...c.members] : [[me, me], [c.id, c.id]];
-  members.sort((a, b) => a[0].localeCompare(b[0]));
+  members.sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0)); // the server's order
+  const count = c.kind === "room" ? Math.max(c.memberCount, c.members.size) : 2;
+  $("member-count").textContent = `(${count})`;
+  $("members-more").hidden = !(c.kind === "room" && c.members.size < count);
   for (const [user, name] of members) {
     const li = el("li", "member");
     li.append(el("span", "dot"), el("span", "member-name", name === user ? user : `${name} (${user})`));
@@ -416,10 +425,49 @@ function sendCurrent() {
 
 function onMember(ev) {
   const c = conv(`r:${ev.room}`);
-  if (ev.event === "join") c.members.set(ev.user, ev.name);
-  else c.members.delete(ev.user);
+  if (ev.event === "join") {
+    if (!c.members.has(ev.user)) c.memberCount += 1;
+    c.members.set(ev.user, ev.name);
+  } else {
+    if (c.members.delete(ev.user)) c.memberCount = Math.max(0, c.memberCount - 1);
+  }
   if (current === `r:${ev.room}`) renderMembers();
 }
+
+// A large room sends counts instead of who joined or left: the count is exact, the
+// list is a page that "Show more" extends (and that reloads when the panel opens).
+function onMembers(ev) {
+  const c = conv(`r:${ev.room}`);
+  c.memberCount = ev.count;
+  c.membersStale = true;
+  if (current !== `r:${ev.room}`) return;
+  renderMembers();
+  // A list that fits one page is reloaded at once (one request a second at most,
+  // as the counts arrive); a longer one when it is next opened or extended, so a
+  // room of thousands does not have every client asking every second.
+  if (ev.count <= 100) loadMembers(true);
+}
+
+async function loadMembers(reset) {
+  if (!current) return;
+  const c = conv(current);
+  if (c.kind !== "room") return;
+  const room = c.id;
+  const known = [...c.members.keys()].sort();
+  const after = reset ? undefined : known[known.length - 1];
+  try {
+    const page = await hub.presence(room, { after, limit: 100 });
+    if (reset) c.members = new Map();
+    for (const m of page.members) c.members.set(m.user, m.name);
+    c.memberCount = page.member_count;
+    if (reset) c.membersStale = false;
+    if (current === `r:${room}`) renderMembers();
+  } catch (e) {
+    $("composer-error").textContent = explain(e);
+  }
+}
+
+$("members-more").addEventListener("click", () => loadMembers(false));
 
 function renderTyping() {
   const names = [...typingTimers.values()].map((t) => t.name);
@@ -457,4 +505,5 @@ $("menu-toggle").addEventListener("click", () => {
 $("members-toggle").addEventListener("click", () => {
   const open = document.body.classList.toggle("show-members");
   $("members-toggle").setAttribute("aria-expanded", String(open));
+  if (open && current && conv(current).membersStale) loadMembers(true);
 });

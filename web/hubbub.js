@@ -111,8 +111,11 @@ export class Hubbub {
     this._suggestedDelay = null;
   }
 
-  /** Subscribe to an event: message, member, typing, error, state, welcome, closing.
-   *  Returns a function that unsubscribes. */
+  /** Subscribe to an event: message, member, members, typing, error, state,
+   *  welcome, closing. `member` is one user joining or leaving a room; in a room
+   *  larger than the server's presence-events limit there are none, and `members`
+   *  ({ room, count }) carries the room's new member count instead (at most once a
+   *  second). Returns a function that unsubscribes. */
   on(event, fn) {
     if (!this._handlers.has(event)) this._handlers.set(event, new Set());
     this._handlers.get(event).add(fn);
@@ -272,6 +275,7 @@ export class Hubbub {
         this._deliver(msg);
         break;
       case "member":
+      case "members":
       case "typing":
         this._emit(msg.type, msg);
         break;
@@ -471,8 +475,26 @@ export class Hubbub {
     return this._request(cmd);
   }
 
-  presence(room) {
-    return this._request({ type: "presence", room });
+  /** One page of a room's members, by user id: { members, member_count, next }.
+   *  Pass the previous page's `next` as `after` for the page that follows it; the
+   *  last page has no `next`. `limit` is at most 1000 (the default). */
+  presence(room, { after, limit } = {}) {
+    const cmd = { type: "presence", room };
+    if (after !== undefined) cmd.after = after;
+    if (limit !== undefined) cmd.limit = limit;
+    return this._request(cmd);
+  }
+
+  /** Every member of a room, fetched page by page (`limit` per page). */
+  async allMembers(room, { limit } = {}) {
+    const out = [];
+    let after;
+    for (;;) {
+      const page = await this.presence(room, { after, limit });
+      out.push(...page.members);
+      if (page.next === undefined) return out;
+      after = page.next;
+    }
   }
 
   /** Tell the room you are typing (fire and forget; never stored). */

@@ -88,6 +88,8 @@ struct Shared {
     out_of_order: AtomicU64,
     /// Deliveries seen so far (all windows), for the progress line.
     seen: AtomicU64,
+    /// Connections the server closed (or dropped) before the run stopped them.
+    closed: AtomicU64,
     stop: AtomicBool,
 }
 
@@ -156,6 +158,7 @@ impl Rig {
             duplicates: AtomicU64::new(0),
             out_of_order: AtomicU64::new(0),
             seen: AtomicU64::new(0),
+            closed: AtomicU64::new(0),
             stop: AtomicBool::new(false),
         });
         let cores = cores()?;
@@ -364,6 +367,11 @@ impl Rig {
     pub fn stop(&self) {
         self.shared.stop.store(true, Ordering::Relaxed);
     }
+
+    /// How many connections the server has closed so far.
+    pub fn closed(&self) -> u64 {
+        self.shared.closed.load(Ordering::Relaxed)
+    }
 }
 
 /// One connection's reader: parse frames in place, scan them for markers, count
@@ -391,10 +399,16 @@ async fn receive(
     let flush = tokio::time::sleep(Duration::from_secs(3600));
     tokio::pin!(flush);
     let mut dirty = false;
+    let closed = || {
+        if !shared.stop.load(Ordering::Relaxed) {
+            shared.closed.fetch_add(1, Ordering::Relaxed);
+        }
+    };
     loop {
         tokio::select! {
             more = client::fill(&mut read, &mut buf) => {
                 if !more {
+                    closed();
                     break;
                 }
                 let now = shared.now_ns();
@@ -433,7 +447,10 @@ async fn receive(
                             let payload = buf[r].to_vec();
                             let _ = client::send_frame(&mut *writer.lock().await, 0xA, &payload).await;
                         }
-                        Frame::Close => return,
+                        Frame::Close => {
+                            closed();
+                            return;
+                        }
                         Frame::Other => {}
                     }
                     buf.advance(used);

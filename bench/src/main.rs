@@ -6,6 +6,7 @@
 //!   hubbub-bench fanout --url ws://127.0.0.1:8080/ws --conns 1000 --rooms 1 --senders 10 --rate 1000 --pid PID
 //!   hubbub-bench fanout ... --ramp            # step the rate up until a step fails
 //!   hubbub-bench acks   --url ws://127.0.0.1:8080/ws --rate 1000
+//!   hubbub-bench bigroom --url ws://127.0.0.1:8080/ws --conns 19000 --senders 5 --rate 20
 //!
 //! Without `--pid`, the server's RSS and CPU come from its `/metrics`.
 //! The server must allow the senders' rate (`hubbub --rate-limit`). Progress goes to
@@ -48,6 +49,10 @@ enum Mode {
     Fanout(FanoutArgs),
     /// Send-to-ack latency (durable commit) at a fixed rate.
     Acks(AcksArgs),
+    /// One big room: N clients join it (time until all are in, none closed), hold,
+    /// then S senders at a fixed total rate fan out to everyone in it. With several
+    /// URLs the room is spread over the nodes.
+    Bigroom(BigroomArgs),
 }
 
 #[derive(Args)]
@@ -123,6 +128,28 @@ struct FanoutArgs {
 }
 
 #[derive(Args)]
+struct BigroomArgs {
+    #[command(flatten)]
+    common: Common,
+    #[arg(long, default_value_t = 10000)]
+    conns: usize,
+    /// Seconds to hold the room after everyone is in (presence settles, RSS is read).
+    #[arg(long, default_value_t = 5)]
+    hold: u64,
+    #[arg(long, default_value_t = 5)]
+    senders: usize,
+    /// Messages per second in, over all senders (0: join and hold only).
+    #[arg(long, default_value_t = 20.0)]
+    rate: f64,
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
+    #[arg(long, default_value_t = 6)]
+    duration: u64,
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+}
+
+#[derive(Args)]
 struct AcksArgs {
     #[command(flatten)]
     common: Common,
@@ -147,6 +174,7 @@ fn main() -> anyhow::Result<()> {
             Mode::Idle(a) => idle(a).await,
             Mode::Fanout(a) => fanout_mode(a).await,
             Mode::Acks(a) => acks(a).await,
+            Mode::Bigroom(a) => bigroom(a).await,
         }
     })
 }
@@ -193,11 +221,12 @@ async fn idle(mut a: IdleArgs) -> anyhow::Result<()> {
         (Some(b), Some(a2)) => Some((a2.saturating_sub(b)) as f64 / a.conns as f64),
         _ => None,
     };
+    let closed = rig.closed();
     rig.stop();
     if a.common.json {
         println!(
             "{}",
-            json!({"mode": "idle", "conns": a.conns, "conns_asked": asked, "rooms": a.rooms, "open_seconds": opened,
+            json!({"mode": "idle", "conns": a.conns, "conns_asked": asked, "rooms": a.rooms, "open_seconds": opened, "closed": closed,
                    "rss_before": before, "rss_after": after, "rss_bytes_per_conn": per_conn,
                    "server_figures": per_conn.map(|_| probe.source())})
         );
@@ -208,6 +237,7 @@ async fn idle(mut a: IdleArgs) -> anyhow::Result<()> {
             a.conns, a.rooms
         );
         println!("opened in       {opened:.1} s");
+        println!("closed          {closed} by the server while held");
         match (before, after, per_conn) {
             (Some(b), Some(a2), Some(p)) => {
                 println!(
@@ -221,6 +251,82 @@ async fn idle(mut a: IdleArgs) -> anyhow::Result<()> {
             _ => println!(
                 "server RSS      unavailable (no --pid, and /metrics gave no process figures)"
             ),
+        }
+    }
+    Ok(())
+}
+
+async fn bigroom(mut a: BigroomArgs) -> anyhow::Result<()> {
+    let asked = a.conns;
+    a.conns = cap_conns(asked);
+    anyhow::ensure!(a.senders <= a.conns, "--senders must be at most --conns");
+    let targets = a.common.targets()?;
+    let probe = probe::Probe::new(a.common.pid, &targets);
+    let progress = !a.common.json;
+    let before = probe.sample_or_say().await.map(|s| s.rss_bytes);
+    let plan = fanout::Plan {
+        conns: a.conns,
+        rooms: 1,
+        senders: a.senders,
+        batch: a.common.batch,
+        text_bytes: a.size,
+    };
+    let started = Instant::now();
+    let rig = fanout::Rig::open(&targets, plan, progress).await?;
+    let joined_seconds = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(a.hold)).await;
+    let after = probe.sample_or_say().await.map(|s| s.rss_bytes);
+    let closed_while_holding = rig.closed();
+    let per_conn = match (before, after) {
+        (Some(b), Some(a2)) => Some((a2.saturating_sub(b)) as f64 / a.conns as f64),
+        _ => None,
+    };
+    if progress {
+        eprintln!(
+            "{} joined one room in {joined_seconds:.1} s; {closed_while_holding} closed while holding",
+            a.conns
+        );
+    }
+    let step = if a.rate > 0.0 && a.senders > 0 {
+        let r = rig
+            .step(
+                a.rate,
+                Duration::from_secs(a.warmup),
+                Duration::from_secs(a.duration),
+                &probe,
+                progress,
+            )
+            .await?;
+        if progress {
+            print_step(&r);
+        }
+        Some(r)
+    } else {
+        None
+    };
+    let closed = rig.closed();
+    rig.stop();
+    if a.common.json {
+        println!(
+            "{}",
+            json!({"mode": "bigroom", "conns": a.conns, "conns_asked": asked, "nodes": targets.len(),
+                   "joined_seconds": joined_seconds, "closed_while_holding": closed_while_holding,
+                   "closed": closed, "rss_before": before, "rss_after": after, "rss_bytes_per_conn": per_conn,
+                   "server_figures": per_conn.map(|_| probe.source()),
+                   "senders": a.senders, "batch": a.common.batch, "step": step.as_ref().map(step_json)})
+        );
+    } else {
+        println!("mode            bigroom ({} node(s))", targets.len());
+        println!(
+            "joined          {} in one room in {joined_seconds:.1} s",
+            a.conns
+        );
+        println!("closed          {closed} (while holding: {closed_while_holding})");
+        if let Some(p) = per_conn {
+            println!("RSS per conn    {p:.0} bytes (from {})", probe.origin());
+        }
+        if step.is_none() {
+            println!("fan-out         not run (--rate 0)");
         }
     }
     Ok(())

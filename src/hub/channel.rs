@@ -63,7 +63,13 @@ pub(super) struct ChannelInner {
     pub(super) presence_events: u64,
     pub(super) recent: VecDeque<Arc<StoredMessage>>,
     pub(super) members: HashMap<u64, Arc<super::Conn>>,
-    pub(super) presence: HashMap<String, Presence>,
+    /// Users present in the room (here or on other nodes), by user id: ordered, so
+    /// a page of members is a range and the first page needs no sort.
+    pub(super) presence: BTreeMap<String, Presence>,
+    /// The member count last sent in a `members` event (large rooms).
+    pub(super) announced_count: usize,
+    /// The member count changed in a large room; the next tick announces it.
+    pub(super) count_dirty: bool,
     /// (user, client_id) -> (seq, ts), for idempotent resends.
     pub(super) client_ids: HashMap<(String, String), (u64, i64)>,
     client_id_order: VecDeque<(i64, String, String)>,
@@ -87,7 +93,9 @@ impl Channel {
                 presence_events: 0,
                 recent: VecDeque::new(),
                 members: HashMap::new(),
-                presence: HashMap::new(),
+                presence: BTreeMap::new(),
+                announced_count: 0,
+                count_dirty: false,
                 client_ids: HashMap::new(),
                 client_id_order: VecDeque::new(),
                 evicted: false,

@@ -12,7 +12,9 @@
 use super::{Conn, Hub, lock};
 use crate::message::ChannelKey;
 use crate::protocol::events::{Joined, message_refs};
-use crate::protocol::{self, CommandError, CommandId, ErrorCode, MAX_RECOVERY, Since};
+use crate::protocol::{
+    self, CommandError, CommandId, ErrorCode, MAX_JOINED_MEMBERS, MAX_RECOVERY, Since,
+};
 use std::sync::Arc;
 use tokio::time::Instant;
 
@@ -86,9 +88,10 @@ impl Hub {
                 if g.members.len() == 1 {
                     self.metrics.rooms.increment(1.0);
                 }
-                self.presence_arrive(room, &mut g, conn);
+                self.presence_arrive(&ch, room, &mut g, conn);
             }
             self.metrics.out("reply", 1);
+            let first = g.members_page(None, MAX_JOINED_MEMBERS);
             let reply = protocol::reply(
                 "joined",
                 id,
@@ -96,7 +99,8 @@ impl Hub {
                     room,
                     epoch,
                     seq: s1,
-                    members: g.members_list(),
+                    members: first.members,
+                    member_count: first.count,
                     messages: message_refs(&msgs, &conn.user),
                     recovered,
                 },
@@ -122,7 +126,7 @@ impl Hub {
         if g.members.is_empty() {
             self.metrics.rooms.decrement(1.0);
         }
-        self.presence_depart(room, &mut g, conn);
+        self.presence_depart(&ch, room, &mut g, conn);
         true
     }
 }

@@ -31,6 +31,7 @@ mod upkeep;
 
 pub use channel::Channel;
 pub use outbox::Outbox;
+pub use presence::MembersPage;
 
 use crate::broker::{Broker, Inbound};
 use crate::message::{ChannelKey, StoredMessage};
@@ -93,8 +94,27 @@ fn client_id_horizon() -> i64 {
     now_ms() - i64::try_from(CLIENT_ID_WINDOW.as_millis()).unwrap_or(0)
 }
 
+/// How the hub behaves, from the configuration.
+#[derive(Debug, Clone)]
+pub struct HubOptions {
+    /// Rooms with more users than this get `members` counts instead of per-user
+    /// `member` events.
+    pub presence_events_max: usize,
+}
+
+impl Default for HubOptions {
+    fn default() -> Self {
+        HubOptions {
+            presence_events_max: 1000,
+        }
+    }
+}
+
 pub struct Hub {
     channels: Mutex<HashMap<ChannelKey, Arc<Channel>>>,
+    options: HubOptions,
+    /// Large rooms whose member count changed since the last `members` events.
+    dirty_counts: Mutex<Vec<Arc<Channel>>>,
     registry: Registry,
     store: Arc<Store>,
     jobs: mpsc::Sender<Job>,
@@ -108,10 +128,17 @@ pub struct Hub {
 
 impl Hub {
     /// Create the hub; start its committer, its upkeep tasks and the broker's.
-    pub fn start(store: Arc<Store>, broker: Broker, metrics: Metrics) -> Arc<Hub> {
+    pub fn start(
+        store: Arc<Store>,
+        broker: Broker,
+        metrics: Metrics,
+        options: HubOptions,
+    ) -> Arc<Hub> {
         let (tx, rx) = mpsc::channel(JOB_QUEUE);
         let hub = Arc::new(Hub {
             channels: Mutex::new(HashMap::new()),
+            options,
+            dirty_counts: Mutex::new(Vec::new()),
             registry: Registry::default(),
             store,
             jobs: tx,

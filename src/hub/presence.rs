@@ -8,17 +8,24 @@
 //!
 //! `member join`/`leave` fire when a user becomes present anywhere or is gone
 //! everywhere, so every node announces each user once.
+//!
+//! Large rooms: while a room has more than `--presence-events-max` users (counted
+//! on every node), a user's arrival or departure is not announced per user; the
+//! room is marked, and once a second [`Hub::announce_counts`] sends every member a
+//! `members` event with the new count (one per room per second at most, and only
+//! when the count differs from the last one sent). Joins then cost O(log N) under
+//! the room's lock: no per-member work, and `joined` lists the first 100 members.
 
-use super::channel::ChannelInner;
+use super::channel::{Channel, ChannelInner};
 use super::{Conn, Hub, lock};
 use crate::broker::{RemotePresence, Topic};
 use crate::message::ChannelKey;
 use crate::protocol::Member;
-use crate::protocol::events::{MemberChange, member_event, typing_event};
+use crate::protocol::events::{MemberChange, member_event, members_event, typing_event};
 use crate::ws::Text;
 use std::collections::{HashMap, HashSet};
+use std::ops::Bound;
 use std::sync::Arc;
-use std::sync::MutexGuard;
 
 /// One user's presence in one room.
 pub(super) struct Presence {
@@ -42,7 +49,8 @@ impl Presence {
         self.conns > 0 || !self.remote.is_empty()
     }
 
-    /// Take in the other nodes' presence read while a room was loading.
+    /// Take in the other nodes' presence read while a room was loading (nobody
+    /// here is in it yet, so there is nobody to tell).
     pub(super) fn adopt_snapshot(g: &mut ChannelInner, remote: RemotePresence) {
         for (user, (name, insts)) in remote {
             g.presence
@@ -51,23 +59,42 @@ impl Presence {
                 .remote
                 .extend(insts);
         }
+        g.announced_count = g.presence.len();
     }
 }
 
+/// One page of a room's members: who, how many in all, and where the next starts.
+pub struct MembersPage {
+    pub members: Vec<Member>,
+    pub count: usize,
+    pub next: Option<String>,
+}
+
 impl ChannelInner {
-    /// The room's presence list, one entry per user, sorted by user id.
-    pub(super) fn members_list(&self) -> Vec<Member> {
-        let mut v: Vec<Member> = self
+    /// Up to `limit` members whose user id sorts after `after`, by user id. Every
+    /// entry of `presence` is present (entries are removed when they are not).
+    pub(super) fn members_page(&self, after: Option<&str>, limit: usize) -> MembersPage {
+        let from = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        let mut range = self
             .presence
-            .iter()
-            .filter(|(_, p)| p.present())
+            .range::<str, _>((from, Bound::Unbounded))
             .map(|(user, p)| Member {
                 user: user.clone(),
                 name: p.name.clone(),
-            })
-            .collect();
-        v.sort_by(|a, b| a.user.cmp(&b.user));
-        v
+            });
+        let members: Vec<Member> = range.by_ref().take(limit).collect();
+        let next = match range.next() {
+            Some(_) => members.last().map(|m| m.user.clone()),
+            None => None,
+        };
+        MembersPage {
+            members,
+            count: self.presence.len(),
+            next,
+        }
     }
 
     /// Send `frame` to every member connection except those of `user`; returns how
@@ -86,7 +113,14 @@ impl ChannelInner {
 impl Hub {
     /// `conn` became a member of `room`: count it, and announce its user if the user
     /// is new to the room (here and, through the broker, everywhere).
-    pub(super) fn presence_arrive(&self, room: &str, g: &mut ChannelInner, conn: &Conn) {
+    pub(super) fn presence_arrive(
+        &self,
+        ch: &Arc<Channel>,
+        room: &str,
+        g: &mut ChannelInner,
+        conn: &Conn,
+    ) {
+        let before = g.presence.len();
         let p = g
             .presence
             .entry(conn.user.clone())
@@ -97,21 +131,83 @@ impl Hub {
             self.broker
                 .announce_presence(room, &conn.user, &conn.name, true);
             if !was_present {
-                let ev = Text::from(member_event(
+                self.member_changed(
+                    ch,
                     room,
+                    g,
+                    before,
                     &conn.user,
                     &conn.name,
                     MemberChange::Join,
-                ));
-                let n = g.broadcast_except(&conn.user, &ev);
-                self.metrics.out("member", n);
+                );
             }
+        }
+    }
+
+    /// A user arrived in or left `room` (the room had `before` users): announce it
+    /// per user in a room within `--presence-events-max`, else mark the room's
+    /// count for the next `members` event.
+    #[allow(clippy::too_many_arguments)]
+    fn member_changed(
+        &self,
+        ch: &Arc<Channel>,
+        room: &str,
+        g: &mut ChannelInner,
+        before: usize,
+        user: &str,
+        name: &str,
+        change: MemberChange,
+    ) {
+        let max = self.options.presence_events_max;
+        if before <= max && g.presence.len() <= max {
+            if g.announced_count != before {
+                // The room was large until now and its clients have not heard its
+                // latest count: say it first, so this change applies to the right one.
+                let ev = Text::from(members_event(room, before));
+                let n = g.broadcast_except("", &ev);
+                self.metrics.out("members", n);
+            }
+            let ev = Text::from(member_event(room, user, name, change));
+            let n = g.broadcast_except(user, &ev);
+            self.metrics.out("member", n);
+            g.announced_count = g.presence.len();
+        } else if !g.count_dirty {
+            g.count_dirty = true;
+            lock(&self.dirty_counts).push(ch.clone());
+        }
+    }
+
+    /// Send each large room whose count changed a `members` event (once a second,
+    /// from the hub's upkeep).
+    pub(super) fn announce_counts(&self) {
+        let dirty = std::mem::take(&mut *lock(&self.dirty_counts));
+        for ch in dirty {
+            let ChannelKey::Room(room) = &ch.key else {
+                continue;
+            };
+            let mut g = lock(&ch.inner);
+            g.count_dirty = false;
+            let count = g.presence.len();
+            if count == g.announced_count {
+                continue;
+            }
+            g.announced_count = count;
+            let ev = Text::from(members_event(room, count));
+            let n = g.broadcast_except("", &ev);
+            self.metrics.out("members", n);
         }
     }
 
     /// `conn` is no longer a member of `room`: announce its user's leaving if it was
     /// the user's last connection anywhere.
-    pub(super) fn presence_depart(&self, room: &str, g: &mut ChannelInner, conn: &Conn) {
+    pub(super) fn presence_depart(
+        &self,
+        ch: &Arc<Channel>,
+        room: &str,
+        g: &mut ChannelInner,
+        conn: &Conn,
+    ) {
+        let before = g.presence.len();
         let (last_here, gone) = match g.presence.get_mut(&conn.user) {
             Some(p) => {
                 p.conns = p.conns.saturating_sub(1);
@@ -125,23 +221,29 @@ impl Hub {
         }
         if gone {
             g.presence.remove(&conn.user);
-            let ev = Text::from(member_event(
+            self.member_changed(
+                ch,
                 room,
+                g,
+                before,
                 &conn.user,
                 &conn.name,
                 MemberChange::Leave,
-            ));
-            let n = g.broadcast_except(&conn.user, &ev);
-            self.metrics.out("member", n);
+            );
         }
     }
 
-    /// The presence list of `room` (one entry per user, on every node).
-    pub fn presence(&self, room: &str) -> Vec<Member> {
+    /// A page of `room`'s presence (one entry per user, on every node), by user
+    /// id after `after`.
+    pub fn presence(&self, room: &str, after: Option<&str>, limit: usize) -> MembersPage {
         let key = ChannelKey::Room(room.to_owned());
         match lock(&self.channels).get(&key).cloned() {
-            None => Vec::new(),
-            Some(ch) => lock(&ch.inner).members_list(),
+            None => MembersPage {
+                members: Vec::new(),
+                count: 0,
+                next: None,
+            },
+            Some(ch) => lock(&ch.inner).members_page(after, limit),
         }
     }
 
@@ -160,19 +262,22 @@ impl Hub {
         };
         let mut g = lock(&ch.inner);
         g.presence_events += 1;
-        self.apply_remote_presence(room, &mut g, user, name, inst, on);
+        self.apply_remote_presence(&ch, room, &mut g, user, name, inst, on);
     }
 
     /// Node instance `inst` now has (`on`) or no longer has `user` in `room`.
+    #[allow(clippy::too_many_arguments)]
     fn apply_remote_presence(
         &self,
+        ch: &Arc<Channel>,
         room: &str,
-        g: &mut MutexGuard<'_, ChannelInner>,
+        g: &mut ChannelInner,
         user: &str,
         name: &str,
         inst: &str,
         on: bool,
     ) {
+        let before = g.presence.len();
         let p = g
             .presence
             .entry(user.to_owned())
@@ -194,9 +299,7 @@ impl Hub {
             } else {
                 MemberChange::Leave
             };
-            let ev = Text::from(member_event(room, user, &name, change));
-            let n = g.broadcast_except(user, &ev);
-            self.metrics.out("member", n);
+            self.member_changed(ch, room, g, before, user, &name, change);
         }
     }
 
@@ -253,7 +356,7 @@ impl Hub {
                 let keep = theirs.get(&user).map(|(_, s)| s);
                 for inst in insts {
                     if !keep.is_some_and(|k| k.contains(&inst)) {
-                        self.apply_remote_presence(&room, &mut g, &user, "", &inst, false);
+                        self.apply_remote_presence(ch, &room, &mut g, &user, "", &inst, false);
                     }
                 }
             }
@@ -264,7 +367,7 @@ impl Hub {
                         .get(user)
                         .is_some_and(|p| p.remote.contains(inst));
                     if !has {
-                        self.apply_remote_presence(&room, &mut g, user, name, inst, true);
+                        self.apply_remote_presence(ch, &room, &mut g, user, name, inst, true);
                     }
                 }
             }

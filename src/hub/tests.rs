@@ -13,7 +13,12 @@ use std::time::Duration;
 
 fn hub() -> Arc<Hub> {
     let store = Arc::new(Store::Local(LocalStore::Memory(MemoryStore::new(10_000))));
-    Hub::start(store, Broker::Local, Metrics::new())
+    Hub::start(
+        store,
+        Broker::Local,
+        Metrics::new(),
+        super::HubOptions::default(),
+    )
 }
 
 fn conn(id: u64, user: &str) -> Arc<Conn> {

@@ -1,5 +1,6 @@
-//! The hub's own periodic work: evicting idle channels, catching up with the
-//! shared store, and reconciling cluster presence.
+//! The hub's own periodic work: evicting idle channels, sending large rooms'
+//! member counts, catching up with the shared store, and reconciling cluster
+//! presence.
 //!
 //! Owns: the upkeep tasks, which [`spawn`] starts with the hub and the hub's stop
 //! ends (as the `Db` of tokio's mini server owns its purge task). Must not: hold a channel's lock
@@ -21,6 +22,8 @@ pub(super) const IDLE_EVICT: Duration = Duration::from_secs(60);
 pub(super) const SWEEP_EVERY: Duration = Duration::from_secs(30);
 /// How often channels are compared with the shared store.
 pub(super) const CATCH_UP_EVERY: Duration = Duration::from_secs(1);
+/// How often large rooms' member counts are sent (at most).
+pub(super) const COUNTS_EVERY: Duration = Duration::from_secs(1);
 /// Channels compared with the shared store per query.
 const CATCH_UP_CHUNK: usize = 1000;
 
@@ -44,6 +47,20 @@ pub(super) fn spawn(hub: &Arc<Hub>, committer: JoinHandle<()>, stop: Cancellatio
                 _ = token.cancelled() => return,
                 _ = tick.tick() => match weak.upgrade() {
                     Some(hub) => hub.sweep(),
+                    None => return,
+                },
+            }
+        }
+    }));
+    let weak = Arc::downgrade(hub);
+    let token = stop.clone();
+    upkeep.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(COUNTS_EVERY);
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => return,
+                _ = tick.tick() => match weak.upgrade() {
+                    Some(hub) => hub.announce_counts(),
                     None => return,
                 },
             }

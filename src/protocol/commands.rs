@@ -6,7 +6,7 @@
 
 use super::{
     CommandError, CommandId, DEFAULT_HISTORY, ErrorCode, MAX_CLIENT_ID_CHARS, MAX_HISTORY,
-    MAX_META_BYTES, MAX_USER_ID_CHARS, valid_room_name,
+    MAX_META_BYTES, MAX_PRESENCE_PAGE, MAX_USER_ID_CHARS, valid_room_name,
 };
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -60,6 +60,11 @@ pub enum Command {
     },
     Presence {
         room: String,
+        /// Only members whose user id sorts after this one (the previous page's
+        /// `next`).
+        after: Option<String>,
+        /// Page size, 1..=[`MAX_PRESENCE_PAGE`] (clamped; default the maximum).
+        limit: usize,
     },
     Typing {
         room: String,
@@ -195,6 +200,15 @@ impl Fields<'_> {
             }
             "presence" => Command::Presence {
                 room: self.room("room")?,
+                after: match self.obj.get("after") {
+                    None | Some(Value::Null) => None,
+                    Some(_) => Some(self.user_id("after")?),
+                },
+                limit: self.opt_u64("limit")?.map_or(MAX_PRESENCE_PAGE, |n| {
+                    usize::try_from(n)
+                        .unwrap_or(usize::MAX)
+                        .clamp(1, MAX_PRESENCE_PAGE)
+                }),
             },
             "typing" => Command::Typing {
                 room: self.room("room")?,
@@ -445,5 +459,30 @@ mod tests {
             "c".repeat(65)
         );
         assert_eq!(err_of(&frame).error.code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn presence_pages_default_to_the_largest_and_clamp_limits() {
+        let page = |frame: &str| match parse_command(frame, LIMITS).expect("parses").1 {
+            Command::Presence { after, limit, .. } => (after, limit),
+            other => panic!("expected presence, got {other:?}"),
+        };
+        assert_eq!(
+            page(r#"{"type":"presence","room":"r"}"#),
+            (None, MAX_PRESENCE_PAGE)
+        );
+        assert_eq!(page(r#"{"type":"presence","room":"r","limit":0}"#).1, 1);
+        assert_eq!(
+            page(r#"{"type":"presence","room":"r","limit":99999}"#).1,
+            MAX_PRESENCE_PAGE
+        );
+        assert_eq!(
+            page(r#"{"type":"presence","room":"r","after":"bob","limit":2}"#),
+            (Some("bob".to_owned()), 2)
+        );
+        let f = err_of(r#"{"type":"presence","room":"r","after":""}"#);
+        assert_eq!(f.error.code, ErrorCode::BadRequest);
+        let f = err_of(r#"{"type":"presence","room":"r","limit":-1}"#);
+        assert_eq!(f.error.code, ErrorCode::BadRequest);
     }
 }

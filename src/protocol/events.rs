@@ -48,7 +48,10 @@ pub struct Joined<'a> {
     pub room: &'a str,
     pub epoch: &'a str,
     pub seq: u64,
+    /// The first [`super::MAX_JOINED_MEMBERS`] members by user id.
     pub members: Vec<Member>,
+    /// Users in the room, on every node.
+    pub member_count: usize,
     pub messages: Vec<MessageRef<'a>>,
     pub recovered: bool,
 }
@@ -80,11 +83,34 @@ pub struct History<'a> {
     pub messages: Vec<MessageRef<'a>>,
 }
 
-/// `presence`: the reply to `presence`.
+/// `presence`: the reply to `presence`, one page of members by user id.
 #[derive(Serialize)]
 pub struct Presence<'a> {
     pub room: &'a str,
     pub members: Vec<Member>,
+    /// Users in the room, on every node.
+    pub member_count: usize,
+    /// The `after` of the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+#[derive(Serialize)]
+struct MembersEvent<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    room: &'a str,
+    count: usize,
+}
+
+/// `{"type":"members","room":...,"count":N}`: a large room's member count, sent
+/// instead of per-user `member` events.
+pub fn members_event(room: &str, count: usize) -> String {
+    encode(&MembersEvent {
+        kind: "members",
+        room,
+        count,
+    })
 }
 
 /// `pong`: the reply to `ping`.

@@ -22,6 +22,10 @@ pub const MAX_HISTORY: u64 = 500;
 pub const DEFAULT_HISTORY: u64 = 50;
 /// A rejoin returns at most this many missed messages; beyond it `recovered: false`.
 pub const MAX_RECOVERY: u64 = 1000;
+/// `joined.members` lists at most this many members (with `member_count` beside).
+pub const MAX_JOINED_MEMBERS: usize = 100;
+/// A `presence` page holds at most this many members; larger limits are clamped.
+pub const MAX_PRESENCE_PAGE: usize = 1000;
 /// `meta`, serialized, may be at most this many bytes.
 pub const MAX_META_BYTES: usize = 1024;
 /// `client_id` may be at most this many characters.

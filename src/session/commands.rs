@@ -308,15 +308,17 @@ impl Session {
                 ));
                 Ok(())
             }
-            Command::Presence { room } => {
+            Command::Presence { room, after, limit } => {
                 self.may_join(&room)?;
-                let members = hub.presence(&room);
+                let page = hub.presence(&room, after.as_deref(), limit);
                 self.reply(protocol::reply(
                     "presence",
                     id,
                     Presence {
                         room: &room,
-                        members,
+                        members: page.members,
+                        member_count: page.count,
+                        next: page.next,
                     },
                 ));
                 Ok(())

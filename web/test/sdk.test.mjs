@@ -417,3 +417,33 @@ test("a closing with reconnect_ms sets the next reconnect delay", async () => {
   FakeSocket.all[1].drop(1006);
   assert.deepEqual(delays, [3456, 2000], "then back to the backoff sequence");
 });
+
+test("allMembers follows presence pages by next until the last one", async () => {
+  const c = clock();
+  const hub = newClient(c);
+  hub.connect();
+  const ws = FakeSocket.all[0];
+  await welcome(ws);
+  const all = hub.allMembers("big", { limit: 2 });
+  await settle();
+  let p = ws.last("presence");
+  assert.deepEqual([p.room, p.after, p.limit], ["big", undefined, 2]);
+  ws.push({ type: "presence", id: p.id, room: "big", member_count: 3, next: "b", members: [{ user: "a" }, { user: "b" }] });
+  await settle();
+  p = ws.last("presence");
+  assert.equal(p.after, "b");
+  ws.push({ type: "presence", id: p.id, room: "big", member_count: 3, members: [{ user: "c" }] });
+  assert.deepEqual((await all).map((m) => m.user), ["a", "b", "c"]);
+});
+
+test("a members count event reaches its handlers", async () => {
+  const c = clock();
+  const hub = newClient(c);
+  const counts = [];
+  hub.on("members", (e) => counts.push([e.room, e.count]));
+  hub.connect();
+  const ws = FakeSocket.all[0];
+  await welcome(ws);
+  ws.push({ type: "members", room: "big", count: 1500 });
+  assert.deepEqual(counts, [["big", 1500]]);
+});
