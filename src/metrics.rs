@@ -9,6 +9,9 @@ use metrics::{
     gauge, histogram,
 };
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Install the process-wide Prometheus recorder and describe every metric.
 pub fn install() -> Result<PrometheusHandle, BuildError> {
@@ -69,19 +72,11 @@ fn describe() {
     );
     describe_counter!(
         "hubbub_messages_out_total",
-        "Server messages queued to connections, by type (message, member, typing, ack, reply, error, closing)"
+        "Server messages queued to connections, by type (message, member, members, typing, ack, reply, error, closing)"
     );
     describe_counter!(
         "hubbub_deliveries_total",
         "Message events queued to client connections (one per receiving connection)"
-    );
-    describe_histogram!(
-        "hubbub_outbox_depth",
-        "Frames waiting in a connection's outgoing queue when it is drained (written with one flush)"
-    );
-    describe_histogram!(
-        "hubbub_batch_size",
-        "Protocol messages per WebSocket frame for clients that asked for batching"
     );
     describe_counter!(
         "hubbub_messages_stored_total",
@@ -166,8 +161,8 @@ impl ConnState {
 }
 
 /// Every value of the `type` label of `hubbub_messages_out_total`.
-const OUT_TYPES: [&str; 7] = [
-    "message", "member", "typing", "ack", "reply", "error", "closing",
+const OUT_TYPES: [&str; 8] = [
+    "message", "member", "members", "typing", "ack", "reply", "error", "closing",
 ];
 
 /// Handles for the hot paths (registration is a hash lookup; we do it once).
@@ -179,8 +174,10 @@ pub struct Metrics {
     pub rooms: Gauge,
     pub room_members: Gauge,
     out: Vec<(&'static str, Counter)>,
-    pub outbox_depth: Histogram,
-    pub batch_size: Histogram,
+    /// Recorded on every session wake-up: our own [`CountHistogram`], not the
+    /// exporter's (see there).
+    pub outbox_depth: Arc<CountHistogram>,
+    pub batch_size: Arc<CountHistogram>,
     pub heartbeat_drops: Counter,
     pub broker_publish_seconds: Histogram,
     pub broker_reconnects: Counter,
@@ -222,8 +219,14 @@ impl Metrics {
                 .iter()
                 .map(|&kind| (kind, counter!("hubbub_messages_out_total", "type" => kind)))
                 .collect(),
-            outbox_depth: histogram!("hubbub_outbox_depth"),
-            batch_size: histogram!("hubbub_batch_size"),
+            outbox_depth: Arc::new(CountHistogram::new(
+                "hubbub_outbox_depth",
+                "Frames waiting in a connection's outgoing queue when it is drained (written with one flush)",
+            )),
+            batch_size: Arc::new(CountHistogram::new(
+                "hubbub_batch_size",
+                "Protocol messages per WebSocket frame for clients that asked for batching",
+            )),
             heartbeat_drops: counter!("hubbub_heartbeat_drops_total"),
             broker_publish_seconds: histogram!("hubbub_broker_publish_seconds"),
             broker_reconnects: counter!("hubbub_broker_reconnects_total"),
@@ -276,8 +279,114 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// The Prometheus text of the histograms kept here rather than by the
+    /// exporter, to append to its render.
+    pub fn render_own(&self) -> String {
+        let mut out = String::new();
+        self.outbox_depth.render(&mut out);
+        self.batch_size.render(&mut out);
+        out
+    }
+}
+
+/// Upper bounds of [`CountHistogram`]'s buckets: 1, 2, 4, ... 2048 (the exporter's
+/// count buckets), then +Inf.
+const COUNT_BUCKETS: usize = 12;
+
+/// A Prometheus histogram of small counts with fixed power-of-two buckets, for
+/// values recorded on every session wake-up. Written by hand because the
+/// exporter's histograms keep every sample in a lock-free list until the next
+/// scrape or upkeep: at 100,000 wake-ups a second that was megabytes of samples
+/// (measured: 300 bytes of server RSS per idle connection after 19,000 joins into
+/// 100 rooms) and an allocation every few samples. Here a sample is three relaxed
+/// atomic additions and nothing is kept but the counts.
+pub struct CountHistogram {
+    name: &'static str,
+    help: &'static str,
+    /// Per bucket (not cumulative); the last one is +Inf.
+    buckets: [AtomicU64; COUNT_BUCKETS + 1],
+    sum: AtomicU64,
+    count: AtomicU64,
+}
+
+impl CountHistogram {
+    pub fn new(name: &'static str, help: &'static str) -> Self {
+        CountHistogram {
+            name,
+            help,
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    /// The bucket of `v`: the smallest i with v <= 2^i (0 and 1 go to the first).
+    fn bucket(v: u64) -> usize {
+        let bits = u64::BITS - v.saturating_sub(1).leading_zeros();
+        (bits as usize).min(COUNT_BUCKETS)
+    }
+
+    pub fn record(&self, v: u64) {
+        self.buckets[Self::bucket(v)].fetch_add(1, Ordering::Relaxed);
+        self.sum.fetch_add(v, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Append the histogram in the Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        let name = self.name;
+        let _ = writeln!(out, "# HELP {name} {}", self.help);
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            cumulative += b.load(Ordering::Relaxed);
+            if i < COUNT_BUCKETS {
+                let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {cumulative}", 1u64 << i);
+            } else {
+                let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+            }
+        }
+        let _ = writeln!(out, "{name}_sum {}", self.sum.load(Ordering::Relaxed));
+        // The count is the +Inf bucket's, so the two agree in one render.
+        let _ = writeln!(out, "{name}_count {cumulative}");
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn count_buckets_are_powers_of_two_and_cumulative() {
+        let h = CountHistogram::new("h", "help");
+        for v in [0, 1, 2, 3, 4, 5, 2048, 2049, 1_000_000] {
+            h.record(v);
+        }
+        let mut out = String::new();
+        h.render(&mut out);
+        let line = |le: &str| {
+            out.lines()
+                .find(|l| l.starts_with(&format!("h_bucket{{le=\"{le}\"}} ")))
+                .map(|l| l.rsplit(' ').next().unwrap_or_default().to_owned())
+        };
+        assert_eq!(line("1").as_deref(), Some("2"), "0 and 1");
+        assert_eq!(line("2").as_deref(), Some("3"));
+        assert_eq!(line("4").as_deref(), Some("5"), "3 and 4");
+        assert_eq!(line("8").as_deref(), Some("6"));
+        assert_eq!(line("2048").as_deref(), Some("7"));
+        assert_eq!(line("+Inf").as_deref(), Some("9"));
+        assert!(out.contains("h_count 9\n"));
+        assert!(out.contains(&format!(
+            "h_sum {}\n",
+            1 + 2 + 3 + 4 + 5 + 2048 + 2049 + 1_000_000
+        )));
+        assert!(out.starts_with("# HELP h help\n# TYPE h histogram\n"));
     }
 }

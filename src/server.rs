@@ -327,13 +327,21 @@ async fn ws_handler(
     }
     let upgrade = hyper::upgrade::on(&mut req);
     let max = state.config.max_message;
-    let fut = tracker.track_future(async move {
+    // Two tasks: one that waits for the upgrade and ends, and the session. Spawning
+    // the session from inside the first, rather than awaiting it there, keeps the
+    // long-lived task to the session's own state: an async block that awaits
+    // `session::run(..)` carries the call's arguments beside the session future
+    // (measured: 1,592 bytes of task state against the session's 736).
+    let session_tracker = tracker.clone();
+    tokio::spawn(tracker.track_future(async move {
         match upgrade.await {
-            Ok(io) => session::run(WsStream::new(TokioIo::new(io), max), state, remote).await,
+            Ok(io) => {
+                let session = session::run(WsStream::new(TokioIo::new(io), max), state, remote);
+                tokio::spawn(session_tracker.track_future(session));
+            }
             Err(e) => tracing::debug!(%remote, error = %e, "WebSocket upgrade failed"),
         }
-    });
-    tokio::spawn(fut);
+    }));
     let mut resp = Response::new(axum::body::Body::empty());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = resp.headers_mut();
@@ -357,11 +365,9 @@ async fn metrics_handler(State((state, _)): State<Shared>) -> Response {
     match &state.prometheus {
         Some(h) => {
             crate::metrics::collect_process();
-            (
-                [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                h.render(),
-            )
-                .into_response()
+            let mut text = h.render();
+            text.push_str(&state.metrics.render_own());
+            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
         }
         None => (StatusCode::NOT_FOUND, "metrics are not enabled\n").into_response(),
     }

@@ -65,7 +65,7 @@ pub(super) struct ChannelInner {
     pub(super) members: HashMap<u64, Arc<super::Conn>>,
     /// Users present in the room (here or on other nodes), by user id: ordered, so
     /// a page of members is a range and the first page needs no sort.
-    pub(super) presence: BTreeMap<String, Presence>,
+    pub(super) presence: BTreeMap<Arc<str>, Presence>,
     /// The member count last sent in a `members` event (large rooms).
     pub(super) announced_count: usize,
     /// The member count changed in a large room; the next tick announces it.

@@ -54,11 +54,13 @@ pub const CLIENT_ID_WINDOW: Duration = Duration::from_secs(600);
 /// Jobs the committer may have queued before new sends get `unavailable`.
 const JOB_QUEUE: usize = 16384;
 
-/// One authenticated connection, as the hub sees it.
+/// One authenticated connection, as the hub sees it. `user` and `name` are
+/// shared (not copied) by the room presence entries and the user registry, so an
+/// idle connection holds each string once.
 pub struct Conn {
     pub id: u64,
-    pub user: String,
-    pub name: String,
+    pub user: Arc<str>,
+    pub name: Arc<str>,
     pub outbox: Arc<Outbox>,
 }
 
@@ -276,7 +278,9 @@ impl Hub {
                 Store::Local(_) => {
                     g.prune_client_ids(ts);
                     let known = out.client_id.as_ref().and_then(|cid| {
-                        g.client_ids.get(&(conn.user.clone(), cid.clone())).copied()
+                        g.client_ids
+                            .get(&(conn.user.to_string(), cid.clone()))
+                            .copied()
                     });
                     if let Some((seq, ts)) = known {
                         permit.send(Job::Ack {
@@ -291,7 +295,7 @@ impl Hub {
                     let seq = g.next_seq;
                     g.next_seq += 1;
                     if let Some(cid) = &out.client_id {
-                        g.remember_client_id(conn.user.clone(), cid.clone(), seq, ts);
+                        g.remember_client_id(conn.user.to_string(), cid.clone(), seq, ts);
                     }
                     seq
                 }
@@ -300,8 +304,8 @@ impl Hub {
                 channel: key.clone(),
                 seq,
                 ts,
-                from: conn.user.clone(),
-                name: conn.name.clone(),
+                from: conn.user.to_string(),
+                name: conn.name.to_string(),
                 text: out.text,
                 meta: out.meta,
                 client_id: out.client_id,

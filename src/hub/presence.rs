@@ -23,25 +23,27 @@ use crate::message::ChannelKey;
 use crate::protocol::Member;
 use crate::protocol::events::{MemberChange, member_event, members_event, typing_event};
 use crate::ws::Text;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ops::Bound;
 use std::sync::Arc;
 
-/// One user's presence in one room.
+/// One user's presence in one room: small, as a room of 20,000 holds 20,000.
 pub(super) struct Presence {
-    name: String,
+    /// Shared with the user's connection (or made once for a remote user).
+    name: Arc<str>,
     /// This node's connections of the user in the room.
-    pub(super) conns: usize,
-    /// Other node instances that have the user in the room.
-    remote: HashSet<String>,
+    pub(super) conns: u32,
+    /// Other node instances that have the user in the room: a handful at most,
+    /// and none (no allocation) for a user on this node only.
+    remote: Vec<String>,
 }
 
 impl Presence {
-    fn new(name: &str) -> Presence {
+    fn new(name: Arc<str>) -> Presence {
         Presence {
-            name: name.to_owned(),
+            name,
             conns: 0,
-            remote: HashSet::new(),
+            remote: Vec::new(),
         }
     }
 
@@ -53,11 +55,15 @@ impl Presence {
     /// here is in it yet, so there is nobody to tell).
     pub(super) fn adopt_snapshot(g: &mut ChannelInner, remote: RemotePresence) {
         for (user, (name, insts)) in remote {
-            g.presence
-                .entry(user)
-                .or_insert_with(|| Presence::new(&name))
-                .remote
-                .extend(insts);
+            let p = g
+                .presence
+                .entry(Arc::from(user))
+                .or_insert_with(|| Presence::new(Arc::from(name)));
+            for inst in insts {
+                if !p.remote.contains(&inst) {
+                    p.remote.push(inst);
+                }
+            }
         }
         g.announced_count = g.presence.len();
     }
@@ -82,8 +88,8 @@ impl ChannelInner {
             .presence
             .range::<str, _>((from, Bound::Unbounded))
             .map(|(user, p)| Member {
-                user: user.clone(),
-                name: p.name.clone(),
+                user: user.to_string(),
+                name: p.name.to_string(),
             });
         let members: Vec<Member> = range.by_ref().take(limit).collect();
         let next = match range.next() {
@@ -102,7 +108,7 @@ impl ChannelInner {
     fn broadcast_except(&self, user: &str, frame: &Text) -> u64 {
         let mut n = 0;
         for c in self.members.values() {
-            if c.user != user && c.send(frame.clone()) {
+            if &*c.user != user && c.send(frame.clone()) {
                 n += 1;
             }
         }
@@ -123,8 +129,8 @@ impl Hub {
         let before = g.presence.len();
         let p = g
             .presence
-            .entry(conn.user.clone())
-            .or_insert_with(|| Presence::new(&conn.name));
+            .entry(Arc::clone(&conn.user))
+            .or_insert_with(|| Presence::new(Arc::clone(&conn.name)));
         let was_present = p.present();
         p.conns += 1;
         if p.conns == 1 {
@@ -280,16 +286,18 @@ impl Hub {
         let before = g.presence.len();
         let p = g
             .presence
-            .entry(user.to_owned())
-            .or_insert_with(|| Presence::new(name));
+            .entry(Arc::from(user))
+            .or_insert_with(|| Presence::new(Arc::from(name)));
         let was = p.present();
         if on {
-            p.remote.insert(inst.to_owned());
+            if !p.remote.iter().any(|i| i == inst) {
+                p.remote.push(inst.to_owned());
+            }
         } else {
-            p.remote.remove(inst);
+            p.remote.retain(|i| i != inst);
         }
         let now = p.present();
-        let name = p.name.clone();
+        let name = Arc::clone(&p.name);
         if !now {
             g.presence.remove(user);
         }
@@ -325,7 +333,7 @@ impl Hub {
                 .presence
                 .iter()
                 .filter(|(_, p)| p.conns > 0)
-                .map(|(u, p)| (u.clone(), p.name.clone()))
+                .map(|(u, p)| (u.to_string(), p.name.to_string()))
                 .collect();
             asked.push((room.clone(), here));
         }
@@ -350,7 +358,8 @@ impl Hub {
             let known: Vec<(String, Vec<String>)> = g
                 .presence
                 .iter()
-                .map(|(u, p)| (u.clone(), p.remote.iter().cloned().collect()))
+                .filter(|(_, p)| !p.remote.is_empty())
+                .map(|(u, p)| (u.to_string(), p.remote.clone()))
                 .collect();
             for (user, insts) in known {
                 let keep = theirs.get(&user).map(|(_, s)| s);
@@ -364,7 +373,7 @@ impl Hub {
                 for inst in insts {
                     let has = g
                         .presence
-                        .get(user)
+                        .get(user.as_str())
                         .is_some_and(|p| p.remote.contains(inst));
                     if !has {
                         self.apply_remote_presence(ch, &room, &mut g, user, name, inst, true);

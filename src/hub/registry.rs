@@ -6,19 +6,24 @@
 
 use super::{Conn, lock};
 use crate::ws::Text;
+use smallvec::SmallVec;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+/// A user's connections: nearly always one, held inline (no allocation).
+type Conns = SmallVec<[Arc<Conn>; 1]>;
+
 #[derive(Default)]
 pub(super) struct Registry {
-    users: Mutex<HashMap<String, Vec<Arc<Conn>>>>,
+    /// Keyed by the connections' own `user` (shared, not copied).
+    users: Mutex<HashMap<Arc<str>, Conns>>,
 }
 
 impl Registry {
     /// Add a connection; true if it is its user's first on this node.
     pub(super) fn add(&self, conn: &Arc<Conn>) -> bool {
         let mut users = lock(&self.users);
-        let conns = users.entry(conn.user.clone()).or_default();
+        let conns = users.entry(Arc::clone(&conn.user)).or_default();
         conns.push(conn.clone());
         conns.len() == 1
     }

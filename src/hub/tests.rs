@@ -24,8 +24,8 @@ fn hub() -> Arc<Hub> {
 fn conn(id: u64, user: &str) -> Arc<Conn> {
     Arc::new(Conn {
         id,
-        user: user.to_owned(),
-        name: user.to_owned(),
+        user: user.into(),
+        name: user.into(),
         outbox: Arc::new(Outbox::new(1 << 20, 1 << 30)),
     })
 }

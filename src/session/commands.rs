@@ -146,8 +146,8 @@ impl Session {
         } = identity;
         let conn = Arc::new(Conn {
             id: self.id,
-            user,
-            name,
+            user: user.into(),
+            name: name.into(),
             outbox: self.outbox.clone(),
         });
         self.deadline = exp.map(|exp| {
@@ -266,7 +266,7 @@ impl Session {
                 meta,
                 client_id,
             } => {
-                if to == conn.user {
+                if *to == *conn.user {
                     return Err(CommandError::bad_request(
                         "a direct message to yourself is not allowed",
                     ));
@@ -290,7 +290,7 @@ impl Session {
                         ChannelKey::Room(room.clone())
                     }
                     HistoryTarget::Dm(peer) => {
-                        if *peer == conn.user {
+                        if **peer == *conn.user {
                             return Err(CommandError::bad_request(
                                 "there is no direct-message history with yourself",
                             ));

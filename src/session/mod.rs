@@ -230,7 +230,7 @@ impl Session {
             return Ok(());
         }
         let metrics = &self.state.metrics;
-        metrics.outbox_depth.record(frames.len() as f64);
+        metrics.outbox_depth.record(frames.len() as u64);
         if !self.batch || frames.len() == 1 {
             ws.reserve(frames.len());
             for f in frames {
@@ -242,7 +242,7 @@ impl Session {
             for f in frames {
                 if !lines.is_empty() && lines.len() + 1 + f.len() > MAX_BATCH_FRAME {
                     ws.push_text(std::mem::take(&mut lines).into_text());
-                    metrics.batch_size.record(f64::from(in_frame));
+                    metrics.batch_size.record(u64::from(in_frame));
                     in_frame = 0;
                 }
                 lines.push(&f);
@@ -250,7 +250,7 @@ impl Session {
             }
             if !lines.is_empty() {
                 ws.push_text(lines.into_text());
-                metrics.batch_size.record(f64::from(in_frame));
+                metrics.batch_size.record(u64::from(in_frame));
             }
         }
         Ok(())
