@@ -3,9 +3,11 @@
 
     python3 scripts/bench-plot.py target/bench/sitting.jsonl docs/bench-plot.svg
 
-Four panels: p99 latency and server CPU per delivery, against connections (one
-room, 20 messages/s in) and against rate (1,000 connections, the ramp's steps).
-Standard library only: the SVG is written by hand.
+Panels, each drawn when the input has its runs: p99 latency and server CPU per
+delivery against connections (one room, 20 messages/s in) and against rate (1,000
+connections, the ramp's steps) from scripts/bench-sitting; time for N clients to
+join and server RSS per connection against N, one room and 100 rooms, from
+scripts/bench-bigroom. Standard library only: the SVG is written by hand.
 """
 import json
 import math
@@ -101,9 +103,10 @@ def panel(ox, oy, title, xlabel, ylabel, lines, xlog=True, ylog=True):
         ps = sorted(p for p in ps if p[0] > 0 and p[1] > 0)
         if not ps:
             continue
-        c = COLORS.get(name, "#9467bd")
+        c = COLORS.get(name.split(",")[0], "#9467bd")
+        dash = ' stroke-dasharray="6 3"' if "100 rooms" in name else ""
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in ps)
-        s.append(f'<polyline points="{path}" fill="none" stroke="{c}" stroke-width="2"/>')
+        s.append(f'<polyline points="{path}" fill="none" stroke="{c}" stroke-width="2"{dash}/>')
         for x, y in ps:
             s.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{c}"/>')
         s.append(f'<text x="{ox + ML + 8}" y="{ly}" font-size="11" fill="{c}">{name}</text>')
@@ -121,13 +124,33 @@ def main():
     rate_p99 = [(n, [(st["deliveries_per_sec"], st["p99_ms"]) for _, st in ps]) for n, ps in by_rate.items()]
     rate_cpu = [(n, [(st["deliveries_per_sec"], st["server_cpu_us_per_delivery"] or 0) for _, st in ps])
                 for n, ps in by_rate.items()]
-    body = [
-        panel(0, 0, "p99 latency vs connections (1 room, 20 msg/s in)", "connections", "p99 (ms)", conns_p99),
-        panel(W, 0, "server CPU per delivery vs connections", "connections", "µs per delivery", conns_cpu),
-        panel(0, H, "p99 latency vs rate (1,000 connections, 1 room)", "deliveries/s", "p99 (ms)", rate_p99),
-        panel(W, H, "server CPU per delivery vs rate", "deliveries/s", "µs per delivery", rate_cpu),
+    joins = {}
+    for r in rows:
+        label = r.get("label", "")
+        if label not in ("join-1-room", "join-100-rooms"):
+            continue
+        res = r["result"]
+        name = f'{r["server"]}, {"1 room" if label == "join-1-room" else "100 rooms"}'
+        secs = res.get("joined_seconds", res.get("open_seconds"))
+        joins.setdefault(name, []).append((res["conns"], secs, res.get("rss_bytes_per_conn") or 0))
+    join_time = [(n, [(c, t) for c, t, _ in ps]) for n, ps in sorted(joins.items())]
+    join_rss = [(n, [(c, b) for c, _, b in ps]) for n, ps in sorted(joins.items())]
+    wanted = [
+        ("p99 latency vs connections (1 room, 20 msg/s in)", "connections", "p99 (ms)", conns_p99, True),
+        ("server CPU per delivery vs connections", "connections", "µs per delivery", conns_cpu, True),
+        ("p99 latency vs rate (1,000 connections, 1 room)", "deliveries/s", "p99 (ms)", rate_p99, True),
+        ("server CPU per delivery vs rate", "deliveries/s", "µs per delivery", rate_cpu, True),
+        ("time until N clients have joined", "clients", "seconds", join_time, True),
+        ("idle server RSS per connection", "clients", "bytes per connection", join_rss, False),
     ]
-    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * W}" height="{2 * H}" '
+    body = []
+    for title, xl, yl, lines, ylog in wanted:
+        if not any(ps for _, ps in lines):
+            continue
+        i = len(body)
+        body.append(panel((i % 2) * W, (i // 2) * H, title, xl, yl, lines, ylog=ylog))
+    rows_drawn = (len(body) + 1) // 2
+    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * W}" height="{rows_drawn * H}" '
            f'font-family="sans-serif" font-size="12">\n<rect width="100%" height="100%" fill="white"/>\n'
            + "\n".join(body) + "\n</svg>\n")
     with open(dst, "w") as f:
