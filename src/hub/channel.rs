@@ -70,6 +70,8 @@ pub(super) struct ChannelInner {
     pub(super) announced_count: usize,
     /// The member count changed in a large room; the next tick announces it.
     pub(super) count_dirty: bool,
+    /// Members got quiet presence events; the next presence tick wakes them.
+    pub(super) wake_pending: bool,
     /// (user, client_id) -> (seq, ts), for idempotent resends.
     pub(super) client_ids: HashMap<(String, String), (u64, i64)>,
     client_id_order: VecDeque<(i64, String, String)>,
@@ -96,6 +98,7 @@ impl Channel {
                 presence: BTreeMap::new(),
                 announced_count: 0,
                 count_dirty: false,
+                wake_pending: false,
                 client_ids: HashMap::new(),
                 client_id_order: VecDeque::new(),
                 evicted: false,

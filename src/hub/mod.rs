@@ -117,6 +117,8 @@ pub struct Hub {
     options: HubOptions,
     /// Large rooms whose member count changed since the last `members` events.
     dirty_counts: Mutex<Vec<Arc<Channel>>>,
+    /// Rooms whose members got quiet presence events since the last presence tick.
+    quiet_rooms: Mutex<Vec<Arc<Channel>>>,
     registry: Registry,
     store: Arc<Store>,
     jobs: mpsc::Sender<Job>,
@@ -141,6 +143,7 @@ impl Hub {
             channels: Mutex::new(HashMap::new()),
             options,
             dirty_counts: Mutex::new(Vec::new()),
+            quiet_rooms: Mutex::new(Vec::new()),
             registry: Registry::default(),
             store,
             jobs: tx,
@@ -229,9 +232,9 @@ impl Hub {
 
     /// Forget a connection: leave its rooms (with `member leave` where it was the
     /// user's last connection) and drop it from the user registry.
-    pub fn unregister(&self, conn: &Arc<Conn>, rooms: impl IntoIterator<Item = String>) {
+    pub fn unregister<R: AsRef<str>>(&self, conn: &Arc<Conn>, rooms: impl IntoIterator<Item = R>) {
         for room in rooms {
-            self.leave(conn, &room);
+            self.leave(conn, room.as_ref());
         }
         if self.registry.remove(conn) {
             self.metrics.users.decrement(1.0);

@@ -58,8 +58,28 @@ impl Outbox {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queue a frame. Returns false when the queue has overflowed (now or before).
+    /// Queue a frame and wake the session. Returns false when the queue has
+    /// overflowed (now or before).
     pub fn push(&self, frame: Text) -> bool {
+        self.push_inner(frame, true)
+    }
+
+    /// Queue a frame without waking the session: it leaves with the next frame
+    /// that does, or at the next [`Outbox::wake`]. For events that may wait a
+    /// moment (presence), so that a burst of them shares one write. An overflow
+    /// still wakes the session at once.
+    pub fn push_quiet(&self, frame: Text) -> bool {
+        self.push_inner(frame, false)
+    }
+
+    /// Wake the session if frames are waiting (after [`Outbox::push_quiet`]).
+    pub fn wake(&self) {
+        if !self.lock().frames.is_empty() {
+            self.notify.notify_one();
+        }
+    }
+
+    fn push_inner(&self, frame: Text, wake: bool) -> bool {
         let mut g = self.lock();
         if g.overflowed {
             return false;
@@ -81,7 +101,7 @@ impl Outbox {
         g.bytes += len;
         g.frames.push_back(frame);
         drop(g);
-        if was_empty {
+        if was_empty && wake {
             self.notify.notify_one();
         }
         true
@@ -175,5 +195,25 @@ mod tests {
             Ok(VecDeque::from([Text::from("a"), Text::from("b")]))
         );
         assert!(o.push("c".into()), "drained queue accepts again");
+    }
+
+    #[tokio::test]
+    async fn a_quiet_push_waits_for_a_wake_and_keeps_its_place_in_line() {
+        let o = Outbox::new(10, 1 << 20);
+        assert!(o.push_quiet(Text::from("a".to_owned())));
+        let woken = tokio::time::timeout(std::time::Duration::from_millis(20), o.notified()).await;
+        assert!(woken.is_err(), "a quiet push does not wake the session");
+        o.wake();
+        tokio::time::timeout(std::time::Duration::from_secs(1), o.notified())
+            .await
+            .expect("wake() wakes it");
+        assert!(o.push(Text::from("b".to_owned())));
+        let got: Vec<Vec<u8>> = o
+            .take()
+            .expect("not overflowed")
+            .iter()
+            .map(|t| t.as_bytes().to_vec())
+            .collect();
+        assert_eq!(got, vec![b"a".to_vec(), b"b".to_vec()]);
     }
 }

@@ -114,6 +114,18 @@ impl ChannelInner {
         }
         n
     }
+
+    /// [`Self::broadcast_except`] without waking anyone: the frames leave with the
+    /// next frame that does, or at the hub's next presence tick.
+    fn broadcast_quietly_except(&self, user: &str, frame: &Text) -> u64 {
+        let mut n = 0;
+        for c in self.members.values() {
+            if &*c.user != user && c.outbox.push_quiet(frame.clone()) {
+                n += 1;
+            }
+        }
+        n
+    }
 }
 
 impl Hub {
@@ -173,13 +185,34 @@ impl Hub {
                 let n = g.broadcast_except("", &ev);
                 self.metrics.out("members", n);
             }
+            // Queued quietly: a member event may wait for the next presence tick
+            // (`PRESENCE_WAKE_EVERY`), so that a burst of joins costs each member
+            // one write instead of one per join. Anything sent to the member
+            // meanwhile carries it along, in order.
             let ev = Text::from(member_event(room, user, name, change));
-            let n = g.broadcast_except(user, &ev);
+            let n = g.broadcast_quietly_except(user, &ev);
             self.metrics.out("member", n);
             g.announced_count = g.presence.len();
+            if !g.wake_pending {
+                g.wake_pending = true;
+                lock(&self.quiet_rooms).push(ch.clone());
+            }
         } else if !g.count_dirty {
             g.count_dirty = true;
             lock(&self.dirty_counts).push(ch.clone());
+        }
+    }
+
+    /// Wake the members of rooms that got quiet presence events since the last
+    /// tick, so that those leave within a tick.
+    pub(super) fn wake_quiet_rooms(&self) {
+        let rooms = std::mem::take(&mut *lock(&self.quiet_rooms));
+        for ch in rooms {
+            let mut g = lock(&ch.inner);
+            g.wake_pending = false;
+            for c in g.members.values() {
+                c.outbox.wake();
+            }
         }
     }
 

@@ -283,3 +283,26 @@ async fn a_busy_channel_is_not_evicted() {
         "a room with members stays"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_member_event_waits_for_the_presence_tick_to_share_a_write_but_no_longer() {
+    use super::upkeep::PRESENCE_WAKE_EVERY;
+    let hub = hub();
+    let watcher = conn(1, "watcher");
+    hub.join(&watcher, None, "r", None, 50).await.expect("join");
+    frames(&watcher);
+    // The joined reply woke the session; consume that wake-up.
+    let _ = tokio::time::timeout(Duration::from_millis(1), watcher.outbox.notified()).await;
+
+    let x = conn(2, "x");
+    hub.join(&x, None, "r", None, 50).await.expect("join");
+    let early = tokio::time::timeout(Duration::from_millis(1), watcher.outbox.notified()).await;
+    assert!(early.is_err(), "the member event does not wake the session by itself");
+    tokio::time::timeout(PRESENCE_WAKE_EVERY * 2, watcher.outbox.notified())
+        .await
+        .expect("the presence tick wakes it");
+    let seen = frames(&watcher);
+    assert_eq!(seen.len(), 1);
+    assert_eq!(kind(&seen[0]), "member");
+    assert_eq!(seen[0]["user"], "x");
+}

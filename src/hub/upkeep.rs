@@ -24,6 +24,8 @@ pub(super) const SWEEP_EVERY: Duration = Duration::from_secs(30);
 pub(super) const CATCH_UP_EVERY: Duration = Duration::from_secs(1);
 /// How often large rooms' member counts are sent (at most).
 pub(super) const COUNTS_EVERY: Duration = Duration::from_secs(1);
+/// How long a `member` event may wait to share a write with others.
+pub(super) const PRESENCE_WAKE_EVERY: Duration = Duration::from_millis(100);
 /// Channels compared with the shared store per query.
 const CATCH_UP_CHUNK: usize = 1000;
 
@@ -55,14 +57,14 @@ pub(super) fn spawn(hub: &Arc<Hub>, committer: JoinHandle<()>, stop: Cancellatio
     let weak = Arc::downgrade(hub);
     let token = stop.clone();
     upkeep.push(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(COUNTS_EVERY);
+        let mut counts = tokio::time::interval(COUNTS_EVERY);
+        let mut wake = tokio::time::interval(PRESENCE_WAKE_EVERY);
         loop {
+            let Some(hub) = weak.upgrade() else { return };
             tokio::select! {
                 _ = token.cancelled() => return,
-                _ = tick.tick() => match weak.upgrade() {
-                    Some(hub) => hub.announce_counts(),
-                    None => return,
-                },
+                _ = counts.tick() => hub.announce_counts(),
+                _ = wake.tick() => hub.wake_quiet_rooms(),
             }
         }
     }));

@@ -198,7 +198,7 @@ impl Session {
     }
 
     fn in_room(&self, room: &str) -> bool {
-        self.rooms.iter().any(|r| r == room)
+        self.rooms.iter().any(|r| &**r == room)
     }
 
     fn joined(&self, room: &str) -> Result<(), CommandError> {
@@ -234,14 +234,14 @@ impl Session {
                 }
                 hub.join(&conn, id, &room, since, history).await?;
                 if !self.in_room(&room) {
-                    self.rooms.push(room);
+                    self.rooms.push(room.into_boxed_str());
                 }
                 Ok(())
             }
             Command::Leave { room } => {
                 self.joined(&room)?;
                 hub.leave(&conn, &room);
-                self.rooms.retain(|r| *r != room);
+                self.rooms.retain(|r| **r != *room);
                 self.reply(protocol::reply("left", id, Left { room: &room }));
                 Ok(())
             }
