@@ -297,7 +297,10 @@ async fn a_member_event_waits_for_the_presence_tick_to_share_a_write_but_no_long
     let x = conn(2, "x");
     hub.join(&x, None, "r", None, 50).await.expect("join");
     let early = tokio::time::timeout(Duration::from_millis(1), watcher.outbox.notified()).await;
-    assert!(early.is_err(), "the member event does not wake the session by itself");
+    assert!(
+        early.is_err(),
+        "the member event does not wake the session by itself"
+    );
     tokio::time::timeout(PRESENCE_WAKE_EVERY * 2, watcher.outbox.notified())
         .await
         .expect("the presence tick wakes it");
