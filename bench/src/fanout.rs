@@ -374,6 +374,51 @@ impl Rig {
     }
 }
 
+/// Latency histograms of one generator core (one per reader thread, not per
+/// connection: a histogram here is ~240 KB, and 18,000 connections with three each
+/// had the generator page-faulting gigabytes on their first deliveries, starving
+/// the servers on the same cores). Readers merge them into the shared ones.
+struct CoreHists {
+    all: Option<Histogram<u64>>,
+    same: Option<Histogram<u64>>,
+    cross: Option<Histogram<u64>>,
+}
+
+impl CoreHists {
+    fn record(&mut self, us: u64, same_node: Option<bool>) {
+        let _ = self.all.get_or_insert_with(new_hist).record(us);
+        let split = match same_node {
+            None => return,
+            Some(true) => &mut self.same,
+            Some(false) => &mut self.cross,
+        };
+        let _ = split.get_or_insert_with(new_hist).record(us);
+    }
+
+    fn merge_into(&mut self, shared: &Shared) {
+        for (l, h) in [
+            (&mut self.all, &shared.hist),
+            (&mut self.same, &shared.hist_same),
+            (&mut self.cross, &shared.hist_cross),
+        ] {
+            if let Some(l) = l.as_mut()
+                && !l.is_empty()
+            {
+                if let Ok(mut h) = h.lock() {
+                    let _ = h.add(&*l);
+                }
+                l.reset();
+            }
+        }
+    }
+}
+
+thread_local! {
+    static CORE_HISTS: std::cell::RefCell<CoreHists> = const {
+        std::cell::RefCell::new(CoreHists { all: None, same: None, cross: None })
+    };
+}
+
 /// One connection's reader: parse frames in place, scan them for markers, count
 /// and time deliveries, answer pings, and merge its latencies into the shared
 /// histogram every 100 ms.
@@ -384,12 +429,6 @@ async fn receive(
     shared: Arc<Shared>,
     node: usize,
 ) {
-    // Created on a connection's first timed delivery, not up front: a histogram is
-    // tens of KB, and 19,000 idle connections with three each cost the generator
-    // gigabytes (and the server's cores the page faults).
-    let mut local: Option<Histogram<u64>> = None;
-    let mut local_same: Option<Histogram<u64>> = None;
-    let mut local_cross: Option<Histogram<u64>> = None;
     let mut last: HashMap<u32, u64> = HashMap::new();
     // Counted locally and merged 100 ms after the first unmerged delivery: one
     // shared atomic per delivery would contend across cores at a million
@@ -429,17 +468,11 @@ async fn receive(
                                 }
                                 *prev = m.n;
                                 if shared.in_window(m.sent_ns) {
-                                    let us = now.saturating_sub(m.sent_ns) / 1000;
-                                    let _ = local.get_or_insert_with(new_hist).record(us.max(1));
-                                    if shared.nodes > 1 {
-                                        // Sender j is connection j, on node j mod n.
-                                        let split = if m.sender as usize % shared.nodes == node {
-                                            &mut local_same
-                                        } else {
-                                            &mut local_cross
-                                        };
-                                        let _ = split.get_or_insert_with(new_hist).record(us.max(1));
-                                    }
+                                    let us = (now.saturating_sub(m.sent_ns) / 1000).max(1);
+                                    // Sender j is connection j, on node j mod n.
+                                    let same = (shared.nodes > 1)
+                                        .then(|| m.sender as usize % shared.nodes == node);
+                                    CORE_HISTS.with_borrow_mut(|h| h.record(us, same));
                                 }
                             });
                         }
@@ -466,20 +499,7 @@ async fn receive(
                     break;
                 }
                 shared.seen.fetch_add(std::mem::take(&mut seen), Ordering::Relaxed);
-                for (l, h) in [
-                    (&mut local, &shared.hist),
-                    (&mut local_same, &shared.hist_same),
-                    (&mut local_cross, &shared.hist_cross),
-                ] {
-                    if let Some(l) = l.as_mut()
-                        && !l.is_empty()
-                    {
-                        if let Ok(mut h) = h.lock() {
-                            let _ = h.add(&*l);
-                        }
-                        l.reset();
-                    }
-                }
+                CORE_HISTS.with_borrow_mut(|h| h.merge_into(&shared));
             }
         }
     }
