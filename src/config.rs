@@ -341,21 +341,38 @@ pub enum StoreChoice {
     Memory,
 }
 
-impl SettingValue for StoreChoice {
+/// A setting that is one of a few words.
+trait Choice: Sized + Copy + PartialEq + 'static {
+    /// Every word and what it means.
+    const WORDS: &'static [(&'static str, Self)];
+}
+
+impl<T: Choice> SettingValue for T {
     fn parse(key: &'static str, raw: &str) -> Result<Self, ConfigError> {
-        match raw.trim() {
-            "sqlite" => Ok(StoreChoice::Sqlite),
-            "memory" => Ok(StoreChoice::Memory),
-            other => Err(invalid(key, format!("{other:?}: use sqlite or memory"))),
-        }
+        let raw = raw.trim();
+        T::WORDS
+            .iter()
+            .find(|(w, _)| *w == raw)
+            .map(|(_, v)| *v)
+            .ok_or_else(|| {
+                let words: Vec<&str> = T::WORDS.iter().map(|(w, _)| *w).collect();
+                invalid(key, format!("{raw:?}: use {}", words.join(" or ")))
+            })
     }
     fn show(&self) -> String {
-        match self {
-            StoreChoice::Sqlite => "\"sqlite\"",
-            StoreChoice::Memory => "\"memory\"",
-        }
-        .to_owned()
+        let word = T::WORDS
+            .iter()
+            .find(|(_, v)| v == self)
+            .map_or("", |(w, _)| *w);
+        format!("{word:?}")
     }
+}
+
+impl Choice for StoreChoice {
+    const WORDS: &'static [(&'static str, Self)] = &[
+        ("sqlite", StoreChoice::Sqlite),
+        ("memory", StoreChoice::Memory),
+    ];
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -364,21 +381,9 @@ pub enum LogFormat {
     Json,
 }
 
-impl SettingValue for LogFormat {
-    fn parse(key: &'static str, raw: &str) -> Result<Self, ConfigError> {
-        match raw.trim() {
-            "text" => Ok(LogFormat::Text),
-            "json" => Ok(LogFormat::Json),
-            other => Err(invalid(key, format!("{other:?}: use text or json"))),
-        }
-    }
-    fn show(&self) -> String {
-        match self {
-            LogFormat::Text => "\"text\"",
-            LogFormat::Json => "\"json\"",
-        }
-        .to_owned()
-    }
+impl Choice for LogFormat {
+    const WORDS: &'static [(&'static str, Self)] =
+        &[("text", LogFormat::Text), ("json", LogFormat::Json)];
 }
 
 /// The store the settings select.
