@@ -207,11 +207,17 @@ impl Hub {
     /// tick, so that those leave within a tick.
     pub(super) fn wake_quiet_rooms(&self) {
         let rooms = std::mem::take(&mut *lock(&self.quiet_rooms));
+        let mut outboxes = Vec::new();
         for ch in rooms {
-            let mut g = lock(&ch.inner);
-            g.wake_pending = false;
-            for c in g.members.values() {
-                c.outbox.wake();
+            // Only the outboxes are collected under the room's lock; the wake-ups
+            // (each an outbox lock and maybe a task scheduled) happen outside it.
+            {
+                let mut g = lock(&ch.inner);
+                g.wake_pending = false;
+                outboxes.extend(g.members.values().map(|c| Arc::clone(&c.outbox)));
+            }
+            for o in outboxes.drain(..) {
+                o.wake();
             }
         }
     }
