@@ -103,29 +103,32 @@ impl ChannelInner {
         }
     }
 
-    /// Send `frame` to every member connection except those of `user`; returns how
-    /// many it was queued for.
-    fn broadcast_except(&self, user: &str, frame: &Text) -> u64 {
+    /// Queue `frame` for every member connection except those of `user` (waking
+    /// them, or quietly: it leaves with their next woken frame or at the hub's
+    /// next presence tick); returns how many it was queued for.
+    fn broadcast_except(&self, user: &str, frame: &Text, wake: Wake) -> u64 {
         let mut n = 0;
         for c in self.members.values() {
-            if &*c.user != user && c.send(frame.clone()) {
+            if &*c.user == user {
+                continue;
+            }
+            let queued = match wake {
+                Wake::Now => c.send(frame.clone()),
+                Wake::Later => c.outbox.push_quiet(frame.clone()),
+            };
+            if queued {
                 n += 1;
             }
         }
         n
     }
+}
 
-    /// [`Self::broadcast_except`] without waking anyone: the frames leave with the
-    /// next frame that does, or at the hub's next presence tick.
-    fn broadcast_quietly_except(&self, user: &str, frame: &Text) -> u64 {
-        let mut n = 0;
-        for c in self.members.values() {
-            if &*c.user != user && c.outbox.push_quiet(frame.clone()) {
-                n += 1;
-            }
-        }
-        n
-    }
+/// Whether a broadcast wakes its receivers now or lets the frame wait a moment.
+#[derive(Clone, Copy)]
+enum Wake {
+    Now,
+    Later,
 }
 
 impl Hub {
@@ -182,7 +185,7 @@ impl Hub {
                 // The room was large until now and its clients have not heard its
                 // latest count: say it first, so this change applies to the right one.
                 let ev = Text::from(members_event(room, before));
-                let n = g.broadcast_except("", &ev);
+                let n = g.broadcast_except("", &ev, Wake::Now);
                 self.metrics.out("members", n);
             }
             // Queued quietly: a member event may wait for the next presence tick
@@ -190,7 +193,7 @@ impl Hub {
             // one write instead of one per join. Anything sent to the member
             // meanwhile carries it along, in order.
             let ev = Text::from(member_event(room, user, name, change));
-            let n = g.broadcast_quietly_except(user, &ev);
+            let n = g.broadcast_except(user, &ev, Wake::Later);
             self.metrics.out("member", n);
             g.announced_count = g.presence.len();
             if !g.wake_pending {
@@ -238,7 +241,7 @@ impl Hub {
             }
             g.announced_count = count;
             let ev = Text::from(members_event(room, count));
-            let n = g.broadcast_except("", &ev);
+            let n = g.broadcast_except("", &ev, Wake::Now);
             self.metrics.out("members", n);
         }
     }
@@ -434,7 +437,7 @@ impl Hub {
             return;
         };
         let ev = Text::from(typing_event(room, user, name));
-        let n = lock(&ch.inner).broadcast_except(user, &ev);
+        let n = lock(&ch.inner).broadcast_except(user, &ev, Wake::Now);
         self.metrics.out("typing", n);
     }
 

@@ -37,37 +37,37 @@ pub(super) struct Tasks {
     pub(super) upkeep: Vec<JoinHandle<()>>,
 }
 
-/// Start the upkeep tasks; they hold the hub weakly and end with `stop`.
-pub(super) fn spawn(hub: &Arc<Hub>, committer: JoinHandle<()>, stop: CancellationToken) -> Tasks {
-    let mut upkeep = Vec::new();
+/// Run `work` every `period` until `stop`, holding the hub weakly between ticks.
+fn every(
+    hub: &Arc<Hub>,
+    stop: &CancellationToken,
+    period: Duration,
+    work: fn(&Hub),
+) -> JoinHandle<()> {
     let weak = Arc::downgrade(hub);
     let token = stop.clone();
-    upkeep.push(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
         loop {
             tokio::select! {
                 _ = token.cancelled() => return,
                 _ = tick.tick() => match weak.upgrade() {
-                    Some(hub) => hub.sweep(),
+                    Some(hub) => work(&hub),
                     None => return,
                 },
             }
         }
-    }));
-    let weak = Arc::downgrade(hub);
-    let token = stop.clone();
-    upkeep.push(tokio::spawn(async move {
-        let mut counts = tokio::time::interval(COUNTS_EVERY);
-        let mut wake = tokio::time::interval(PRESENCE_WAKE_EVERY);
-        loop {
-            let Some(hub) = weak.upgrade() else { return };
-            tokio::select! {
-                _ = token.cancelled() => return,
-                _ = counts.tick() => hub.announce_counts(),
-                _ = wake.tick() => hub.wake_quiet_rooms(),
-            }
-        }
-    }));
+    })
+}
+
+/// Start the upkeep tasks; they end with `stop` (the cluster task holds the hub
+/// while it waits for a tick or a reconnection, so `Hub::stop` must end it).
+pub(super) fn spawn(hub: &Arc<Hub>, committer: JoinHandle<()>, stop: CancellationToken) -> Tasks {
+    let mut upkeep = vec![
+        every(hub, &stop, SWEEP_EVERY, Hub::sweep),
+        every(hub, &stop, COUNTS_EVERY, Hub::announce_counts),
+        every(hub, &stop, PRESENCE_WAKE_EVERY, Hub::wake_quiet_rooms),
+    ];
     if let Some(presence_every) = hub.broker.presence_period() {
         let weak = Arc::downgrade(hub);
         let token = stop.clone();
