@@ -112,7 +112,6 @@ enum PresenceOp {
 pub struct RedisBroker {
     conn: RedisConn,
     cluster: bool,
-    inst: String,
     node_timeout: Duration,
     inbound: Arc<PushState>,
     metrics: Metrics,
@@ -144,7 +143,7 @@ impl RedisBroker {
     ) -> Result<Arc<RedisBroker>, BrokerError> {
         let inst = format!("{}.{:08x}", settings.node_id, rand::random::<u32>());
         let inbound = Arc::new(PushState {
-            inst: inst.clone(),
+            inst,
             sink: OnceLock::new(),
             healthy: AtomicBool::new(true),
         });
@@ -191,7 +190,6 @@ impl RedisBroker {
         let broker = Arc::new(RedisBroker {
             conn,
             cluster: settings.cluster,
-            inst,
             node_timeout: settings.node_timeout,
             inbound,
             metrics,
@@ -215,7 +213,7 @@ impl RedisBroker {
 
     /// This node instance's name (`<node-id>.<random>`).
     pub fn instance(&self) -> &str {
-        &self.inst
+        &self.inbound.inst
     }
 
     pub fn node_timeout(&self) -> Duration {
@@ -415,7 +413,7 @@ impl RedisBroker {
         }
         let started = Instant::now();
         let futs = msgs.iter().map(|m| {
-            let payload = Envelope::encode_message(&self.inst, m);
+            let payload = Envelope::encode_message(&self.inbound.inst, m);
             let channels = match &m.channel {
                 ChannelKey::Room(r) => vec![room_channel(r)],
                 ChannelKey::Dm(a, b) => vec![user_channel(a), user_channel(b)],
@@ -450,7 +448,13 @@ impl RedisBroker {
         if !self.healthy() {
             return;
         }
-        let payload = encode(&Envelope::event(Kind::Typing, &self.inst, room, user, name));
+        let payload = encode(&Envelope::event(
+            Kind::Typing,
+            &self.inbound.inst,
+            room,
+            user,
+            name,
+        ));
         let cmd = self.publish_cmd(&room_channel(room), &payload);
         let conn = self.conn.clone();
         tokio::spawn(async move {
@@ -490,14 +494,20 @@ impl RedisBroker {
                 PresenceOp::Set { room, user, name } => (room, user, name, true),
                 PresenceOp::Del { room, user, name } => (room, user, name, false),
             };
-            let field = format!("{}|{}", self.inst, user);
+            let field = format!("{}|{}", self.inbound.inst, user);
             let mut write = redis::cmd(if on { "HSET" } else { "HDEL" });
             write.arg(presence_key(&room)).arg(&field);
             if on {
                 write.arg(&name);
             }
             let kind = if on { Kind::Join } else { Kind::Leave };
-            let payload = encode(&Envelope::event(kind, &self.inst, &room, &user, &name));
+            let payload = encode(&Envelope::event(
+                kind,
+                &self.inbound.inst,
+                &room,
+                &user,
+                &name,
+            ));
             let result = async {
                 self.conn.query::<i64>(&write).await?;
                 self.conn
@@ -514,7 +524,7 @@ impl RedisBroker {
     /// Refresh this instance's heartbeat key.
     async fn heartbeat(&self) -> Result<(), BrokerError> {
         let mut cmd = redis::cmd("SET");
-        cmd.arg(node_key(&self.inst))
+        cmd.arg(node_key(&self.inbound.inst))
             .arg("1")
             .arg("PX")
             .arg(u64::try_from(self.node_timeout.as_millis()).unwrap_or(u64::MAX));
@@ -579,7 +589,7 @@ impl RedisBroker {
         let mut theirs = RemotePresence::new();
         let mut mine = HashSet::new();
         for (inst, user, name) in self.presence_of(room).await? {
-            if inst == self.inst {
+            if inst == self.inbound.inst {
                 mine.insert(user);
                 continue;
             }
@@ -618,11 +628,15 @@ impl RedisBroker {
             // This node's own records: write what is missing, remove what is stale.
             for (user, name) in &here {
                 if !mine.contains(user) {
-                    let _ = self.presence_set(&room, &self.inst, user, name, true).await;
+                    let _ = self
+                        .presence_set(&room, &self.inbound.inst, user, name, true)
+                        .await;
                 }
             }
             for user in mine.iter().filter(|u| !here.contains_key(*u)) {
-                let _ = self.presence_set(&room, &self.inst, user, "", false).await;
+                let _ = self
+                    .presence_set(&room, &self.inbound.inst, user, "", false)
+                    .await;
             }
             out.push((room, theirs));
         }
@@ -633,7 +647,7 @@ impl RedisBroker {
     pub async fn shutdown(&self) {
         self.flush_presence().await;
         let mut cmd = redis::cmd("DEL");
-        cmd.arg(node_key(&self.inst));
+        cmd.arg(node_key(&self.inbound.inst));
         let _ = self.conn.query::<i64>(&cmd).await;
     }
 }
