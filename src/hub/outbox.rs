@@ -43,6 +43,14 @@ pub enum Alarm {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Overflowed;
 
+/// What a [`take`](Outbox::take) found: the queued frames, and whether the server's
+/// drain has reached this connection (write them, then close), in one look.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Taken {
+    pub frames: VecDeque<Text>,
+    pub closing: bool,
+}
+
 impl Outbox {
     pub fn new(max_frames: usize, max_bytes: usize) -> Self {
         Outbox {
@@ -108,17 +116,22 @@ impl Outbox {
     }
 
     /// Take every queued frame (the queue's allocation goes with them, so an idle
-    /// connection's outbox holds none).
-    pub fn take(&self) -> Result<VecDeque<Text>, Overflowed> {
+    /// connection's outbox holds none), and whether the server is closing it: one
+    /// lock per wake-up of a session that keeps up.
+    pub fn take(&self) -> Result<Taken, Overflowed> {
         let mut g = self.lock();
         if g.overflowed {
             return Err(Overflowed);
         }
         g.bytes = 0;
-        Ok(std::mem::take(&mut g.frames))
+        Ok(Taken {
+            frames: std::mem::take(&mut g.frames),
+            closing: g.closing,
+        })
     }
 
-    /// What besides frames a wake-up may bring, in one look under the lock: an
+    /// What besides frames a wake-up may bring, for a session whose socket is still
+    /// busy (it takes no frames until the socket has written what it has): an
     /// overflow (close as a slow consumer) wins over the server's close.
     pub fn alarm(&self) -> Option<Alarm> {
         let g = self.lock();
@@ -159,6 +172,16 @@ mod tests {
     }
 
     #[test]
+    fn a_take_after_close_brings_the_frames_and_the_close() {
+        let o = Outbox::new(10, 100);
+        assert!(o.push("a".into()));
+        o.close();
+        let taken = o.take().expect("not overflowed");
+        assert_eq!(taken.frames, VecDeque::from([Text::from("a")]));
+        assert!(taken.closing, "the close is seen with the frames");
+    }
+
+    #[test]
     fn overflow_in_bytes_refuses_and_marks() {
         let o = Outbox::new(100, 10);
         assert!(o.push("123456".into()));
@@ -192,7 +215,10 @@ mod tests {
         o.push("b".into());
         assert_eq!(
             o.take(),
-            Ok(VecDeque::from([Text::from("a"), Text::from("b")]))
+            Ok(Taken {
+                frames: VecDeque::from([Text::from("a"), Text::from("b")]),
+                closing: false
+            })
         );
         assert!(o.push("c".into()), "drained queue accepts again");
     }
@@ -211,6 +237,7 @@ mod tests {
         let got: Vec<Vec<u8>> = o
             .take()
             .expect("not overflowed")
+            .frames
             .iter()
             .map(|t| t.as_bytes().to_vec())
             .collect();

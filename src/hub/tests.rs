@@ -35,6 +35,7 @@ fn frames(c: &Conn) -> Vec<Value> {
     c.outbox
         .take()
         .expect("the outbox did not overflow")
+        .frames
         .iter()
         .map(|t| serde_json::from_slice(t.as_bytes()).expect("a frame is JSON"))
         .collect()

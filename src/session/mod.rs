@@ -12,7 +12,7 @@ mod commands;
 
 use crate::app::AppState;
 use crate::auth::RoomAccess;
-use crate::hub::outbox::{Alarm, Overflowed};
+use crate::hub::outbox::{Alarm, Overflowed, Taken};
 use crate::hub::{Conn, Outbox};
 use crate::limits::TokenBucket;
 use crate::metrics::{ConnState, Metrics};
@@ -150,8 +150,15 @@ impl Session {
             let exit = loop {
                 // Refill from the outbox only once the socket took everything: frames
                 // waiting on a slow socket stay counted against the outbox's bounds.
-                if ws.queued() == 0 && self.take_outbox(&mut ws).is_err() {
-                    break self.slow_consumer();
+                if ws.queued() == 0 {
+                    match self.take_outbox(&mut ws) {
+                        Err(Overflowed) => break self.slow_consumer(),
+                        // What was taken is written by `finish` before the close.
+                        Ok(true) => {
+                            break Exit::announced(close::GOING_AWAY, "server shutting down");
+                        }
+                        Ok(false) => {}
+                    }
                 }
                 if self.deadline != armed_deadline {
                     armed_deadline = self.deadline;
@@ -160,7 +167,46 @@ impl Session {
                 // `ws.next()` writes what is queued and then reads, every time it is
                 // polled, so sustained fan-out cannot starve reading (the client's own
                 // commands, and the pongs that keep it alive) nor the other way round.
+                // Biased: a fixed order costs no random draw per wake-up, and no
+                // branch can starve the others (see each one).
                 tokio::select! {
+                    biased;
+                    // First, so that a client whose frames are always ready cannot
+                    // put off its deadline (it is ready only once per expiry).
+                    () = &mut timer => {
+                        let now = Instant::now();
+                        if self.deadline.is_some_and(|d| now >= d) {
+                            break if self.conn.is_none() {
+                                Exit::close(close::NO_HELLO, "no hello in time")
+                            } else {
+                                Exit::announced(close::UNAUTHORIZED, "token expired")
+                            };
+                        }
+                        if now >= next_ping {
+                            if self.last_rx.elapsed() >= 2 * hb {
+                                self.state.metrics.heartbeat_drops.increment(1);
+                                break Exit::Drop("heartbeat lost");
+                            }
+                            ws.push_ping();
+                            next_ping = now + hb;
+                        }
+                        timer.as_mut().reset(earliest(next_ping, armed_deadline));
+                    }
+                    // A wake-up from the outbox. With the socket idle, the take at the
+                    // top of the loop (one lock) brings the frames and any alarm; with
+                    // the socket still writing, only an alarm matters now. It cannot
+                    // win twice in a row: its permit is re-armed only by a push into
+                    // an emptied queue, and the queue is emptied only once the socket
+                    // has written everything (in the branch below).
+                    _ = self.outbox.notified() => if ws.queued() > 0 {
+                        match self.outbox.alarm() {
+                            Some(Alarm::Overflowed) => break self.slow_consumer(),
+                            Some(Alarm::Closing) => {
+                                break Exit::announced(close::GOING_AWAY, "server shutting down");
+                            }
+                            None => {}
+                        }
+                    },
                     frame = ws.next() => {
                         let msg = match frame {
                             Ok(Some(msg)) => msg,
@@ -188,32 +234,6 @@ impl Session {
                             Incoming::Close(code) => break Exit::PeerClosed(code),
                         }
                     }
-                    _ = self.outbox.notified() => match self.outbox.alarm() {
-                        Some(Alarm::Overflowed) => break self.slow_consumer(),
-                        Some(Alarm::Closing) => {
-                            break Exit::announced(close::GOING_AWAY, "server shutting down");
-                        }
-                        None => {}
-                    },
-                    () = &mut timer => {
-                        let now = Instant::now();
-                        if self.deadline.is_some_and(|d| now >= d) {
-                            break if self.conn.is_none() {
-                                Exit::close(close::NO_HELLO, "no hello in time")
-                            } else {
-                                Exit::announced(close::UNAUTHORIZED, "token expired")
-                            };
-                        }
-                        if now >= next_ping {
-                            if self.last_rx.elapsed() >= 2 * hb {
-                                self.state.metrics.heartbeat_drops.increment(1);
-                                break Exit::Drop("heartbeat lost");
-                            }
-                            ws.push_ping();
-                            next_ping = now + hb;
-                        }
-                        timer.as_mut().reset(earliest(next_ping, armed_deadline));
-                    }
                 }
             };
 
@@ -224,11 +244,11 @@ impl Session {
 
     /// Move queued frames to the socket, joining them with newlines when the
     /// client asked for batches. Records how deep the queue was (frames written
-    /// together).
-    fn take_outbox(&self, ws: &mut Socket) -> Result<(), Overflowed> {
-        let frames = self.outbox.take()?;
+    /// together). True when the server is closing this connection.
+    fn take_outbox(&self, ws: &mut Socket) -> Result<bool, Overflowed> {
+        let Taken { frames, closing } = self.outbox.take()?;
         if frames.is_empty() {
-            return Ok(());
+            return Ok(closing);
         }
         let metrics = &self.state.metrics;
         metrics.outbox_depth.record(frames.len() as u64);
@@ -254,7 +274,7 @@ impl Session {
                 metrics.batch_size.record(u64::from(in_frame));
             }
         }
-        Ok(())
+        Ok(closing)
     }
 
     fn slow_consumer(&self) -> Exit {

@@ -31,6 +31,8 @@ use std::sync::Arc;
 pub enum StoreError {
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("cannot create data directory {path}: {source}")]
@@ -95,12 +97,29 @@ impl LocalStore {
     /// Store a batch in one transaction: all of it or none of it.
     pub async fn append(&self, batch: &[Arc<StoredMessage>]) -> Result<(), StoreError> {
         match self {
-            LocalStore::Sqlite(s) => s.append(batch).await,
+            LocalStore::Sqlite(s) => blocking(|| s.append_blocking(batch)),
             LocalStore::Memory(s) => {
                 s.append(batch);
                 Ok(())
             }
         }
+    }
+}
+
+/// Run a short blocking call (a SQLite commit: a write and an fsync) in async code.
+/// On a multi-thread runtime the worker first hands its other tasks to another
+/// thread (`block_in_place`), so nothing else waits for the disk; on a
+/// current-thread runtime (in-process tests) there is no one to hand them to.
+///
+/// Why not `spawn_blocking`: the commit would then wait for a pool thread to be
+/// scheduled and the committer for a worker to pick it up again, two hand-offs
+/// that each wait for a CPU on a machine busy fanning out; the committer stays on
+/// its thread here and goes on to deliver the batch as soon as it is synced.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 
