@@ -108,6 +108,9 @@ pub enum Kind {
     Flag,
     /// `--key` turns it on, `--no-key` off.
     Toggle,
+    /// A list: the flag (the key without its plural `s`) may be repeated; the
+    /// environment variable and the file give the whole list.
+    Repeat,
 }
 
 /// One setting: everything about it but its type (see [`SETTINGS`]).
@@ -127,7 +130,11 @@ pub struct Setting {
 impl Setting {
     /// `--key-name`.
     pub fn flag(&self) -> String {
-        format!("--{}", self.key.replace('_', "-"))
+        let name = match self.kind {
+            Kind::Repeat => self.key.strip_suffix('s').unwrap_or(self.key),
+            _ => self.key,
+        };
+        format!("--{}", name.replace('_', "-"))
     }
 
     /// `HUBBUB_KEY_NAME`.
@@ -149,6 +156,7 @@ impl Setting {
         let flag = match self.kind {
             Kind::Value => format!("`{} {}`", self.flag(), self.value_name),
             Kind::Flag => format!("`{}`", self.flag()),
+            Kind::Repeat => format!("`{} {}` (repeatable)", self.flag(), self.value_name),
             Kind::Toggle => format!("`{}` / `--no-{}`", self.flag(), &self.flag()[2..]),
         };
         let default = self.default_text();
@@ -468,6 +476,13 @@ impl clap::Args for ServeArgs {
                     // Secrets stay out of `--help`.
                     cmd.arg(arg.hide_env_values(s.key.ends_with("secret")))
                 }
+                Kind::Repeat => cmd.arg(
+                    arg.env(s.env())
+                        .value_name(s.value_name)
+                        .action(ArgAction::Append)
+                        .value_delimiter(',')
+                        .hide_env_values(true),
+                ),
                 Kind::Flag => cmd.arg(arg.action(ArgAction::SetTrue)),
                 Kind::Toggle => cmd
                     .arg(
@@ -497,6 +512,9 @@ impl clap::FromArgMatches for ServeArgs {
         for s in SETTINGS {
             let value = match s.kind {
                 Kind::Value => m.get_one::<String>(s.key).cloned(),
+                Kind::Repeat => m
+                    .get_many::<String>(s.key)
+                    .map(|v| v.cloned().collect::<Vec<_>>().join(",")),
                 Kind::Flag | Kind::Toggle => {
                     if m.get_flag(s.key) {
                         Some("true".to_owned())
@@ -663,6 +681,19 @@ impl Config {
         if self.drain_rate == 0 {
             return Err(invalid("drain_rate", "must be at least 1"));
         }
+        if self.api_rate_limit == 0 {
+            return Err(invalid("api_rate_limit", "must be at least 1"));
+        }
+        // Keys travel in an HTTP header: printable ASCII without spaces, and long
+        // enough not to be guessed.
+        for k in &self.api_keys {
+            if k.len() < 16 || k.len() > 256 || !k.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(invalid(
+                    "api_keys",
+                    "each key must be 16-256 printable ASCII characters without spaces",
+                ));
+            }
+        }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err(invalid("tls_cert", "--tls-cert and --tls-key go together"));
         }
@@ -709,6 +740,7 @@ impl Config {
             .map(|(key, value)| {
                 let value = match key {
                     "jwt_secret" if self.jwt_secret.is_some() => "\"********\"".to_owned(),
+                    "api_keys" => format!("\"({} keys)\"", self.api_keys.len()),
                     "database_url" | "redis_url" => mask_url(&value),
                     _ => value,
                 };
@@ -779,6 +811,10 @@ settings! {
         "a node silent this long is dead; its users leave presence within 4/3 of it";
     presence_events_max: usize = "1000"; Value "N";
         "rooms with more members than this get a `members` count (at most once a second) instead of per-user `member` events";
+    api_keys: Vec<String> = ""; ["none: the API is off"] Repeat "KEY";
+        "server API keys (`Authorization: Bearer KEY`); `HUBBUB_API_KEYS` and the file take a comma-separated list or an array";
+    api_rate_limit: u32 = "1000"; Value "PER_SEC";
+        "server API requests per second per key (burst 2x); beyond it 429";
     log_format: LogFormat = "text"; Value "text|json";
         "log format on stderr (`HUBBUB_LOG` sets the filter, e.g. `debug`)";
 }

@@ -25,6 +25,7 @@
 //! - [`web`]: the embedded chat page and JavaScript SDK.
 //! - [`tls`]: rustls termination with certificate reload.
 
+pub mod api;
 pub mod app;
 pub mod auth;
 pub mod broker;

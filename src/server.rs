@@ -130,6 +130,7 @@ impl Server {
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics_handler))
             .merge(crate::web::routes())
+            .nest("/api/v1", crate::api::routes(state.clone()))
             .with_state((state.clone(), tracker.clone()));
 
         let upkeep = state.prometheus.clone().map(|h| {

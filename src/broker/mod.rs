@@ -60,6 +60,8 @@ pub enum Inbound {
         user: String,
         name: String,
     },
+    /// Close every connection of `user` here (the server API's disconnect).
+    Disconnect { user: String, reason: String },
 }
 
 /// The other live node instances' presence in one room: user -> (display name,
@@ -188,6 +190,15 @@ impl Broker {
         }
     }
 
+    /// Tell the other nodes to close `user`'s connections there (nothing to do on
+    /// one node). An error: they could not be told.
+    pub async fn disconnect(&self, user: &str, reason: &str) -> Result<(), BrokerError> {
+        match self {
+            Broker::Local => Ok(()),
+            Broker::Redis(r) => r.disconnect(user, reason).await,
+        }
+    }
+
     /// Announce that `user` is (`on`) or no longer is in `room` on this node.
     pub fn announce_presence(&self, room: &str, user: &str, name: &str, on: bool) {
         if let Broker::Redis(r) = self {
@@ -271,6 +282,9 @@ pub enum Kind {
     Leave,
     #[serde(rename = "t")]
     Typing,
+    /// Close a user's connections (`c` and `from`: the user, `text`: the reason).
+    #[serde(rename = "x")]
+    Disconnect,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -345,6 +359,10 @@ impl Envelope {
                 room: self.c,
                 user: self.from,
                 name: self.name,
+            }),
+            Kind::Disconnect => Some(Inbound::Disconnect {
+                user: self.from,
+                reason: self.text,
             }),
         }
     }

@@ -462,6 +462,18 @@ impl RedisBroker {
         });
     }
 
+    /// Tell every node holding a connection of `user` (all are subscribed to the
+    /// user's channel) to close them with `reason`. Unlike typing, the caller needs
+    /// to know it went out: an error means the other nodes were not told.
+    pub async fn disconnect(&self, user: &str, reason: &str) -> Result<(), BrokerError> {
+        let mut env = Envelope::event(Kind::Disconnect, &self.inbound.inst, user, user, "");
+        env.text = reason.to_owned();
+        let cmd = self.publish_cmd(&user_channel(user), &encode(&env));
+        let conn = self.conn.clone();
+        conn.query::<i64>(&cmd).await?;
+        Ok(())
+    }
+
     /// Record that `user` is (`on`) or is no longer in `room` on this node, and tell
     /// the other nodes. Written in order by one task; when its queue (`PRESENCE_QUEUE`) is full the change is left to the next reconciliation.
     pub fn presence(&self, room: &str, user: &str, name: &str, on: bool) {

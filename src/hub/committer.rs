@@ -17,11 +17,11 @@
 //! commit is answered with `unavailable` instead. While it fails, the job queue fills and new sends
 //! get `unavailable` (see [`super::Hub::submit`]).
 
-use super::{Channel, Conn, Hub};
+use super::{Channel, Hub, Receipt, Submitter};
 use crate::message::{ChannelKey, StoredMessage};
 use crate::metrics::Metrics;
+use crate::protocol;
 use crate::protocol::events::Ack;
-use crate::protocol::{self, CommandId};
 use crate::store::{LocalStore, PgStore, Sequenced, Store};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,13 +35,12 @@ pub enum Job {
     Append {
         channel: Arc<Channel>,
         msg: Arc<StoredMessage>,
-        reply: Option<(Arc<Conn>, Option<CommandId>)>,
+        reply: Option<Submitter>,
     },
     /// A resend with a known `client_id`: ack the original `seq` once everything
     /// queued before it (possibly the original itself) is stored.
     Ack {
-        conn: Arc<Conn>,
-        id: Option<CommandId>,
+        to: Submitter,
         key: ChannelKey,
         seq: u64,
         ts: i64,
@@ -52,17 +51,18 @@ pub enum Job {
     Stop(oneshot::Sender<()>),
 }
 
-fn send_ack(
-    metrics: &Metrics,
-    conn: &Conn,
-    id: Option<&CommandId>,
-    key: &ChannelKey,
-    seq: u64,
-    ts: i64,
-) {
-    metrics.out("ack", 1);
-    let (room, dm) = key.target(&conn.user);
-    conn.send(protocol::reply("ack", id, Ack { room, dm, seq, ts }).into());
+fn send_ack(metrics: &Metrics, to: Submitter, key: &ChannelKey, seq: u64, ts: i64) {
+    match to {
+        Submitter::Conn(conn, id) => {
+            metrics.out("ack", 1);
+            let (room, dm) = key.target(&conn.user);
+            conn.send(protocol::reply("ack", id.as_ref(), Ack { room, dm, seq, ts }).into());
+        }
+        // The caller may have given up waiting (its HTTP client went away).
+        Submitter::Api { reply, .. } => {
+            let _ = reply.send(Ok(Receipt { seq, ts }));
+        }
+    }
 }
 
 pub async fn run(mut rx: mpsc::Receiver<Job>, hub: Arc<Hub>) {
@@ -113,8 +113,8 @@ fn finish_local(
                 reply,
             } => {
                 hub.deliver(&channel, &msg);
-                if let Some((conn, id)) = reply {
-                    send_ack(metrics, &conn, id.as_ref(), &msg.channel, msg.seq, msg.ts);
+                if let Some(to) = reply {
+                    send_ack(metrics, to, &msg.channel, msg.seq, msg.ts);
                 }
             }
             other => finish_control(other, metrics, &mut stop),
@@ -174,13 +174,8 @@ async fn commit_sequenced(
         match job {
             Job::Append { channel, reply, .. } => {
                 if failed {
-                    if let Some((conn, id)) = reply {
-                        send_error(
-                            metrics,
-                            &conn,
-                            id.as_ref(),
-                            "history store unavailable; retry shortly",
-                        );
+                    if let Some(to) = reply {
+                        send_error(metrics, to, "history store unavailable; retry shortly");
                     }
                     continue;
                 }
@@ -188,14 +183,13 @@ async fn commit_sequenced(
                     continue;
                 };
                 hub.deliver(&channel, &msg);
-                if let Some((conn, id)) = reply {
+                if let Some(to) = reply {
                     if ok {
-                        send_ack(metrics, &conn, id.as_ref(), &msg.channel, msg.seq, msg.ts);
+                        send_ack(metrics, to, &msg.channel, msg.seq, msg.ts);
                     } else {
                         send_error(
                             metrics,
-                            &conn,
-                            id.as_ref(),
+                            to,
                             "stored, but the other nodes could not be told (broker unreachable); \
                              resend with the same client_id to be sure",
                         );
@@ -211,13 +205,7 @@ async fn commit_sequenced(
 /// The jobs that store nothing: a resend's ack, a barrier, the stop.
 fn finish_control(job: Job, metrics: &Metrics, stop: &mut Option<oneshot::Sender<()>>) {
     match job {
-        Job::Ack {
-            conn,
-            id,
-            key,
-            seq,
-            ts,
-        } => send_ack(metrics, &conn, id.as_ref(), &key, seq, ts),
+        Job::Ack { to, key, seq, ts } => send_ack(metrics, to, &key, seq, ts),
         Job::Barrier(tx) => {
             let _ = tx.send(());
         }
@@ -226,10 +214,17 @@ fn finish_control(job: Job, metrics: &Metrics, stop: &mut Option<oneshot::Sender
     }
 }
 
-fn send_error(metrics: &Metrics, conn: &Conn, id: Option<&CommandId>, message: &str) {
-    metrics.out("error", 1);
+fn send_error(metrics: &Metrics, to: Submitter, message: &str) {
     let err = protocol::CommandError::new(protocol::ErrorCode::Unavailable, message);
-    conn.send(protocol::error_event(id, &err).into());
+    match to {
+        Submitter::Conn(conn, id) => {
+            metrics.out("error", 1);
+            conn.send(protocol::error_event(id.as_ref(), &err).into());
+        }
+        Submitter::Api { reply, .. } => {
+            let _ = reply.send(Err(err));
+        }
+    }
 }
 
 async fn commit(store: &LocalStore, msgs: &[Arc<StoredMessage>], metrics: &Metrics, hub: &Hub) {

@@ -22,6 +22,7 @@
 mod channel;
 mod committer;
 mod membership;
+mod operator;
 pub mod outbox;
 mod presence;
 mod registry;
@@ -30,6 +31,7 @@ mod tests;
 mod upkeep;
 
 pub use channel::Channel;
+pub use operator::{PresencePage, RoomsPage};
 pub use outbox::Outbox;
 pub use presence::MembersPage;
 
@@ -68,6 +70,35 @@ impl Conn {
     /// Queue a frame for this connection; false if its queue has overflowed.
     pub fn send(&self, frame: Text) -> bool {
         self.outbox.push(frame)
+    }
+}
+
+/// Who hears how a submitted message ended: an `ack` means stored and published.
+pub enum Submitter {
+    /// A WebSocket connection: `ack` or `error`, carrying its command's `id`.
+    Conn(Arc<Conn>, Option<CommandId>),
+    /// The server API: the stored message's place, or why it was not stored.
+    Api {
+        user: Arc<str>,
+        name: Arc<str>,
+        reply: oneshot::Sender<Result<Receipt, CommandError>>,
+    },
+}
+
+/// Where a stored message is: what an `ack` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Receipt {
+    pub seq: u64,
+    pub ts: i64,
+}
+
+impl Submitter {
+    /// The author: user id and display name.
+    fn author(&self) -> (&Arc<str>, &Arc<str>) {
+        match self {
+            Submitter::Conn(c, _) => (&c.user, &c.name),
+            Submitter::Api { user, name, .. } => (user, name),
+        }
     }
 }
 
@@ -252,6 +283,18 @@ impl Hub {
         key: ChannelKey,
         out: Outgoing,
     ) -> Result<(), CommandError> {
+        self.submit_as(Submitter::Conn(conn.clone(), id), key, out)
+            .await
+    }
+
+    /// [`Hub::submit`] for any author: the outcome goes to `to` once stored and
+    /// published (or at once, if refused here).
+    pub async fn submit_as(
+        self: &Arc<Self>,
+        to: Submitter,
+        key: ChannelKey,
+        out: Outgoing,
+    ) -> Result<(), CommandError> {
         if !self.broker.healthy() {
             // Never ack what could not be published: refuse before storing.
             return Err(CommandError::new(
@@ -280,15 +323,13 @@ impl Hub {
                 Store::Shared(_) => 0,
                 Store::Local(_) => {
                     g.prune_client_ids(ts);
+                    let user = to.author().0;
                     let known = out.client_id.as_ref().and_then(|cid| {
-                        g.client_ids
-                            .get(&(conn.user.to_string(), cid.clone()))
-                            .copied()
+                        g.client_ids.get(&(user.to_string(), cid.clone())).copied()
                     });
                     if let Some((seq, ts)) = known {
                         permit.send(Job::Ack {
-                            conn: conn.clone(),
-                            id,
+                            to,
                             key: key.clone(),
                             seq,
                             ts,
@@ -298,17 +339,18 @@ impl Hub {
                     let seq = g.next_seq;
                     g.next_seq += 1;
                     if let Some(cid) = &out.client_id {
-                        g.remember_client_id(conn.user.to_string(), cid.clone(), seq, ts);
+                        g.remember_client_id(user.to_string(), cid.clone(), seq, ts);
                     }
                     seq
                 }
             };
+            let (user, name) = to.author();
             let msg = Arc::new(StoredMessage {
                 channel: key.clone(),
                 seq,
                 ts,
-                from: conn.user.to_string(),
-                name: conn.name.to_string(),
+                from: user.to_string(),
+                name: name.to_string(),
                 text: out.text,
                 meta: out.meta,
                 client_id: out.client_id,
@@ -318,7 +360,7 @@ impl Hub {
             permit.send(Job::Append {
                 channel: ch.clone(),
                 msg,
-                reply: Some((conn.clone(), id)),
+                reply: Some(to),
             });
             drop(g);
             return Ok(());
@@ -367,6 +409,7 @@ impl Hub {
                 on,
             } => self.on_remote_presence(&room, &user, &name, &inst, on),
             Inbound::Typing { room, user, name } => self.typing_local(&room, &user, &name),
+            other @ Inbound::Disconnect { .. } => self.on_operator_inbound(other),
         }
     }
 }

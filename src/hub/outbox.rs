@@ -8,9 +8,10 @@
 //! with 4008 (slow consumer). Nothing ever waits on a full queue, so one slow
 //! reader cannot hold up a fan-out to everyone else.
 
+use crate::protocol::close;
 use crate::ws::Text;
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
 pub struct Outbox {
@@ -26,16 +27,24 @@ struct Inner {
     frames: VecDeque<Text>,
     bytes: usize,
     overflowed: bool,
-    /// The server's drain has reached this connection.
-    closing: bool,
+    /// The server closes this connection (its drain, or the server API).
+    closing: Option<CloseOrder>,
+}
+
+/// The server's order to close a connection: with this close code, after a
+/// `closing` event with this reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseOrder {
+    pub code: u16,
+    pub reason: Arc<str>,
 }
 
 /// Why a session must close, found by [`Outbox::alarm`].
 #[derive(Debug, PartialEq, Eq)]
 pub enum Alarm {
     Overflowed,
-    /// The server's drain has reached this connection.
-    Closing,
+    /// The server closes this connection.
+    Closing(CloseOrder),
 }
 
 /// A [`take`](Outbox::take) from a queue that has overflowed: the session closes
@@ -48,7 +57,7 @@ pub struct Overflowed;
 #[derive(Debug, PartialEq, Eq)]
 pub struct Taken {
     pub frames: VecDeque<Text>,
-    pub closing: bool,
+    pub closing: Option<CloseOrder>,
 }
 
 impl Outbox {
@@ -126,7 +135,7 @@ impl Outbox {
         g.bytes = 0;
         Ok(Taken {
             frames: std::mem::take(&mut g.frames),
-            closing: g.closing,
+            closing: g.closing.clone(),
         })
     }
 
@@ -137,16 +146,27 @@ impl Outbox {
         let g = self.lock();
         if g.overflowed {
             Some(Alarm::Overflowed)
-        } else if g.closing {
-            Some(Alarm::Closing)
         } else {
-            None
+            g.closing.clone().map(Alarm::Closing)
         }
     }
 
     /// Ask the session to close (the server is shutting down). Wakes it like a push.
     pub fn close(&self) {
-        self.lock().closing = true;
+        self.close_with(close::GOING_AWAY, "server shutting down");
+    }
+
+    /// Ask the session to close with `code`, telling the client `reason` in a
+    /// `closing` event first. The first order stands.
+    pub fn close_with(&self, code: u16, reason: &str) {
+        let mut g = self.lock();
+        if g.closing.is_none() {
+            g.closing = Some(CloseOrder {
+                code,
+                reason: Arc::from(reason),
+            });
+        }
+        drop(g);
         self.notify.notify_one();
     }
 
@@ -178,7 +198,7 @@ mod tests {
         o.close();
         let taken = o.take().expect("not overflowed");
         assert_eq!(taken.frames, VecDeque::from([Text::from("a")]));
-        assert!(taken.closing, "the close is seen with the frames");
+        assert!(taken.closing.is_some(), "the close is seen with the frames");
     }
 
     #[test]
@@ -205,7 +225,16 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(1), o.notified())
             .await
             .expect("close wakes a waiting session");
-        assert_eq!(o.alarm(), Some(Alarm::Closing));
+        assert!(
+            matches!(
+                o.alarm(),
+                Some(Alarm::Closing(CloseOrder {
+                    code: close::GOING_AWAY,
+                    ..
+                }))
+            ),
+            "the drain closes with 1001"
+        );
     }
 
     #[test]
@@ -217,7 +246,7 @@ mod tests {
             o.take(),
             Ok(Taken {
                 frames: VecDeque::from([Text::from("a"), Text::from("b")]),
-                closing: false
+                closing: None
             })
         );
         assert!(o.push("c".into()), "drained queue accepts again");

@@ -57,4 +57,17 @@ impl Registry {
         }
         n
     }
+
+    /// How many connections `user` has on this node.
+    pub(super) fn count(&self, user: &str) -> usize {
+        lock(&self.users).get(user).map_or(0, SmallVec::len)
+    }
+
+    /// `user`'s connections on this node.
+    pub(super) fn conns(&self, user: &str) -> Vec<Arc<Conn>> {
+        lock(&self.users)
+            .get(user)
+            .map(|v| v.iter().cloned().collect())
+            .unwrap_or_default()
+    }
 }

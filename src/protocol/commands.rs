@@ -142,6 +142,72 @@ pub fn parse_command(
     }
 }
 
+/// A message posted through the server API (`POST .../messages`): the same
+/// checks on `text` and `meta` as `send`, plus the author `from` (a user id);
+/// unknown fields are ignored.
+#[derive(Debug)]
+pub struct ApiPost {
+    pub text: String,
+    pub meta: Option<Box<RawValue>>,
+    pub from: Option<String>,
+}
+
+/// Parse an API message body (a JSON object).
+pub fn parse_api_post(body: &[u8], limits: ParseLimits) -> Result<ApiPost, CommandError> {
+    let obj = api_object(body)?;
+    let f = Fields { obj: &obj };
+    let from = match obj.get("from") {
+        None | Some(Value::Null) => None,
+        Some(_) => Some(f.user_id("from")?),
+    };
+    Ok(ApiPost {
+        text: f.text(limits)?,
+        meta: f.meta()?,
+        from,
+    })
+}
+
+/// An API body that only carries an optional `reason` (kick, remove): at most
+/// [`MAX_REASON_CHARS`] characters. An empty body is no reason.
+pub fn parse_api_reason(body: &[u8]) -> Result<Option<String>, CommandError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let obj = api_object(body)?;
+    let f = Fields { obj: &obj };
+    let reason = f.opt_str("reason")?.map(str::to_owned);
+    if reason
+        .as_ref()
+        .is_some_and(|r| r.chars().count() > MAX_REASON_CHARS)
+    {
+        return Err(CommandError::new(
+            ErrorCode::TooLarge,
+            format!("reason must be at most {MAX_REASON_CHARS} characters"),
+        ));
+    }
+    Ok(reason)
+}
+
+/// Longest `reason` an API call may give (it reaches clients in `closing`/`left`).
+pub const MAX_REASON_CHARS: usize = 200;
+
+fn api_object(body: &[u8]) -> Result<Map<String, Value>, CommandError> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(obj)) => Ok(obj),
+        Ok(_) => Err(CommandError::bad_request("the body must be a JSON object")),
+        Err(e) => Err(CommandError::bad_request(format!("invalid JSON: {e}"))),
+    }
+}
+
+/// A user id from a URL path: 1-256 characters, no control characters, not only
+/// whitespace (the rule for a token's `sub`).
+pub fn valid_user_id(user: &str) -> bool {
+    let chars = user.chars().count();
+    (1..=MAX_USER_ID_CHARS).contains(&chars)
+        && !user.chars().any(char::is_control)
+        && !user.trim().is_empty()
+}
+
 struct Fields<'a> {
     obj: &'a Map<String, Value>,
 }

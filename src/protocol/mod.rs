@@ -7,10 +7,14 @@
 //! plain message type of [`crate::message`] to encode it). Everything here is pure
 //! and synchronous so it can be unit-tested alone.
 
+pub mod api;
 pub mod commands;
 pub mod events;
 
-pub use commands::{Command, HistoryTarget, ParseFailure, ParseLimits, Since, parse_command};
+pub use commands::{
+    ApiPost, Command, HistoryTarget, ParseFailure, ParseLimits, Since, parse_api_post,
+    parse_api_reason, parse_command, valid_user_id,
+};
 pub use events::{Member, closing_event, error_event};
 
 use serde::Serialize;
@@ -45,6 +49,8 @@ pub mod close {
     pub const OVERLOADED: u16 = 1013;
     pub const NO_HELLO: u16 = 4000;
     pub const UNAUTHORIZED: u16 = 4001;
+    /// Disconnected by the server API (kick or ban); 1.1.
+    pub const DISCONNECTED: u16 = 4003;
     pub const SLOW_CONSUMER: u16 = 4008;
     pub const RATE_LIMITED: u16 = 4029;
 }

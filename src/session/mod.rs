@@ -12,7 +12,7 @@ mod commands;
 
 use crate::app::AppState;
 use crate::auth::RoomAccess;
-use crate::hub::outbox::{Alarm, Overflowed, Taken};
+use crate::hub::outbox::{Alarm, CloseOrder, Overflowed, Taken};
 use crate::hub::{Conn, Outbox};
 use crate::limits::TokenBucket;
 use crate::metrics::{ConnState, Metrics};
@@ -20,6 +20,7 @@ use crate::protocol::{self, close};
 use crate::ws::{Incoming, Lines, Text, WsError, WsStream};
 use hyper_util::rt::TokioIo;
 use smallvec::SmallVec;
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,23 +49,31 @@ enum Exit {
     /// Close with `code`; send `closing` with the reason first when `announce`.
     Close {
         code: u16,
-        reason: &'static str,
+        reason: Cow<'static, str>,
         announce: bool,
     },
 }
 
 impl Exit {
+    /// The server's order (drain or server API): announced with its reason.
+    fn ordered(order: CloseOrder) -> Exit {
+        Exit::Close {
+            code: order.code,
+            reason: Cow::Owned(order.reason.to_string()),
+            announce: true,
+        }
+    }
     fn close(code: u16, reason: &'static str) -> Exit {
         Exit::Close {
             code,
-            reason,
+            reason: Cow::Borrowed(reason),
             announce: false,
         }
     }
     fn announced(code: u16, reason: &'static str) -> Exit {
         Exit::Close {
             code,
-            reason,
+            reason: Cow::Borrowed(reason),
             announce: true,
         }
     }
@@ -154,10 +163,8 @@ impl Session {
                     match self.take_outbox(&mut ws) {
                         Err(Overflowed) => break self.slow_consumer(),
                         // What was taken is written by `finish` before the close.
-                        Ok(true) => {
-                            break Exit::announced(close::GOING_AWAY, "server shutting down");
-                        }
-                        Ok(false) => {}
+                        Ok(Some(order)) => break Exit::ordered(order),
+                        Ok(None) => {}
                     }
                 }
                 if self.deadline != armed_deadline {
@@ -201,9 +208,7 @@ impl Session {
                     _ = self.outbox.notified() => if ws.queued() > 0 {
                         match self.outbox.alarm() {
                             Some(Alarm::Overflowed) => break self.slow_consumer(),
-                            Some(Alarm::Closing) => {
-                                break Exit::announced(close::GOING_AWAY, "server shutting down");
-                            }
+                            Some(Alarm::Closing(order)) => break Exit::ordered(order),
                             None => {}
                         }
                     },
@@ -244,8 +249,8 @@ impl Session {
 
     /// Move queued frames to the socket, joining them with newlines when the
     /// client asked for batches. Records how deep the queue was (frames written
-    /// together). True when the server is closing this connection.
-    fn take_outbox(&self, ws: &mut Socket) -> Result<bool, Overflowed> {
+    /// together). Returns the server's order to close, if it gave one.
+    fn take_outbox(&self, ws: &mut Socket) -> Result<Option<CloseOrder>, Overflowed> {
         let Taken { frames, closing } = self.outbox.take()?;
         if frames.is_empty() {
             return Ok(closing);
@@ -343,10 +348,10 @@ impl Session {
                 if announce {
                     let reconnect_ms =
                         (code == close::GOING_AWAY).then(|| self.state.suggested_reconnect_ms());
-                    ws.push_text(Text::from(protocol::closing_event(reason, reconnect_ms)));
+                    ws.push_text(Text::from(protocol::closing_event(&reason, reconnect_ms)));
                     self.state.metrics.out("closing", 1);
                 }
-                ws.push_close(Some(code), reason);
+                ws.push_close(Some(code), &reason);
                 let sent = tokio::time::timeout(CLOSE_FLUSH, ws.flush()).await;
                 if matches!(sent, Ok(Ok(()))) {
                     // Wait briefly for the client's close frame, then drop TCP.

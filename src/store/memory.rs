@@ -96,4 +96,22 @@ impl MemoryStore {
         out.reverse();
         out
     }
+
+    /// (channel storage key, last seq) of channels starting with `prefix`, after
+    /// `after`, by key.
+    pub fn rooms(&self, prefix: &str, after: &str, limit: i64) -> Vec<(String, i64)> {
+        let map = self.lock();
+        let mut out: Vec<(String, i64)> = map
+            .iter()
+            .filter_map(|(key, ring)| {
+                let k = key.storage_key();
+                let last = ring.back()?.seq;
+                (k.starts_with(prefix) && k.as_str() > after)
+                    .then(|| (k, i64::try_from(last).unwrap_or(i64::MAX)))
+            })
+            .collect();
+        out.sort();
+        out.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        out
+    }
 }

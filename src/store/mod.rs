@@ -181,6 +181,31 @@ impl Store {
         }
     }
 
+    /// Rooms with stored messages whose name starts with `prefix` and sorts after
+    /// `after`, by name, at most `limit`: (room, last seq).
+    pub async fn rooms(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        // Room channels' storage keys are `#` + the name, and sort as the names do.
+        let prefix = format!("#{prefix}");
+        let after = format!("#{after}");
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = match self {
+            Store::Local(LocalStore::Sqlite(s)) => s.rooms(&prefix, &after, limit).await?,
+            Store::Local(LocalStore::Memory(s)) => s.rooms(&prefix, &after, limit),
+            Store::Shared(s) => s.rooms(&prefix, &after, limit).await?,
+        };
+        rows.into_iter()
+            .map(|(key, seq)| {
+                let room = key.strip_prefix('#').unwrap_or(&key).to_owned();
+                Ok((room, to_seq(seq)?))
+            })
+            .collect()
+    }
+
     /// The newest `limit` messages with `seq < before` (all if `before` is None),
     /// ascending.
     pub async fn latest(

@@ -172,6 +172,25 @@ impl SqliteStore {
         rows.into_iter().map(|r| to_message(key, r)).collect()
     }
 
+    /// (channel storage key, last seq) of channels starting with `prefix`, after
+    /// `after`, by key.
+    pub async fn rooms(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT channel, MAX(seq) FROM messages WHERE substr(channel, 1, length(?1)) = ?1 \
+             AND channel > ?2 GROUP BY channel ORDER BY channel LIMIT ?3",
+        )
+        .bind(prefix)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     pub async fn check(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())

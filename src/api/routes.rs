@@ -1,0 +1,356 @@
+//! The routes of the server API, one handler each, in one table that the router
+//! and the OpenAPI test both read.
+//!
+//! Owns: each route's checks of its path, query and body, and its answer. Must not:
+//! authenticate or rate-limit (the guard in `api` did, before any handler runs), or
+//! answer an error in any shape but [`ApiError`]'s.
+
+use super::{Api, ApiError, json};
+use crate::hub::{Outgoing, Receipt, Submitter};
+use crate::message::ChannelKey;
+use crate::protocol::api::{Closed, Posted, RoomEntry, RoomsPage, UserStatus};
+use crate::protocol::events::{History, Presence, message_refs};
+use crate::protocol::{
+    self, DEFAULT_HISTORY, ErrorCode, MAX_CLIENT_ID_CHARS, MAX_HISTORY, MAX_PRESENCE_PAGE,
+    ParseLimits, valid_room_name, valid_user_id,
+};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::routing::{MethodRouter, get, post};
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::sync::oneshot;
+
+/// The author of API messages that do not name one.
+pub const SYSTEM_USER: &str = "hubbub";
+/// Rooms per page of `GET /rooms`, by default and at most.
+const DEFAULT_ROOMS_PAGE: usize = 100;
+const MAX_ROOMS_PAGE: usize = 1000;
+
+/// Every route: method, path (under `/api/v1`), handler.
+fn table() -> Vec<(&'static str, &'static str, MethodRouter<Api>)> {
+    vec![
+        ("GET", "/openapi.json", get(openapi)),
+        ("GET", "/rooms", get(list_rooms)),
+        ("POST", "/rooms/{room}/messages", post(post_to_room)),
+        ("GET", "/rooms/{room}/messages", get(room_history)),
+        ("GET", "/rooms/{room}/presence", get(room_presence)),
+        ("GET", "/users/{user}", get(user_status)),
+        ("POST", "/users/{user}/messages", post(post_direct)),
+        ("POST", "/users/{user}/disconnect", post(disconnect)),
+    ]
+}
+
+#[cfg(test)]
+pub static ROUTES: std::sync::LazyLock<Vec<(&'static str, &'static str)>> =
+    std::sync::LazyLock::new(|| table().into_iter().map(|(m, p, _)| (m, p)).collect());
+
+pub(super) fn router() -> Router<Api> {
+    table()
+        .into_iter()
+        .fold(Router::new(), |r, (_, path, handler)| {
+            r.route(path, handler)
+        })
+}
+
+type Query_ = Result<Query<HashMap<String, String>>, QueryRejection>;
+
+async fn openapi() -> Response {
+    json(StatusCode::OK, super::OPENAPI.to_owned())
+}
+
+fn room_of(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    let Path(room) = path.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
+    if !valid_room_name(&room) {
+        return Err(ApiError::new(
+            ErrorCode::BadRequest,
+            "room names are 1-64 characters from A-Z a-z 0-9 _ - . :",
+        ));
+    }
+    Ok(room)
+}
+
+fn user_of(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    let Path(user) = path.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
+    if !valid_user_id(&user) {
+        return Err(ApiError::new(
+            ErrorCode::BadRequest,
+            "user ids are 1-256 characters, no control characters, not only spaces",
+        ));
+    }
+    Ok(user)
+}
+
+fn body_of(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                ErrorCode::TooLarge,
+                format!("the body is over {} bytes", super::MAX_BODY),
+            )
+        } else {
+            ApiError::new(ErrorCode::BadRequest, e.body_text())
+        }
+    })
+}
+
+fn query_of(q: Query_) -> Result<HashMap<String, String>, ApiError> {
+    q.map(|Query(m)| m)
+        .map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))
+}
+
+/// A whole-number query parameter, if given.
+fn number(q: &HashMap<String, String>, key: &str) -> Result<Option<u64>, ApiError> {
+    q.get(key)
+        .map(|v| {
+            v.parse::<u64>().map_err(|_| {
+                ApiError::new(
+                    ErrorCode::BadRequest,
+                    format!("{key} must be a whole number, not {v:?}"),
+                )
+            })
+        })
+        .transpose()
+}
+
+/// `limit`: default `default`, 1..=`max`.
+fn limit(q: &HashMap<String, String>, default: u64, max: u64) -> Result<u64, ApiError> {
+    let n = number(q, "limit")?.unwrap_or(default);
+    if n == 0 || n > max {
+        return Err(ApiError::new(
+            ErrorCode::BadRequest,
+            format!("limit must be 1-{max}"),
+        ));
+    }
+    Ok(n)
+}
+
+/// `Idempotency-Key`, at most 64 characters: the message's `client_id`.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let v = v.to_str().map_err(|_| {
+        ApiError::new(
+            ErrorCode::BadRequest,
+            "Idempotency-Key must be printable ASCII",
+        )
+    })?;
+    if v.is_empty() || v.chars().count() > MAX_CLIENT_ID_CHARS {
+        return Err(ApiError::new(
+            ErrorCode::BadRequest,
+            format!("Idempotency-Key must be 1-{MAX_CLIENT_ID_CHARS} characters"),
+        ));
+    }
+    Ok(Some(v.to_owned()))
+}
+
+/// Store and publish a message as `from`; the receipt once both are done.
+async fn post_message(
+    api: &Api,
+    from: &str,
+    key: ChannelKey,
+    out: Outgoing,
+) -> Result<Receipt, ApiError> {
+    let (tx, rx) = oneshot::channel();
+    let author: Arc<str> = Arc::from(from);
+    let to = Submitter::Api {
+        user: author.clone(),
+        name: author,
+        reply: tx,
+    };
+    api.state.hub.submit_as(to, key, out).await?;
+    api.state.metrics.command("api_post");
+    match rx.await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(ApiError::new(
+            ErrorCode::Unavailable,
+            "the server is shutting down; retry on another node",
+        )),
+    }
+}
+
+fn parse_limits(api: &Api) -> ParseLimits {
+    ParseLimits {
+        max_text: api.state.config.max_text,
+    }
+}
+
+async fn post_to_room(
+    State(api): State<Api>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let room = room_of(path)?;
+    let body = body_of(body)?;
+    let post = protocol::parse_api_post(&body, parse_limits(&api))?;
+    let client_id = idempotency_key(&headers)?;
+    let from = post.from.unwrap_or_else(|| SYSTEM_USER.to_owned());
+    let out = Outgoing {
+        text: post.text,
+        meta: post.meta,
+        client_id,
+    };
+    let r = post_message(&api, &from, ChannelKey::Room(room.clone()), out).await?;
+    let body = Posted {
+        room: Some(&room),
+        dm: None,
+        seq: r.seq,
+        ts: r.ts,
+    };
+    Ok(json(StatusCode::CREATED, protocol::encode(&body)))
+}
+
+async fn post_direct(
+    State(api): State<Api>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let to = user_of(path)?;
+    let body = body_of(body)?;
+    let post = protocol::parse_api_post(&body, parse_limits(&api))?;
+    let client_id = idempotency_key(&headers)?;
+    let Some(from) = post.from else {
+        return Err(ApiError::new(
+            ErrorCode::BadRequest,
+            "missing field: from (the user the direct message is from)",
+        ));
+    };
+    if from == to {
+        return Err(ApiError::new(
+            ErrorCode::BadRequest,
+            "a direct message to yourself is not allowed",
+        ));
+    }
+    let out = Outgoing {
+        text: post.text,
+        meta: post.meta,
+        client_id,
+    };
+    let r = post_message(&api, &from, ChannelKey::dm(&from, &to), out).await?;
+    let body = Posted {
+        room: None,
+        dm: Some(&to),
+        seq: r.seq,
+        ts: r.ts,
+    };
+    Ok(json(StatusCode::CREATED, protocol::encode(&body)))
+}
+
+async fn room_history(
+    State(api): State<Api>,
+    path: Result<Path<String>, PathRejection>,
+    q: Query_,
+) -> Result<Response, ApiError> {
+    let room = room_of(path)?;
+    let q = query_of(q)?;
+    let before = number(&q, "before")?;
+    let limit = limit(&q, DEFAULT_HISTORY, MAX_HISTORY)?;
+    // `current=true` asks for messages in their current state; with no edits,
+    // deletes or reactions stored (they are not built yet) that is every message.
+    match q.get("current").map(String::as_str) {
+        None | Some("true" | "false") => {}
+        Some(v) => {
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                format!("current must be true or false, not {v:?}"),
+            ));
+        }
+    }
+    let key = ChannelKey::Room(room.clone());
+    let msgs = api.state.hub.history(&key, before, limit).await?;
+    let body = History {
+        room: Some(&room),
+        dm: None,
+        messages: message_refs(&msgs, ""),
+    };
+    Ok(json(StatusCode::OK, protocol::encode(&body)))
+}
+
+async fn room_presence(
+    State(api): State<Api>,
+    path: Result<Path<String>, PathRejection>,
+    q: Query_,
+) -> Result<Response, ApiError> {
+    let room = room_of(path)?;
+    let q = query_of(q)?;
+    let max = MAX_PRESENCE_PAGE as u64;
+    let limit = usize::try_from(limit(&q, max, max)?).unwrap_or(MAX_PRESENCE_PAGE);
+    let after = q.get("after").map(String::as_str);
+    let page = api.state.hub.presence_page(&room, after, limit).await?;
+    let body = Presence {
+        room: &room,
+        members: page.members,
+        member_count: page.count,
+        next: page.next,
+    };
+    Ok(json(StatusCode::OK, protocol::encode(&body)))
+}
+
+async fn list_rooms(State(api): State<Api>, q: Query_) -> Result<Response, ApiError> {
+    let q = query_of(q)?;
+    let prefix = q.get("prefix").map_or("", String::as_str);
+    let after = q.get("after").map_or("", String::as_str);
+    for (key, v) in [("prefix", prefix), ("after", after)] {
+        let ok = v.is_empty() || valid_room_name(v);
+        if !ok {
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "{key} must be (the start of) a room name: up to 64 of A-Z a-z 0-9 _ - . :"
+                ),
+            ));
+        }
+    }
+    let limit = limit(&q, DEFAULT_ROOMS_PAGE as u64, MAX_ROOMS_PAGE as u64)?;
+    let limit = usize::try_from(limit).unwrap_or(MAX_ROOMS_PAGE);
+    let page = api.state.hub.rooms_page(prefix, after, limit).await?;
+    let body = RoomsPage {
+        rooms: page
+            .rooms
+            .into_iter()
+            .map(|(room, seq, member_count)| RoomEntry {
+                room,
+                seq,
+                member_count,
+            })
+            .collect(),
+        next: page.next,
+    };
+    Ok(json(StatusCode::OK, protocol::encode(&body)))
+}
+
+async fn user_status(
+    State(api): State<Api>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let user = user_of(path)?;
+    let (connections, rooms) = api.state.hub.user_status(&user);
+    let body = UserStatus {
+        user: &user,
+        online: connections > 0 || !rooms.is_empty(),
+        connections,
+        rooms,
+    };
+    Ok(json(StatusCode::OK, protocol::encode(&body)))
+}
+
+async fn disconnect(
+    State(api): State<Api>,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let user = user_of(path)?;
+    let body = body_of(body)?;
+    let reason = protocol::parse_api_reason(&body)?
+        .unwrap_or_else(|| "disconnected by the server".to_owned());
+    let closed = api.state.hub.disconnect_user(&user, &reason).await?;
+    tracing::info!(user, closed, "disconnected through the server API");
+    Ok(json(StatusCode::OK, protocol::encode(&Closed { closed })))
+}

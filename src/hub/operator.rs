@@ -1,0 +1,187 @@
+//! What the server API asks of the hub: rooms and users as an operator sees them,
+//! and disconnecting a user everywhere.
+//!
+//! Owns: those answers, assembled from the channels, the registry, the store and
+//! (through the broker) the other nodes. Must not: speak HTTP or JSON (the `api`
+//! module does), or change a channel other than through the hub's own paths.
+
+use super::{Hub, lock};
+use crate::broker::Inbound;
+use crate::message::ChannelKey;
+use crate::protocol::{CommandError, ErrorCode, Member, close};
+use std::collections::BTreeMap;
+
+/// One page of `GET /rooms`: (room, last seq, users present), by room name.
+pub struct RoomsPage {
+    pub rooms: Vec<(String, u64, usize)>,
+    pub next: Option<String>,
+}
+
+/// One page of a room's members, on every node.
+pub struct PresencePage {
+    pub members: Vec<Member>,
+    pub count: usize,
+    pub next: Option<String>,
+}
+
+impl Hub {
+    /// Rooms with live members on this node or with stored messages, whose name
+    /// starts with `prefix` and sorts after `after`.
+    pub async fn rooms_page(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<RoomsPage, CommandError> {
+        let stored = self
+            .store
+            .rooms(prefix, after, limit + 1)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "listing rooms failed");
+                CommandError::new(ErrorCode::Unavailable, "history store unavailable")
+            })?;
+        let mut merged: BTreeMap<String, (u64, usize)> = stored
+            .into_iter()
+            .map(|(room, seq)| (room, (seq, 0)))
+            .collect();
+        let live: Vec<_> = lock(&self.channels)
+            .iter()
+            .filter_map(|(k, ch)| match k {
+                ChannelKey::Room(r) if r.starts_with(prefix) && r.as_str() > after => {
+                    Some((r.clone(), ch.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        for (room, ch) in live {
+            let g = lock(&ch.inner);
+            let count = g.presence.len();
+            let seq = g.committed.max(g.next_seq.saturating_sub(1));
+            drop(g);
+            if count == 0 && seq == 0 {
+                continue;
+            }
+            let e = merged.entry(room).or_insert((0, 0));
+            e.0 = e.0.max(seq);
+            e.1 = count;
+        }
+        let mut rooms: Vec<(String, u64, usize)> = merged
+            .into_iter()
+            .map(|(room, (seq, n))| (room, seq, n))
+            .collect();
+        let next = if rooms.len() > limit {
+            rooms.truncate(limit);
+            rooms.last().map(|r| r.0.clone())
+        } else {
+            None
+        };
+        Ok(RoomsPage { rooms, next })
+    }
+
+    /// A page of `room`'s members on every node. A node with members there keeps
+    /// the cluster's presence of the room; any other asks the broker for it.
+    pub async fn presence_page(
+        &self,
+        room: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<PresencePage, CommandError> {
+        let key = ChannelKey::Room(room.to_owned());
+        let local = lock(&self.channels).get(&key).cloned();
+        if let Some(ch) = local {
+            let g = lock(&ch.inner);
+            if !g.presence.is_empty() || !self.broker.is_cluster() {
+                let page = g.members_page(after, limit);
+                return Ok(PresencePage {
+                    members: page.members,
+                    count: page.count,
+                    next: page.next,
+                });
+            }
+        }
+        let remote = self.broker.presence_snapshot(room).await.map_err(|e| {
+            tracing::warn!(error = %e, "reading cluster presence failed");
+            CommandError::new(ErrorCode::Unavailable, "message broker unreachable")
+        })?;
+        let sorted: BTreeMap<String, String> = remote
+            .into_iter()
+            .map(|(user, (name, _))| (user, name))
+            .collect();
+        let count = sorted.len();
+        let mut members: Vec<Member> = sorted
+            .into_iter()
+            .filter(|(u, _)| after.is_none_or(|a| u.as_str() > a))
+            .take(limit + 1)
+            .map(|(user, name)| Member { user, name })
+            .collect();
+        let next = if members.len() > limit {
+            members.truncate(limit);
+            members.last().map(|m| m.user.clone())
+        } else {
+            None
+        };
+        Ok(PresencePage {
+            members,
+            count,
+            next,
+        })
+    }
+
+    /// `user`'s connections on this node, and the rooms this node knows them to be
+    /// in (on any node: a room's presence here is cluster-wide).
+    pub fn user_status(&self, user: &str) -> (usize, Vec<String>) {
+        let connections = self.registry.count(user);
+        let channels: Vec<_> = lock(&self.channels)
+            .iter()
+            .filter_map(|(k, ch)| match k {
+                ChannelKey::Room(r) => Some((r.clone(), ch.clone())),
+                ChannelKey::Dm(..) => None,
+            })
+            .collect();
+        let mut rooms: Vec<String> = channels
+            .into_iter()
+            .filter(|(_, ch)| lock(&ch.inner).presence.contains_key(user))
+            .map(|(r, _)| r)
+            .collect();
+        rooms.sort();
+        (connections, rooms)
+    }
+
+    /// Close every connection of `user` with `closing` (the reason) and 4003: here
+    /// at once, on the other nodes through the broker. Returns how many were
+    /// closed here.
+    pub async fn disconnect_user(&self, user: &str, reason: &str) -> Result<usize, CommandError> {
+        let here = self.disconnect_here(user, reason);
+        self.broker.disconnect(user, reason).await.map_err(|e| {
+            tracing::warn!(error = %e, "telling the other nodes to disconnect a user failed");
+            CommandError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "closed {here} connection(s) on this node, but the other nodes could not be told (broker unreachable); retry"
+                ),
+            )
+        })?;
+        Ok(here)
+    }
+
+    pub(super) fn disconnect_here(&self, user: &str, reason: &str) -> usize {
+        let conns = self.registry.conns(user);
+        for c in &conns {
+            c.outbox.close_with(close::DISCONNECTED, reason);
+        }
+        conns.len()
+    }
+
+    /// The broker's events for this module.
+    pub(super) fn on_operator_inbound(&self, event: Inbound) {
+        if let Inbound::Disconnect { user, reason } = event {
+            let n = self.disconnect_here(&user, &reason);
+            tracing::info!(
+                user,
+                closed = n,
+                "disconnected by the server API on another node"
+            );
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! The server API's JSON bodies (SERVER-API.md): what app backends receive.
+//!
+//! Owns: the shapes of API answers and errors. Must not: decide anything; the
+//! `api` module calls the hub and picks which of these to answer with. Request
+//! bodies are parsed in [`super::commands`] (the same checks as the WebSocket
+//! commands they mirror).
+
+use super::{CommandError, ErrorCode};
+use serde::Serialize;
+
+/// `{"error": {"code": ..., "message": ...}}`
+#[derive(Serialize)]
+pub struct ErrorBody<'a> {
+    pub error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+pub struct ErrorDetail<'a> {
+    pub code: &'static str,
+    pub message: &'a str,
+}
+
+/// The HTTP status of each error code.
+pub fn status_of(code: ErrorCode) -> u16 {
+    match code {
+        ErrorCode::BadRequest => 400,
+        ErrorCode::Unauthorized => 401,
+        ErrorCode::Forbidden => 403,
+        ErrorCode::NotFound => 404,
+        // Not a state an API call can be in (it joins nothing); kept total.
+        ErrorCode::NotJoined => 409,
+        ErrorCode::Conflict => 409,
+        ErrorCode::TooLarge => 413,
+        ErrorCode::RateLimited => 429,
+        ErrorCode::Unavailable => 503,
+        ErrorCode::Internal => 500,
+    }
+}
+
+pub fn error_body(err: &CommandError) -> String {
+    super::encode(&ErrorBody {
+        error: ErrorDetail {
+            code: err.code.as_str(),
+            message: &err.message,
+        },
+    })
+}
+
+/// 201 to a posted message: where it was stored, like an `ack`.
+#[derive(Serialize)]
+pub struct Posted<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub room: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dm: Option<&'a str>,
+    pub seq: u64,
+    pub ts: i64,
+}
+
+/// One room of `GET /rooms`.
+#[derive(Serialize)]
+pub struct RoomEntry {
+    pub room: String,
+    /// The room's last `seq` (0: nothing stored yet).
+    pub seq: u64,
+    /// Users in the room now, on every node this node knows of.
+    pub member_count: usize,
+}
+
+#[derive(Serialize)]
+pub struct RoomsPage {
+    pub rooms: Vec<RoomEntry>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+/// `GET /users/{user}`.
+#[derive(Serialize)]
+pub struct UserStatus<'a> {
+    pub user: &'a str,
+    pub online: bool,
+    pub connections: usize,
+    pub rooms: Vec<String>,
+}
+
+/// `POST /users/{user}/disconnect`.
+#[derive(Serialize)]
+pub struct Closed {
+    pub closed: usize,
+}

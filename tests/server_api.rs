@@ -1,0 +1,694 @@
+//! The server API (SERVER-API.md, "Access" and "Routes"), black-box: the real
+//! binary over real HTTP, with real WebSocket clients watching what it does.
+
+mod common;
+
+use common::services::{Database, Redis};
+use common::{Closed, Server, WAIT};
+use serde_json::{Value, json};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const KEY: &str = "test-key-0123456789abcdef";
+
+async fn api_server(extra: &[&str]) -> Server {
+    let mut args = vec!["--api-key", KEY];
+    args.extend_from_slice(extra);
+    Server::start(&args).await
+}
+
+/// One HTTP/1.1 request; (status, JSON body or Null, raw head).
+async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> (u16, Value, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
+    }
+    req.push_str("\r\n");
+    if let Some(b) = body {
+        req.push_str(b);
+    }
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+        .await
+        .expect("http response in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let json = serde_json::from_str(body).unwrap_or(Value::Null);
+    (status, json, head.to_owned())
+}
+
+const AUTH: (&str, &str) = ("Authorization", "Bearer test-key-0123456789abcdef");
+
+async fn get(s: &Server, path: &str) -> (u16, Value) {
+    let (st, v, _) = http(s.addr, "GET", path, &[AUTH], None).await;
+    (st, v)
+}
+
+async fn post(s: &Server, path: &str, body: Value) -> (u16, Value) {
+    let (st, v, _) = http(s.addr, "POST", path, &[AUTH], Some(&body.to_string())).await;
+    (st, v)
+}
+
+/// The reply is an API error with this status and code.
+fn assert_error(got: (u16, Value), status: u16, code: &str) {
+    let (st, v) = got;
+    assert_eq!(
+        v["error"]["code"], code,
+        "expected an error body with {code}: {v}"
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "the error says why: {v}"
+    );
+    assert_eq!(st, status, "{v}");
+}
+
+async fn stored(s: &Server, room: &str) -> Vec<Value> {
+    let (st, v) = get(s, &format!("/api/v1/rooms/{room}/messages?limit=500")).await;
+    assert_eq!(st, 200, "{v}");
+    v["messages"].as_array().cloned().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_message_posted_to_a_room_reaches_its_members_and_is_in_history() {
+    let s = api_server(&[]).await;
+    let mut alice = s.member("alice", "lobby").await;
+    let (st, v) = post(
+        &s,
+        "/api/v1/rooms/lobby/messages",
+        json!({"text": "deploy at 5"}),
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(v["room"], "lobby");
+    assert_eq!(v["seq"], 1);
+    assert!(v["ts"].as_i64().is_some_and(|t| t > 0), "{v}");
+
+    let m = alice.recv_type("message").await;
+    assert_eq!(m["from"], "hubbub", "the system user by default: {m}");
+    assert_eq!(m["text"], "deploy at 5");
+    assert_eq!(m["seq"], 1);
+
+    let h = stored(&s, "lobby").await;
+    assert_eq!(h.len(), 1);
+    assert_eq!(h[0]["text"], "deploy at 5");
+}
+
+#[tokio::test]
+async fn a_posted_message_shares_the_rooms_sequence_with_websocket_sends() {
+    let s = api_server(&[]).await;
+    let mut alice = s.member("alice", "lobby").await;
+    let ack = alice
+        .request(json!({"type": "send", "room": "lobby", "text": "first"}))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let (st, v) = post(
+        &s,
+        "/api/v1/rooms/lobby/messages",
+        json!({"text": "second", "from": "bot", "meta": {"kind": "notice"}}),
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(v["seq"], 2);
+    let mut late = s.guest("carol").await;
+    let j = late
+        .request(json!({"type": "join", "room": "lobby", "history": 10}))
+        .await;
+    assert_eq!(j["type"], "joined", "{j}");
+    let texts: Vec<&str> = j["messages"]
+        .as_array()
+        .expect("recovered messages")
+        .iter()
+        .filter_map(|m| m["text"].as_str())
+        .collect();
+    assert_eq!(
+        texts,
+        ["first", "second"],
+        "in the history a join brings, like any other"
+    );
+    assert_eq!(j["messages"][1]["from"], "bot");
+    assert_eq!(j["messages"][1]["meta"]["kind"], "notice");
+}
+
+#[tokio::test]
+async fn a_repeat_with_the_same_idempotency_key_answers_the_original_and_stores_once() {
+    let s = api_server(&[]).await;
+    let body = json!({"text": "once"}).to_string();
+    let idem = ("Idempotency-Key", "order-42");
+    let (st1, a, _) = http(
+        s.addr,
+        "POST",
+        "/api/v1/rooms/r/messages",
+        &[AUTH, idem],
+        Some(&body),
+    )
+    .await;
+    let (st2, b, _) = http(
+        s.addr,
+        "POST",
+        "/api/v1/rooms/r/messages",
+        &[AUTH, idem],
+        Some(&body),
+    )
+    .await;
+    assert_eq!((st1, st2), (201, 201), "{a} {b}");
+    assert_eq!(a["seq"], b["seq"]);
+    assert_eq!(a["ts"], b["ts"]);
+    assert_eq!(stored(&s, "r").await.len(), 1);
+}
+
+#[tokio::test]
+async fn an_idempotency_key_over_64_characters_is_refused() {
+    let s = api_server(&[]).await;
+    let long = "k".repeat(65);
+    let body = json!({"text": "x"}).to_string();
+    let (st, v, _) = http(
+        s.addr,
+        "POST",
+        "/api/v1/rooms/r/messages",
+        &[AUTH, ("Idempotency-Key", &long)],
+        Some(&body),
+    )
+    .await;
+    assert_error((st, v), 400, "bad_request");
+    assert!(stored(&s, "r").await.is_empty());
+}
+
+#[tokio::test]
+async fn a_direct_message_posted_as_a_user_reaches_the_recipient() {
+    let s = api_server(&[]).await;
+    let mut bob = s.guest("bob").await;
+    let (st, v) = post(
+        &s,
+        "/api/v1/users/bob/messages",
+        json!({"text": "psst", "from": "alice"}),
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(v["dm"], "bob");
+    let m = bob.recv_type("message").await;
+    assert_eq!(m["from"], "alice");
+    assert_eq!(m["dm"], "alice", "the recipient sees the other party: {m}");
+    assert_eq!(m["text"], "psst");
+}
+
+#[tokio::test]
+async fn a_direct_message_needs_a_from_other_than_the_recipient() {
+    let s = api_server(&[]).await;
+    assert_error(
+        post(&s, "/api/v1/users/bob/messages", json!({"text": "x"})).await,
+        400,
+        "bad_request",
+    );
+    assert_error(
+        post(
+            &s,
+            "/api/v1/users/bob/messages",
+            json!({"text": "x", "from": "bob"}),
+        )
+        .await,
+        400,
+        "bad_request",
+    );
+}
+
+#[tokio::test]
+async fn without_a_configured_key_every_api_path_is_404() {
+    let s = Server::start(&[]).await;
+    for path in ["/api/v1/rooms", "/api/v1/openapi.json", "/api/v1/users/a"] {
+        let (st, v, _) = http(s.addr, "GET", path, &[AUTH], None).await;
+        assert_error((st, v), 404, "not_found");
+    }
+}
+
+#[tokio::test]
+async fn a_missing_or_wrong_key_is_401_and_stores_nothing() {
+    let s = api_server(&[]).await;
+    let body = json!({"text": "x"}).to_string();
+    for headers in [
+        vec![],
+        vec![("Authorization", "Bearer wrong-key-0123456789abcdef")],
+        vec![("Authorization", "Basic dGVzdDp0ZXN0")],
+        vec![("Authorization", KEY)],
+    ] {
+        let (st, v, _) = http(
+            s.addr,
+            "POST",
+            "/api/v1/rooms/r/messages",
+            &headers,
+            Some(&body),
+        )
+        .await;
+        assert_error((st, v), 401, "unauthorized");
+    }
+    assert!(stored(&s, "r").await.is_empty());
+}
+
+#[tokio::test]
+async fn any_of_several_keys_is_accepted() {
+    let s = Server::start(&["--api-key", "other-key-0123456789", "--api-key", KEY]).await;
+    assert_eq!(get(&s, "/api/v1/rooms").await.0, 200);
+    let (st, _, _) = http(
+        s.addr,
+        "GET",
+        "/api/v1/rooms",
+        &[("Authorization", "Bearer other-key-0123456789")],
+        None,
+    )
+    .await;
+    assert_eq!(st, 200);
+}
+
+#[tokio::test]
+async fn the_openapi_document_needs_no_key() {
+    let s = api_server(&[]).await;
+    let (st, v, head) = http(s.addr, "GET", "/api/v1/openapi.json", &[], None).await;
+    assert_eq!(st, 200);
+    assert!(
+        head.to_ascii_lowercase().contains("application/json"),
+        "{head}"
+    );
+    assert_eq!(v["openapi"], "3.1.0");
+}
+
+#[tokio::test]
+async fn an_unknown_route_is_404_with_the_error_body() {
+    let s = api_server(&[]).await;
+    assert_error(get(&s, "/api/v1/nothing/here").await, 404, "not_found");
+}
+
+#[tokio::test]
+async fn malformed_or_wrongly_typed_bodies_are_400_and_store_nothing() {
+    let s = api_server(&[]).await;
+    for body in [
+        "{\"text\":",
+        "[1,2]",
+        "{\"text\": 5}",
+        "{\"text\": \"\"}",
+        "{\"text\": \"x\", \"meta\": [1]}",
+        "{\"text\": \"x\", \"from\": 7}",
+        "{}",
+    ] {
+        let (st, v, _) = http(
+            s.addr,
+            "POST",
+            "/api/v1/rooms/r/messages",
+            &[AUTH],
+            Some(body),
+        )
+        .await;
+        assert_error((st, v), 400, "bad_request");
+    }
+    assert!(stored(&s, "r").await.is_empty());
+}
+
+#[tokio::test]
+async fn unknown_fields_in_a_body_are_ignored() {
+    let s = api_server(&[]).await;
+    let (st, v) = post(
+        &s,
+        "/api/v1/rooms/r/messages",
+        json!({"text": "x", "colour": "red"}),
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+}
+
+#[tokio::test]
+async fn text_over_the_limit_is_413_like_on_the_websocket() {
+    let s = api_server(&["--max-text", "10"]).await;
+    assert_error(
+        post(
+            &s,
+            "/api/v1/rooms/r/messages",
+            json!({"text": "x".repeat(11)}),
+        )
+        .await,
+        413,
+        "too_large",
+    );
+    let (st, _) = post(
+        &s,
+        "/api/v1/rooms/r/messages",
+        json!({"text": "x".repeat(10)}),
+    )
+    .await;
+    assert_eq!(st, 201, "exactly at the limit is fine");
+    assert_eq!(stored(&s, "r").await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_body_over_64_kib_is_413() {
+    let s = api_server(&["--max-text", "100000"]).await;
+    let body = json!({"text": "x".repeat(64 * 1024)}).to_string();
+    let (st, v, _) = http(
+        s.addr,
+        "POST",
+        "/api/v1/rooms/r/messages",
+        &[AUTH],
+        Some(&body),
+    )
+    .await;
+    assert_error((st, v), 413, "too_large");
+    assert!(stored(&s, "r").await.is_empty());
+}
+
+#[tokio::test]
+async fn names_that_break_the_rules_are_400() {
+    let s = api_server(&[]).await;
+    assert_error(
+        post(
+            &s,
+            "/api/v1/rooms/has%20space/messages",
+            json!({"text": "x"}),
+        )
+        .await,
+        400,
+        "bad_request",
+    );
+    let long = "r".repeat(65);
+    assert_error(
+        get(&s, &format!("/api/v1/rooms/{long}/messages")).await,
+        400,
+        "bad_request",
+    );
+    assert_error(get(&s, "/api/v1/users/%01ctl").await, 400, "bad_request");
+    assert_error(
+        get(&s, &format!("/api/v1/users/{}", "u".repeat(257))).await,
+        400,
+        "bad_request",
+    );
+}
+
+#[tokio::test]
+async fn query_numbers_are_checked() {
+    let s = api_server(&[]).await;
+    assert_error(
+        get(&s, "/api/v1/rooms/r/messages?limit=abc").await,
+        400,
+        "bad_request",
+    );
+    assert_error(
+        get(&s, "/api/v1/rooms/r/messages?limit=501").await,
+        400,
+        "bad_request",
+    );
+    assert_error(
+        get(&s, "/api/v1/rooms/r/messages?before=-1").await,
+        400,
+        "bad_request",
+    );
+    assert_error(
+        get(&s, "/api/v1/rooms/r/presence?limit=1001").await,
+        400,
+        "bad_request",
+    );
+    assert_error(get(&s, "/api/v1/rooms?limit=0").await, 400, "bad_request");
+    assert_error(
+        get(&s, "/api/v1/rooms?prefix=a%20b").await,
+        400,
+        "bad_request",
+    );
+}
+
+#[tokio::test]
+async fn history_pages_back_with_before_and_limit() {
+    let s = api_server(&[]).await;
+    for i in 1..=5 {
+        let (st, _) = post(
+            &s,
+            "/api/v1/rooms/r/messages",
+            json!({"text": format!("m{i}")}),
+        )
+        .await;
+        assert_eq!(st, 201);
+    }
+    let (st, v) = get(&s, "/api/v1/rooms/r/messages?before=5&limit=2").await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["room"], "r");
+    let seqs: Vec<u64> = v["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["seq"].as_u64())
+        .collect();
+    assert_eq!(seqs, [3, 4]);
+}
+
+#[tokio::test]
+async fn beyond_the_per_key_rate_limit_calls_get_429() {
+    let s = api_server(&["--api-rate-limit", "2"]).await;
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        statuses.push(get(&s, "/api/v1/rooms").await.0);
+    }
+    assert_eq!(
+        &statuses[..4],
+        &[200, 200, 200, 200],
+        "the burst is 2x the rate"
+    );
+    let refused = get(&s, "/api/v1/rooms").await;
+    assert_error(refused, 429, "rate_limited");
+}
+
+#[tokio::test]
+async fn presence_pages_list_the_rooms_live_members() {
+    let s = api_server(&[]).await;
+    let _a = s.member("ann", "r").await;
+    let _b = s.member("ben", "r").await;
+    let _c = s.member("cat", "r").await;
+    let (st, v) = get(&s, "/api/v1/rooms/r/presence?limit=2").await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["member_count"], 3);
+    let users: Vec<&str> = v["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .filter_map(|m| m["user"].as_str())
+        .collect();
+    assert_eq!(users, ["ann", "ben"]);
+    assert_eq!(v["next"], "ben");
+    let (_, v) = get(&s, "/api/v1/rooms/r/presence?limit=2&after=ben").await;
+    assert_eq!(v["members"][0]["user"], "cat");
+    assert!(v.get("next").is_none(), "the last page has no next: {v}");
+}
+
+#[tokio::test]
+async fn a_user_is_online_with_their_connections_and_rooms() {
+    let s = api_server(&[]).await;
+    let _a = s.member("ann", "r1").await;
+    let mut a2 = s.guest("ann").await;
+    let j = a2.request(json!({"type": "join", "room": "r2"})).await;
+    assert_eq!(j["type"], "joined");
+    let (st, v) = get(&s, "/api/v1/users/ann").await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["online"], true);
+    assert_eq!(v["connections"], 2);
+    assert_eq!(v["rooms"], json!(["r1", "r2"]));
+    let (_, v) = get(&s, "/api/v1/users/nobody").await;
+    assert_eq!(v["online"], false);
+    assert_eq!(v["connections"], 0);
+}
+
+#[tokio::test]
+async fn rooms_lists_stored_and_live_rooms_by_prefix_in_pages() {
+    let s = api_server(&[]).await;
+    for room in ["team-a", "team-b", "other"] {
+        let (st, _) = post(
+            &s,
+            &format!("/api/v1/rooms/{room}/messages"),
+            json!({"text": "x"}),
+        )
+        .await;
+        assert_eq!(st, 201);
+    }
+    let _live = s.member("ann", "team-c").await;
+    let (st, v) = get(&s, "/api/v1/rooms?prefix=team-&limit=2").await;
+    assert_eq!(st, 200, "{v}");
+    let names: Vec<&str> = v["rooms"]
+        .as_array()
+        .expect("rooms")
+        .iter()
+        .filter_map(|r| r["room"].as_str())
+        .collect();
+    assert_eq!(names, ["team-a", "team-b"]);
+    assert_eq!(v["rooms"][0]["seq"], 1);
+    assert_eq!(v["next"], "team-b");
+    let (_, v) = get(&s, "/api/v1/rooms?prefix=team-&after=team-b").await;
+    assert_eq!(v["rooms"][0]["room"], "team-c");
+    assert_eq!(v["rooms"][0]["member_count"], 1);
+    assert_eq!(v["rooms"][0]["seq"], 0, "nothing stored there yet");
+    assert!(v.get("next").is_none());
+}
+
+#[tokio::test]
+async fn disconnect_closes_every_connection_of_the_user_with_closing_and_4003() {
+    let s = api_server(&[]).await;
+    let mut a1 = s.member("ann", "r").await;
+    let mut a2 = s.guest("ann").await;
+    let mut bob = s.member("bob", "r").await;
+    let (st, v) = post(
+        &s,
+        "/api/v1/users/ann/disconnect",
+        json!({"reason": "spam"}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["closed"], 2);
+    for c in [&mut a1, &mut a2] {
+        let (closed, seen) = c.expect_close(Duration::from_secs(2)).await;
+        assert_eq!(closed, Closed::Code(4003));
+        let closing = seen
+            .iter()
+            .find(|m| m["type"] == "closing")
+            .expect("a closing event first");
+        assert_eq!(closing["reason"], "spam");
+    }
+    let ev = bob.recv_type("member").await;
+    assert_eq!(ev["user"], "ann");
+    assert_eq!(ev["event"], "leave");
+    // A kicked client may come back.
+    let _again = s.member("ann", "r").await;
+}
+
+#[tokio::test]
+async fn a_disconnect_reason_over_200_characters_is_413() {
+    let s = api_server(&[]).await;
+    let _a = s.guest("ann").await;
+    assert_error(
+        post(
+            &s,
+            "/api/v1/users/ann/disconnect",
+            json!({"reason": "x".repeat(201)}),
+        )
+        .await,
+        413,
+        "too_large",
+    );
+    let (_, v) = get(&s, "/api/v1/users/ann").await;
+    assert_eq!(v["connections"], 1, "nothing was closed");
+}
+
+#[tokio::test]
+async fn on_a_cluster_a_disconnect_on_one_node_closes_the_user_on_another_within_2_s() {
+    let db = Database::create();
+    let redis = Redis::start();
+    let url = db.url();
+    let mut nodes = Vec::new();
+    for id in ["a", "b"] {
+        nodes.push(
+            Server::start(&[
+                "--database-url",
+                &url,
+                "--redis-url",
+                &redis.url(),
+                "--node-id",
+                id,
+                "--api-key",
+                KEY,
+            ])
+            .await,
+        );
+    }
+    let mut ann = nodes[1].member("ann", "r").await;
+    let (st, v) = post(
+        &nodes[0],
+        "/api/v1/users/ann/disconnect",
+        json!({"reason": "bye"}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let (closed, seen) = ann.expect_close(Duration::from_secs(2)).await;
+    assert_eq!(closed, Closed::Code(4003));
+    assert!(
+        seen.iter()
+            .any(|m| m["type"] == "closing" && m["reason"] == "bye"),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn on_a_cluster_any_node_posts_into_the_one_sequence_and_sees_presence() {
+    let db = Database::create();
+    let redis = Redis::start();
+    let url = db.url();
+    let mut nodes = Vec::new();
+    for id in ["a", "b"] {
+        nodes.push(
+            Server::start(&[
+                "--database-url",
+                &url,
+                "--redis-url",
+                &redis.url(),
+                "--node-id",
+                id,
+                "--api-key",
+                KEY,
+            ])
+            .await,
+        );
+    }
+    let mut ann = nodes[1].member("ann", "r").await;
+    let (st, v) = post(
+        &nodes[0],
+        "/api/v1/rooms/r/messages",
+        json!({"text": "from a"}),
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    let m = ann.recv_type("message").await;
+    assert_eq!(m["text"], "from a");
+    assert_eq!(m["seq"], v["seq"]);
+    // Node a has nobody in the room; it answers from the cluster's presence.
+    let mut page = Value::Null;
+    for _ in 0..20 {
+        let (st, v) = get(&nodes[0], "/api/v1/rooms/r/presence").await;
+        assert_eq!(st, 200, "{v}");
+        page = v;
+        if page["member_count"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(page["member_count"], 1, "{page}");
+    assert_eq!(page["members"][0]["user"], "ann");
+}
+
+#[test]
+fn the_openapi_document_is_valid_openapi_3_1() {
+    let doc = concat!(env!("CARGO_MANIFEST_DIR"), "/src/api/openapi.json");
+    let out = std::process::Command::new("python3")
+        .args(["-m", "openapi_spec_validator", doc])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "openapi-spec-validator (pip install openapi-spec-validator; scripts/test installs it): {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
