@@ -98,6 +98,7 @@ impl Server {
             presence_events_max: config.presence_events_max,
         };
         let hub = Hub::start(store, broker, metrics.clone(), options);
+        hub.load_bans().await?;
         let listener =
             TcpListener::bind(config.listen)
                 .await

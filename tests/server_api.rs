@@ -678,6 +678,154 @@ async fn on_a_cluster_any_node_posts_into_the_one_sequence_and_sees_presence() {
     assert_eq!(page["members"][0]["user"], "ann");
 }
 
+async fn delete(s: &Server, path: &str) -> (u16, Value) {
+    let (st, v, _) = http(s.addr, "DELETE", path, &[AUTH], None).await;
+    (st, v)
+}
+
+/// A hello as guest `name`: the reply and how the connection ended (if it did).
+async fn hello_as(s: &Server, name: &str) -> (Value, Option<Closed>) {
+    let mut c = s.client().await;
+    let r = c.request(json!({"type": "hello", "name": name})).await;
+    if r["type"] == "welcome" {
+        return (r, None);
+    }
+    let (closed, _) = c.expect_close(Duration::from_secs(2)).await;
+    (r, Some(closed))
+}
+
+#[tokio::test]
+async fn a_ban_closes_the_user_and_refuses_their_hello_with_4001() {
+    let s = api_server(&[]).await;
+    let mut ann = s.member("ann", "r").await;
+    let (st, v) = post(&s, "/api/v1/users/ann/ban", json!({"reason": "abuse"})).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["closed"], 1);
+    let (closed, seen) = ann.expect_close(Duration::from_secs(2)).await;
+    assert_eq!(closed, Closed::Code(4003));
+    let closing = seen
+        .iter()
+        .find(|m| m["type"] == "closing")
+        .expect("closing first");
+    assert_eq!(closing["reason"], "banned: abuse");
+
+    let (reply, closed) = hello_as(&s, "ann").await;
+    assert_eq!(reply["type"], "error", "{reply}");
+    assert_eq!(reply["code"], "unauthorized");
+    assert_eq!(closed, Some(Closed::Code(4001)));
+    let (reply, _) = hello_as(&s, "bob").await;
+    assert_eq!(reply["type"], "welcome", "others are not affected: {reply}");
+}
+
+#[tokio::test]
+async fn a_ban_survives_a_restart_and_an_unban_lifts_it() {
+    let mut s = api_server(&[]).await;
+    let (st, v) = post(&s, "/api/v1/users/ann/ban", json!({})).await;
+    assert_eq!(st, 200, "{v}");
+    s.restart().await;
+    let (reply, closed) = hello_as(&s, "ann").await;
+    assert_eq!(
+        reply["type"], "error",
+        "still banned after a restart: {reply}"
+    );
+    assert_eq!(closed, Some(Closed::Code(4001)));
+
+    let (st, v) = delete(&s, "/api/v1/users/ann/ban").await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["lifted"], true);
+    let (reply, _) = hello_as(&s, "ann").await;
+    assert_eq!(reply["type"], "welcome", "{reply}");
+    let (_, v) = delete(&s, "/api/v1/users/ann/ban").await;
+    assert_eq!(v["lifted"], false, "nothing left to lift");
+}
+
+#[tokio::test]
+async fn a_ban_with_until_ends_by_itself() {
+    let s = api_server(&[]).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    let (st, v) = post(&s, "/api/v1/users/ann/ban", json!({"until": now + 1500})).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["until"], now + 1500);
+    assert_eq!(hello_as(&s, "ann").await.0["type"], "error");
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    assert_eq!(hello_as(&s, "ann").await.0["type"], "welcome");
+}
+
+#[tokio::test]
+async fn a_ban_until_a_past_time_or_not_a_number_is_400_and_bans_nobody() {
+    let s = api_server(&[]).await;
+    assert_error(
+        post(&s, "/api/v1/users/ann/ban", json!({"until": 1000})).await,
+        400,
+        "bad_request",
+    );
+    assert_error(
+        post(&s, "/api/v1/users/ann/ban", json!({"until": "soon"})).await,
+        400,
+        "bad_request",
+    );
+    assert_eq!(hello_as(&s, "ann").await.0["type"], "welcome");
+}
+
+#[tokio::test]
+async fn on_a_cluster_a_ban_on_one_node_closes_and_refuses_the_user_on_another() {
+    let db = Database::create();
+    let redis = Redis::start();
+    let url = db.url();
+    let mut nodes = Vec::new();
+    for id in ["a", "b"] {
+        nodes.push(
+            Server::start(&[
+                "--database-url",
+                &url,
+                "--redis-url",
+                &redis.url(),
+                "--node-id",
+                id,
+                "--api-key",
+                KEY,
+            ])
+            .await,
+        );
+    }
+    let mut ann = nodes[1].member("ann", "r").await;
+    let (st, v) = post(&nodes[0], "/api/v1/users/ann/ban", json!({"reason": "x"})).await;
+    assert_eq!(st, 200, "{v}");
+    let (closed, _) = ann.expect_close(Duration::from_secs(2)).await;
+    assert_eq!(closed, Closed::Code(4003));
+    let (reply, closed) = hello_as(&nodes[1], "ann").await;
+    assert_eq!(reply["type"], "error", "{reply}");
+    assert_eq!(closed, Some(Closed::Code(4001)));
+    // A node started after the ban reads it from the shared store.
+    let late = Server::start(&[
+        "--database-url",
+        &url,
+        "--redis-url",
+        &redis.url(),
+        "--node-id",
+        "c",
+        "--api-key",
+        KEY,
+    ])
+    .await;
+    assert_eq!(hello_as(&late, "ann").await.0["type"], "error");
+    let (st, _) = delete(&nodes[0], "/api/v1/users/ann/ban").await;
+    assert_eq!(st, 200);
+    // The lifting reaches node b through the broker, promptly.
+    let mut reply = Value::Null;
+    for _ in 0..20 {
+        reply = hello_as(&nodes[1], "ann").await.0;
+        if reply["type"] == "welcome" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(reply["type"], "welcome", "{reply}");
+}
+
 #[test]
 fn the_openapi_document_is_valid_openapi_3_1() {
     let doc = concat!(env!("CARGO_MANIFEST_DIR"), "/src/api/openapi.json");

@@ -8,7 +8,7 @@
 use super::{Api, ApiError, json};
 use crate::hub::{Outgoing, Receipt, Submitter};
 use crate::message::ChannelKey;
-use crate::protocol::api::{Closed, Posted, RoomEntry, RoomsPage, UserStatus};
+use crate::protocol::api::{Banned, Closed, Posted, RoomEntry, RoomsPage, Unbanned, UserStatus};
 use crate::protocol::events::{History, Presence, message_refs};
 use crate::protocol::{
     self, DEFAULT_HISTORY, ErrorCode, MAX_CLIENT_ID_CHARS, MAX_HISTORY, MAX_PRESENCE_PAGE,
@@ -20,7 +20,7 @@ use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use axum::routing::{MethodRouter, get, post};
+use axum::routing::{MethodRouter, delete, get, post};
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::oneshot;
@@ -42,6 +42,8 @@ fn table() -> Vec<(&'static str, &'static str, MethodRouter<Api>)> {
         ("GET", "/users/{user}", get(user_status)),
         ("POST", "/users/{user}/messages", post(post_direct)),
         ("POST", "/users/{user}/disconnect", post(disconnect)),
+        ("POST", "/users/{user}/ban", post(ban)),
+        ("DELETE", "/users/{user}/ban", delete(unban)),
     ]
 }
 
@@ -353,4 +355,40 @@ async fn disconnect(
     let closed = api.state.hub.disconnect_user(&user, &reason).await?;
     tracing::info!(user, closed, "disconnected through the server API");
     Ok(json(StatusCode::OK, protocol::encode(&Closed { closed })))
+}
+
+async fn ban(
+    State(api): State<Api>,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let user = user_of(path)?;
+    let body = body_of(body)?;
+    let (until, reason) = protocol::parse_api_ban(&body, crate::hub::now_ms())?;
+    let closed = api
+        .state
+        .hub
+        .ban(&user, until, reason.as_deref().unwrap_or(""))
+        .await?;
+    tracing::info!(user, ?until, closed, "banned through the server API");
+    let body = Banned {
+        user: &user,
+        until,
+        closed,
+    };
+    Ok(json(StatusCode::OK, protocol::encode(&body)))
+}
+
+async fn unban(
+    State(api): State<Api>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let user = user_of(path)?;
+    let lifted = api.state.hub.unban(&user).await?;
+    tracing::info!(user, lifted, "ban lifted through the server API");
+    let body = Unbanned {
+        user: &user,
+        lifted,
+    };
+    Ok(json(StatusCode::OK, protocol::encode(&body)))
 }

@@ -62,6 +62,11 @@ pub enum Inbound {
     },
     /// Close every connection of `user` here (the server API's disconnect).
     Disconnect { user: String, reason: String },
+    /// `user` is banned until `until` (ms; None: until lifted), or no longer (None).
+    Ban {
+        user: String,
+        ban: Option<(Option<i64>, String)>,
+    },
 }
 
 /// The other live node instances' presence in one room: user -> (display name,
@@ -75,6 +80,8 @@ pub enum Topic<'a> {
     Room(&'a str),
     /// A user's direct messages.
     User(&'a str),
+    /// Orders for every node (bans).
+    Control,
 }
 
 pub enum Broker {
@@ -199,6 +206,15 @@ impl Broker {
         }
     }
 
+    /// Tell the other nodes about a ban (`Some((until ms or 0, reason))`) or its
+    /// lifting (None). An error: they could not be told.
+    pub async fn ban(&self, user: &str, ban: Option<(i64, &str)>) -> Result<(), BrokerError> {
+        match self {
+            Broker::Local => Ok(()),
+            Broker::Redis(r) => r.ban(user, ban).await,
+        }
+    }
+
     /// Announce that `user` is (`on`) or no longer is in `room` on this node.
     pub fn announce_presence(&self, room: &str, user: &str, name: &str, on: bool) {
         if let Broker::Redis(r) = self {
@@ -233,8 +249,12 @@ fn channel_of(topic: Topic<'_>) -> String {
     match topic {
         Topic::Room(r) => room_channel(r),
         Topic::User(u) => user_channel(u),
+        Topic::Control => CONTROL_CHANNEL.to_owned(),
     }
 }
+
+/// The channel every node subscribes to for cluster-wide orders.
+pub const CONTROL_CHANNEL: &str = "hubbub:ctl";
 
 /// The Redis channel of a room.
 pub fn room_channel(room: &str) -> String {
@@ -285,6 +305,12 @@ pub enum Kind {
     /// Close a user's connections (`c` and `from`: the user, `text`: the reason).
     #[serde(rename = "x")]
     Disconnect,
+    /// A ban of `from` until `ts` (0: until lifted), `text` the reason.
+    #[serde(rename = "b")]
+    Ban,
+    /// `from`'s ban is lifted.
+    #[serde(rename = "ub")]
+    Unban,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -363,6 +389,14 @@ impl Envelope {
             Kind::Disconnect => Some(Inbound::Disconnect {
                 user: self.from,
                 reason: self.text,
+            }),
+            Kind::Ban => Some(Inbound::Ban {
+                user: self.from,
+                ban: Some(((self.ts > 0).then_some(self.ts), self.text)),
+            }),
+            Kind::Unban => Some(Inbound::Ban {
+                user: self.from,
+                ban: None,
             }),
         }
     }

@@ -474,6 +474,24 @@ impl RedisBroker {
         Ok(())
     }
 
+    /// Tell every node (all subscribe to the control channel) about a ban
+    /// (`until` 0: until lifted) or, with `ban` false, its lifting.
+    pub async fn ban(&self, user: &str, ban: Option<(i64, &str)>) -> Result<(), BrokerError> {
+        let kind = if ban.is_some() {
+            Kind::Ban
+        } else {
+            Kind::Unban
+        };
+        let mut env = Envelope::event(kind, &self.inbound.inst, "", user, "");
+        if let Some((until, reason)) = ban {
+            env.ts = until;
+            env.text = reason.to_owned();
+        }
+        let cmd = self.publish_cmd(super::CONTROL_CHANNEL, &encode(&env));
+        self.conn.clone().query::<i64>(&cmd).await?;
+        Ok(())
+    }
+
     /// Record that `user` is (`on`) or is no longer in `room` on this node, and tell
     /// the other nodes. Written in order by one task; when its queue (`PRESENCE_QUEUE`) is full the change is left to the next reconciliation.
     pub fn presence(&self, room: &str, user: &str, name: &str, on: bool) {

@@ -159,6 +159,9 @@ pub struct Hub {
     store_failing: AtomicBool,
     /// The committer and the upkeep tasks, taken by [`Hub::stop`].
     tasks: Mutex<Option<upkeep::Tasks>>,
+    /// Banned users (the store's bans, kept current by the broker): user ->
+    /// (until in ms, None: until lifted; reason).
+    bans: Mutex<HashMap<String, (Option<i64>, String)>>,
 }
 
 impl Hub {
@@ -182,6 +185,7 @@ impl Hub {
             metrics,
             store_failing: AtomicBool::new(false),
             tasks: Mutex::new(None),
+            bans: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&hub);
         hub.broker.set_sink(move |event| {
@@ -409,7 +413,9 @@ impl Hub {
                 on,
             } => self.on_remote_presence(&room, &user, &name, &inst, on),
             Inbound::Typing { room, user, name } => self.typing_local(&room, &user, &name),
-            other @ Inbound::Disconnect { .. } => self.on_operator_inbound(other),
+            other @ (Inbound::Disconnect { .. } | Inbound::Ban { .. }) => {
+                self.on_operator_inbound(other);
+            }
         }
     }
 }

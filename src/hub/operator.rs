@@ -175,13 +175,110 @@ impl Hub {
 
     /// The broker's events for this module.
     pub(super) fn on_operator_inbound(&self, event: Inbound) {
-        if let Inbound::Disconnect { user, reason } = event {
-            let n = self.disconnect_here(&user, &reason);
-            tracing::info!(
+        match event {
+            Inbound::Disconnect { user, reason } => {
+                let n = self.disconnect_here(&user, &reason);
+                tracing::info!(
+                    user,
+                    closed = n,
+                    "disconnected by the server API on another node"
+                );
+            }
+            Inbound::Ban {
                 user,
-                closed = n,
-                "disconnected by the server API on another node"
-            );
+                ban: Some(ban),
+            } => {
+                lock(&self.bans).insert(user.clone(), ban.clone());
+                self.disconnect_here(&user, &ban_reason(&ban.1));
+            }
+            Inbound::Ban { user, ban: None } => {
+                lock(&self.bans).remove(&user);
+            }
+            _ => {}
         }
+    }
+
+    /// Read the stored bans and follow the cluster's changes to them (on one node,
+    /// there are none but our own). Call once, before serving.
+    pub async fn load_bans(&self) -> Result<(), crate::store::StoreError> {
+        self.broker.subscribe(crate::broker::Topic::Control).await;
+        let stored = self.store.bans().await?;
+        let mut bans = lock(&self.bans);
+        for (user, until, reason) in stored {
+            bans.insert(user, (until, reason));
+        }
+        Ok(())
+    }
+
+    /// Why `user` may not say `hello`, if they are banned now.
+    pub fn banned(&self, user: &str) -> Option<String> {
+        let bans = lock(&self.bans);
+        let (until, reason) = bans.get(user)?;
+        if until.is_some_and(|u| u <= super::now_ms()) {
+            return None;
+        }
+        Some(ban_reason(reason))
+    }
+
+    /// Ban `user` until `until` (ms; None: until lifted), durably, on every node:
+    /// stored first, then their connections are closed here and on the other nodes.
+    /// Returns how many were closed here.
+    pub async fn ban(
+        &self,
+        user: &str,
+        until: Option<i64>,
+        reason: &str,
+    ) -> Result<usize, CommandError> {
+        self.store.put_ban(user, until, reason).await.map_err(|e| {
+            tracing::error!(error = %e, "storing a ban failed");
+            CommandError::new(
+                ErrorCode::Unavailable,
+                "the store is unavailable; nothing was banned",
+            )
+        })?;
+        // In the cache before the sweep, so a hello racing this call is either
+        // registered (and closed by the sweep) or refused by the cache.
+        lock(&self.bans).insert(user.to_owned(), (until, reason.to_owned()));
+        let closed = self.disconnect_here(user, &ban_reason(reason));
+        self.broker
+            .ban(user, Some((until.unwrap_or(0), reason)))
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "telling the other nodes about a ban failed");
+                CommandError::new(
+                    ErrorCode::Unavailable,
+                    "banned and stored here, but the other nodes could not be told (broker unreachable); repeat the call",
+                )
+            })?;
+        Ok(closed)
+    }
+
+    /// Lift `user`'s ban everywhere; false if there was none.
+    pub async fn unban(&self, user: &str) -> Result<bool, CommandError> {
+        let existed = self.store.delete_ban(user).await.map_err(|e| {
+            tracing::error!(error = %e, "lifting a ban failed");
+            CommandError::new(
+                ErrorCode::Unavailable,
+                "the store is unavailable; the ban stands",
+            )
+        })?;
+        lock(&self.bans).remove(user);
+        self.broker.ban(user, None).await.map_err(|e| {
+            tracing::warn!(error = %e, "telling the other nodes about an unban failed");
+            CommandError::new(
+                ErrorCode::Unavailable,
+                "lifted here, but the other nodes could not be told (broker unreachable); repeat the call",
+            )
+        })?;
+        Ok(existed)
+    }
+}
+
+/// What a banned user is told (in `closing`, and in the `error` at `hello`).
+fn ban_reason(reason: &str) -> String {
+    if reason.is_empty() {
+        "banned".to_owned()
+    } else {
+        format!("banned: {reason}")
     }
 }

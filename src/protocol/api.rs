@@ -88,3 +88,22 @@ pub struct UserStatus<'a> {
 pub struct Closed {
     pub closed: usize,
 }
+
+/// `POST /users/{user}/ban`.
+#[derive(Serialize)]
+pub struct Banned<'a> {
+    pub user: &'a str,
+    /// When it ends (ms); absent: until lifted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<i64>,
+    /// Connections closed on the answering node.
+    pub closed: usize,
+}
+
+/// `DELETE /users/{user}/ban`.
+#[derive(Serialize)]
+pub struct Unbanned<'a> {
+    pub user: &'a str,
+    /// False when there was no ban to lift.
+    pub lifted: bool,
+}

@@ -188,6 +188,32 @@ pub fn parse_api_reason(body: &[u8]) -> Result<Option<String>, CommandError> {
     Ok(reason)
 }
 
+/// The body of `POST /users/{user}/ban`: optional `until` (ms since the epoch, in
+/// the future) and `reason`. An empty body bans until lifted, without a reason.
+pub fn parse_api_ban(
+    body: &[u8],
+    now_ms: i64,
+) -> Result<(Option<i64>, Option<String>), CommandError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok((None, None));
+    }
+    let reason = parse_api_reason(body)?;
+    let obj = api_object(body)?;
+    let until = match obj.get("until") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => match n.as_i64() {
+            Some(t) if t > now_ms => Some(t),
+            _ => {
+                return Err(CommandError::bad_request(
+                    "until must be a time in the future, in ms since the Unix epoch",
+                ));
+            }
+        },
+        Some(_) => return Err(CommandError::bad_request("until must be a number (ms)")),
+    };
+    Ok((until, reason))
+}
+
 /// Longest `reason` an API call may give (it reaches clients in `closing`/`left`).
 pub const MAX_REASON_CHARS: usize = 200;
 

@@ -157,6 +157,14 @@ impl Session {
         self.batch = batch;
         // Reachable for direct messages (on every node) before `welcome` goes out.
         self.state.hub.register(&conn).await;
+        // Checked once registered: a ban that lands meanwhile either is seen here or
+        // finds this connection registered and closes it.
+        if let Some(why) = self.state.hub.banned(&conn.user) {
+            self.state.hub.unregister(&conn, std::iter::empty::<&str>());
+            tracing::info!(conn = self.id, "hello refused: banned");
+            self.reply_error(id, &CommandError::new(ErrorCode::Unauthorized, why));
+            return Some(Exit::close(close::UNAUTHORIZED, "banned"));
+        }
         let cfg = &self.state.config;
         self.reply(protocol::reply(
             "welcome",

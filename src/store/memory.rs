@@ -15,6 +15,8 @@ pub struct MemoryStore {
     ring: usize,
     /// std Mutex: every operation is a short in-memory copy, never held across await.
     channels: Mutex<HashMap<ChannelKey, VecDeque<Arc<StoredMessage>>>>,
+    /// Bans live as long as the process, like the history.
+    bans: Mutex<HashMap<String, (Option<i64>, String)>>,
 }
 
 impl MemoryStore {
@@ -23,6 +25,7 @@ impl MemoryStore {
             epoch: new_epoch(),
             ring: ring.max(1),
             channels: Mutex::new(HashMap::new()),
+            bans: Mutex::new(HashMap::new()),
         }
     }
 
@@ -113,5 +116,25 @@ impl MemoryStore {
         out.sort();
         out.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
         out
+    }
+
+    fn bans_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Option<i64>, String)>> {
+        self.bans.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn bans(&self) -> Vec<(String, Option<i64>, String)> {
+        self.bans_lock()
+            .iter()
+            .map(|(u, (until, reason))| (u.clone(), *until, reason.clone()))
+            .collect()
+    }
+
+    pub fn put_ban(&self, user: &str, until: Option<i64>, reason: &str) {
+        self.bans_lock()
+            .insert(user.to_owned(), (until, reason.to_owned()));
+    }
+
+    pub fn delete_ban(&self, user: &str) -> bool {
+        self.bans_lock().remove(user).is_some()
     }
 }

@@ -206,6 +206,41 @@ impl Store {
             .collect()
     }
 
+    /// Every stored ban: (user, until in ms or None for "until lifted", reason).
+    pub async fn bans(&self) -> Result<Vec<(String, Option<i64>, String)>, StoreError> {
+        match self {
+            Store::Local(LocalStore::Sqlite(s)) => s.bans().await,
+            Store::Local(LocalStore::Memory(s)) => Ok(s.bans()),
+            Store::Shared(s) => s.bans().await,
+        }
+    }
+
+    /// Store (or replace) a user's ban.
+    pub async fn put_ban(
+        &self,
+        user: &str,
+        until: Option<i64>,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Local(LocalStore::Sqlite(s)) => s.put_ban(user, until, reason).await,
+            Store::Local(LocalStore::Memory(s)) => {
+                s.put_ban(user, until, reason);
+                Ok(())
+            }
+            Store::Shared(s) => s.put_ban(user, until, reason).await,
+        }
+    }
+
+    /// Lift a user's ban; true if there was one.
+    pub async fn delete_ban(&self, user: &str) -> Result<bool, StoreError> {
+        match self {
+            Store::Local(LocalStore::Sqlite(s)) => s.delete_ban(user).await,
+            Store::Local(LocalStore::Memory(s)) => Ok(s.delete_ban(user)),
+            Store::Shared(s) => s.delete_ban(user).await,
+        }
+    }
+
     /// The newest `limit` messages with `seq < before` (all if `before` is None),
     /// ascending.
     pub async fn latest(

@@ -320,6 +320,40 @@ impl PgStore {
         .await?)
     }
 
+    /// Every ban: (user, until in ms or None, reason).
+    pub async fn bans(&self) -> Result<Vec<(String, Option<i64>, String)>, StoreError> {
+        Ok(sqlx::query_as("SELECT user_id, until_ms, reason FROM bans")
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    pub async fn put_ban(
+        &self,
+        user: &str,
+        until: Option<i64>,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO bans (user_id, until_ms, reason) VALUES ($1, $2, $3) \
+             ON CONFLICT (user_id) DO UPDATE SET until_ms = excluded.until_ms, reason = excluded.reason",
+        )
+        .bind(user)
+        .bind(until)
+        .bind(reason)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// True if there was a ban to lift.
+    pub async fn delete_ban(&self, user: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM bans WHERE user_id = $1")
+            .bind(user)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
     pub async fn check(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
