@@ -826,6 +826,82 @@ async fn on_a_cluster_a_ban_on_one_node_closes_and_refuses_the_user_on_another()
     assert_eq!(reply["type"], "welcome", "{reply}");
 }
 
+#[tokio::test]
+async fn a_removed_member_gets_left_with_the_reason_and_may_rejoin() {
+    let s = api_server(&[]).await;
+    let mut ann = s.member("ann", "r").await;
+    let mut bob = s.member("bob", "r").await;
+    let (st, v) = post(
+        &s,
+        "/api/v1/rooms/r/members/ann/remove",
+        json!({"reason": "off topic"}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["removed"], 1);
+    let left = ann.recv_type("left").await;
+    assert_eq!(left["room"], "r");
+    assert_eq!(left["reason"], "off topic");
+    assert!(left.get("id").is_none(), "not a reply to a command: {left}");
+    let ev = bob.recv_type("member").await;
+    assert_eq!(
+        (ev["user"].as_str(), ev["event"].as_str()),
+        (Some("ann"), Some("leave"))
+    );
+
+    let refused = ann
+        .request(json!({"type": "send", "room": "r", "text": "hi"}))
+        .await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert_eq!(refused["code"], "not_joined");
+    let j = ann.request(json!({"type": "join", "room": "r"})).await;
+    assert_eq!(j["type"], "joined", "removal is not a ban: {j}");
+}
+
+#[tokio::test]
+async fn removing_someone_who_is_not_in_the_room_removes_nobody() {
+    let s = api_server(&[]).await;
+    let _ann = s.member("ann", "other").await;
+    let (st, v) = post(&s, "/api/v1/rooms/r/members/ann/remove", json!({})).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["removed"], 0);
+    let (_, u) = get(&s, "/api/v1/users/ann").await;
+    assert_eq!(u["rooms"], json!(["other"]));
+}
+
+#[tokio::test]
+async fn on_a_cluster_a_remove_on_one_node_takes_the_user_out_on_another() {
+    let db = Database::create();
+    let redis = Redis::start();
+    let url = db.url();
+    let mut nodes = Vec::new();
+    for id in ["a", "b"] {
+        nodes.push(
+            Server::start(&[
+                "--database-url",
+                &url,
+                "--redis-url",
+                &redis.url(),
+                "--node-id",
+                id,
+                "--api-key",
+                KEY,
+            ])
+            .await,
+        );
+    }
+    let mut ann = nodes[1].member("ann", "r").await;
+    let (st, v) = post(
+        &nodes[0],
+        "/api/v1/rooms/r/members/ann/remove",
+        json!({"reason": "x"}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let left = ann.recv_type("left").await;
+    assert_eq!(left["reason"], "x");
+}
+
 #[test]
 fn the_openapi_document_is_valid_openapi_3_1() {
     let doc = concat!(env!("CARGO_MANIFEST_DIR"), "/src/api/openapi.json");

@@ -8,7 +8,9 @@
 use super::{Api, ApiError, json};
 use crate::hub::{Outgoing, Receipt, Submitter};
 use crate::message::ChannelKey;
-use crate::protocol::api::{Banned, Closed, Posted, RoomEntry, RoomsPage, Unbanned, UserStatus};
+use crate::protocol::api::{
+    Banned, Closed, Posted, Removed, RoomEntry, RoomsPage, Unbanned, UserStatus,
+};
 use crate::protocol::events::{History, Presence, message_refs};
 use crate::protocol::{
     self, DEFAULT_HISTORY, ErrorCode, MAX_CLIENT_ID_CHARS, MAX_HISTORY, MAX_PRESENCE_PAGE,
@@ -42,6 +44,11 @@ fn table() -> Vec<(&'static str, &'static str, MethodRouter<Api>)> {
         ("GET", "/users/{user}", get(user_status)),
         ("POST", "/users/{user}/messages", post(post_direct)),
         ("POST", "/users/{user}/disconnect", post(disconnect)),
+        (
+            "POST",
+            "/rooms/{room}/members/{user}/remove",
+            post(remove_member),
+        ),
         ("POST", "/users/{user}/ban", post(ban)),
         ("DELETE", "/users/{user}/ban", delete(unban)),
     ]
@@ -391,4 +398,26 @@ async fn unban(
         lifted,
     };
     Ok(json(StatusCode::OK, protocol::encode(&body)))
+}
+
+async fn remove_member(
+    State(api): State<Api>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let Path((room, user)) =
+        path.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
+    let room = room_of(Ok(Path(room)))?;
+    let user = user_of(Ok(Path(user)))?;
+    let body = body_of(body)?;
+    let reason =
+        protocol::parse_api_reason(&body)?.unwrap_or_else(|| "removed by the server".to_owned());
+    let removed = api.state.hub.remove_member(&room, &user, &reason).await?;
+    tracing::info!(
+        room,
+        user,
+        removed,
+        "removed from a room through the server API"
+    );
+    Ok(json(StatusCode::OK, protocol::encode(&Removed { removed })))
 }

@@ -62,6 +62,12 @@ pub enum Inbound {
     },
     /// Close every connection of `user` here (the server API's disconnect).
     Disconnect { user: String, reason: String },
+    /// Take `user`'s connections here out of `room` (the server API's remove).
+    Remove {
+        room: String,
+        user: String,
+        reason: String,
+    },
     /// `user` is banned until `until` (ms; None: until lifted), or no longer (None).
     Ban {
         user: String,
@@ -206,6 +212,19 @@ impl Broker {
         }
     }
 
+    /// Tell the other nodes to take `user` out of `room` (nothing to do on one node).
+    pub async fn remove_member(
+        &self,
+        room: &str,
+        user: &str,
+        reason: &str,
+    ) -> Result<(), BrokerError> {
+        match self {
+            Broker::Local => Ok(()),
+            Broker::Redis(r) => r.remove_member(room, user, reason).await,
+        }
+    }
+
     /// Tell the other nodes about a ban (`Some((until ms or 0, reason))`) or its
     /// lifting (None). An error: they could not be told.
     pub async fn ban(&self, user: &str, ban: Option<(i64, &str)>) -> Result<(), BrokerError> {
@@ -311,6 +330,9 @@ pub enum Kind {
     /// `from`'s ban is lifted.
     #[serde(rename = "ub")]
     Unban,
+    /// Take `from`'s connections out of room `c` (`text`: the reason).
+    #[serde(rename = "rm")]
+    Remove,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -397,6 +419,11 @@ impl Envelope {
             Kind::Unban => Some(Inbound::Ban {
                 user: self.from,
                 ban: None,
+            }),
+            Kind::Remove => Some(Inbound::Remove {
+                room: self.c,
+                user: self.from,
+                reason: self.text,
             }),
         }
     }

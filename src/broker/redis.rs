@@ -474,6 +474,20 @@ impl RedisBroker {
         Ok(())
     }
 
+    /// Tell every node holding a connection of `user` to take it out of `room`.
+    pub async fn remove_member(
+        &self,
+        room: &str,
+        user: &str,
+        reason: &str,
+    ) -> Result<(), BrokerError> {
+        let mut env = Envelope::event(Kind::Remove, &self.inbound.inst, room, user, "");
+        env.text = reason.to_owned();
+        let cmd = self.publish_cmd(&user_channel(user), &encode(&env));
+        self.conn.clone().query::<i64>(&cmd).await?;
+        Ok(())
+    }
+
     /// Tell every node (all subscribe to the control channel) about a ban
     /// (`until` 0: until lifted) or, with `ban` false, its lifting.
     pub async fn ban(&self, user: &str, ban: Option<(i64, &str)>) -> Result<(), BrokerError> {

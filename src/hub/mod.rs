@@ -413,7 +413,7 @@ impl Hub {
                 on,
             } => self.on_remote_presence(&room, &user, &name, &inst, on),
             Inbound::Typing { room, user, name } => self.typing_local(&room, &user, &name),
-            other @ (Inbound::Disconnect { .. } | Inbound::Ban { .. }) => {
+            other @ (Inbound::Disconnect { .. } | Inbound::Ban { .. } | Inbound::Remove { .. }) => {
                 self.on_operator_inbound(other);
             }
         }

@@ -148,6 +148,50 @@ impl Hub {
         (connections, rooms)
     }
 
+    /// Take `user` out of `room` here and, through the broker, on every node: each
+    /// of their connections in the room leaves it (others see `member leave`) and
+    /// gets `left` with `reason`. Returns how many connections left here.
+    pub async fn remove_member(
+        &self,
+        room: &str,
+        user: &str,
+        reason: &str,
+    ) -> Result<usize, CommandError> {
+        let here = self.remove_here(room, user, reason);
+        self.broker
+            .remove_member(room, user, reason)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "telling the other nodes to remove a member failed");
+                CommandError::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "removed {here} connection(s) on this node, but the other nodes could not be told (broker unreachable); retry"
+                    ),
+                )
+            })?;
+        Ok(here)
+    }
+
+    fn remove_here(&self, room: &str, user: &str, reason: &str) -> usize {
+        let frame = crate::ws::Text::from(crate::protocol::reply(
+            "left",
+            None,
+            crate::protocol::events::Left {
+                room,
+                reason: Some(reason),
+            },
+        ));
+        let mut n = 0;
+        for c in self.registry.conns(user) {
+            if self.leave(&c, room) {
+                c.outbox.removed_from(room, frame.clone());
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Close every connection of `user` with `closing` (the reason) and 4003: here
     /// at once, on the other nodes through the broker. Returns how many were
     /// closed here.
@@ -193,6 +237,9 @@ impl Hub {
             }
             Inbound::Ban { user, ban: None } => {
                 lock(&self.bans).remove(&user);
+            }
+            Inbound::Remove { room, user, reason } => {
+                self.remove_here(&room, &user, &reason);
             }
             _ => {}
         }

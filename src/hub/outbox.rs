@@ -27,8 +27,14 @@ struct Inner {
     frames: VecDeque<Text>,
     bytes: usize,
     overflowed: bool,
+    /// Frames were queued quietly since the session was last woken: the next
+    /// waking push must wake it even though the queue is not empty.
+    unwoken: bool,
     /// The server closes this connection (its drain, or the server API).
     closing: Option<CloseOrder>,
+    /// Rooms the server took this connection out of (the server API), for the
+    /// session to forget.
+    removed: Vec<Box<str>>,
 }
 
 /// The server's order to close a connection: with this close code, after a
@@ -58,6 +64,8 @@ pub struct Overflowed;
 pub struct Taken {
     pub frames: VecDeque<Text>,
     pub closing: Option<CloseOrder>,
+    /// Rooms the server took the connection out of since the last take.
+    pub removed: Vec<Box<str>>,
 }
 
 impl Outbox {
@@ -91,7 +99,10 @@ impl Outbox {
 
     /// Wake the session if frames are waiting (after [`Outbox::push_quiet`]).
     pub fn wake(&self) {
-        if !self.lock().frames.is_empty() {
+        let mut g = self.lock();
+        g.unwoken = false;
+        if !g.frames.is_empty() {
+            drop(g);
             self.notify.notify_one();
         }
     }
@@ -114,11 +125,15 @@ impl Outbox {
             self.notify.notify_one();
             return false;
         }
-        let was_empty = g.frames.is_empty();
+        // A waking push into a non-empty queue need not wake the session again:
+        // the push that made it non-empty did, unless that one (or a later one)
+        // was quiet.
+        let must_wake = wake && (g.frames.is_empty() || g.unwoken);
+        g.unwoken = !wake && (g.frames.is_empty() || g.unwoken);
         g.bytes += len;
         g.frames.push_back(frame);
         drop(g);
-        if was_empty && wake {
+        if must_wake {
             self.notify.notify_one();
         }
         true
@@ -133,9 +148,11 @@ impl Outbox {
             return Err(Overflowed);
         }
         g.bytes = 0;
+        g.unwoken = false;
         Ok(Taken {
             frames: std::mem::take(&mut g.frames),
             closing: g.closing.clone(),
+            removed: std::mem::take(&mut g.removed),
         })
     }
 
@@ -149,6 +166,15 @@ impl Outbox {
         } else {
             g.closing.clone().map(Alarm::Closing)
         }
+    }
+
+    /// Tell the session it is no longer in `room` (after `frame`, its `left`, which
+    /// is queued like any frame). False if the queue has overflowed.
+    pub fn removed_from(&self, room: &str, frame: Text) -> bool {
+        let mut g = self.lock();
+        g.removed.push(room.into());
+        drop(g);
+        self.push(frame)
     }
 
     /// Ask the session to close (the server is shutting down). Wakes it like a push.
@@ -246,10 +272,21 @@ mod tests {
             o.take(),
             Ok(Taken {
                 frames: VecDeque::from([Text::from("a"), Text::from("b")]),
-                closing: None
+                closing: None,
+                removed: Vec::new(),
             })
         );
         assert!(o.push("c".into()), "drained queue accepts again");
+    }
+
+    #[tokio::test]
+    async fn a_waking_push_after_a_quiet_one_wakes_the_session() {
+        let o = Outbox::new(10, 1 << 20);
+        assert!(o.push_quiet(Text::from("member".to_owned())));
+        assert!(o.push(Text::from("message".to_owned())));
+        tokio::time::timeout(std::time::Duration::from_secs(1), o.notified())
+            .await
+            .expect("the message does not wait for the presence tick");
     }
 
     #[tokio::test]

@@ -107,3 +107,10 @@ pub struct Unbanned<'a> {
     /// False when there was no ban to lift.
     pub lifted: bool,
 }
+
+/// `POST /rooms/{room}/members/{user}/remove`.
+#[derive(Serialize)]
+pub struct Removed {
+    /// Connections taken out of the room on the answering node.
+    pub removed: usize,
+}

@@ -60,6 +60,10 @@ pub struct Joined<'a> {
 #[derive(Serialize)]
 pub struct Left<'a> {
     pub room: &'a str,
+    /// Why the server took the connection out of the room (1.1); absent on the
+    /// reply to the client's own `leave`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'a str>,
 }
 
 /// `ack`: a `send` or `direct` is stored (and published to every node).

@@ -250,7 +250,14 @@ impl Session {
                 self.joined(&room)?;
                 hub.leave(&conn, &room);
                 self.rooms.retain(|r| **r != *room);
-                self.reply(protocol::reply("left", id, Left { room: &room }));
+                self.reply(protocol::reply(
+                    "left",
+                    id,
+                    Left {
+                        room: &room,
+                        reason: None,
+                    },
+                ));
                 Ok(())
             }
             Command::Send {

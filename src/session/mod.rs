@@ -250,8 +250,15 @@ impl Session {
     /// Move queued frames to the socket, joining them with newlines when the
     /// client asked for batches. Records how deep the queue was (frames written
     /// together). Returns the server's order to close, if it gave one.
-    fn take_outbox(&self, ws: &mut Socket) -> Result<Option<CloseOrder>, Overflowed> {
-        let Taken { frames, closing } = self.outbox.take()?;
+    fn take_outbox(&mut self, ws: &mut Socket) -> Result<Option<CloseOrder>, Overflowed> {
+        let Taken {
+            frames,
+            closing,
+            removed,
+        } = self.outbox.take()?;
+        for room in removed {
+            self.rooms.retain(|r| *r != room);
+        }
         if frames.is_empty() {
             return Ok(closing);
         }
