@@ -83,6 +83,9 @@ impl RoomAccess {
 }
 
 /// Verifies `hello` credentials.
+/// The user-id prefix of guests on a server that accepts tokens as well.
+pub const GUEST_PREFIX: &str = "guest:";
+
 pub struct Authenticator {
     keys: Vec<(DecodingKey, Validation)>,
     guests: bool,
@@ -129,8 +132,16 @@ impl Authenticator {
                 if !self.guests {
                     return Err(AuthError::GuestsDisabled);
                 }
+                // With tokens accepted too, guests live in their own namespace, so
+                // a guest named like a token user can never become that user
+                // (PROTOCOL.md 1.1, "Identities").
+                let user = if self.keys.is_empty() {
+                    name.to_owned()
+                } else {
+                    format!("{GUEST_PREFIX}{name}")
+                };
                 Ok(Identity {
-                    user: name.to_owned(),
+                    user,
                     name: name.to_owned(),
                     exp: None,
                     rooms: RoomAccess::All,
@@ -155,8 +166,16 @@ impl Authenticator {
             match jsonwebtoken::decode::<Claims>(token, key, validation) {
                 Ok(data) => {
                     let c = data.claims;
-                    if c.sub.is_empty() {
-                        return Err(AuthError::InvalidToken("empty sub".into()));
+                    if !crate::protocol::valid_user_id(&c.sub) {
+                        return Err(AuthError::InvalidToken(
+                            "sub must be 1-256 characters, no control characters, not only spaces"
+                                .into(),
+                        ));
+                    }
+                    if self.guests && c.sub.starts_with(GUEST_PREFIX) {
+                        return Err(AuthError::InvalidToken(format!(
+                            "sub may not start with {GUEST_PREFIX:?} on a server that also admits guests"
+                        )));
                     }
                     return Ok(Identity {
                         name: c
@@ -191,6 +210,8 @@ fn validation(algs: &[Algorithm]) -> Validation {
     v.required_spec_claims.clear();
     v.required_spec_claims.insert("sub".into());
     v.validate_exp = true;
+    // A token not valid yet is refused like an expired one (1.1).
+    v.validate_nbf = true;
     v.validate_aud = false;
     v
 }

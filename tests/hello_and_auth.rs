@@ -312,3 +312,96 @@ async fn hubbub_guests_false_in_the_environment_turns_guests_off() {
     let e = c.request(json!({"type": "hello", "name": "guest"})).await;
     assert_eq!(e["code"], "unauthorized");
 }
+
+/// A token hello that must be refused: `unauthorized`, then 4001.
+async fn expect_token_refused(s: &Server, token: &str) {
+    let mut c = s.client().await;
+    let e = c.request(json!({"type": "hello", "token": token})).await;
+    assert_eq!(e["type"], "error", "{e}");
+    assert_eq!(e["code"], "unauthorized", "{e}");
+    assert_eq!(
+        c.expect_close(Duration::from_secs(5)).await.0,
+        Closed::Code(4001)
+    );
+}
+
+#[tokio::test]
+async fn with_tokens_and_guests_a_guest_named_like_a_token_user_is_not_that_user() {
+    // The attack of issue 13: a guest says hello with a token user's id as its name.
+    let s = Server::start(&["--jwt-secret", "s3cret", "--guests"]).await;
+    let t = jwt_hs256("s3cret", json!({"sub": "alice", "exp": now_secs() + 60}));
+    let mut alice = s.client().await;
+    let w = alice.request(json!({"type": "hello", "token": t})).await;
+    assert_eq!(w["user"], "alice", "{w}");
+    let mut bob = s.guest("bob").await;
+    let ack = alice
+        .request(json!({"type": "direct", "to": "guest:bob", "text": "for bob only"}))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let _ = bob.recv_type("message").await;
+
+    let mut fake = s.client().await;
+    let w = fake
+        .request(json!({"type": "hello", "name": "alice"}))
+        .await;
+    assert_eq!(w["type"], "welcome", "{w}");
+    assert_eq!(
+        w["user"], "guest:alice",
+        "a guest's id is in the guests' namespace"
+    );
+    assert_eq!(w["name"], "alice", "its display name is what it asked for");
+    let h = fake
+        .request(json!({"type": "history", "dm": "guest:bob"}))
+        .await;
+    assert_eq!(h["type"], "history", "{h}");
+    assert_eq!(h["messages"], json!([]), "alice's DMs stay alice's: {h}");
+}
+
+#[tokio::test]
+async fn with_tokens_and_guests_a_token_whose_sub_starts_with_guest_is_refused() {
+    let s = Server::start(&["--jwt-secret", "k", "--guests"]).await;
+    expect_token_refused(&s, &jwt_hs256("k", json!({"sub": "guest:bob"}))).await;
+}
+
+#[tokio::test]
+async fn on_a_token_only_server_a_guest_prefixed_sub_is_an_ordinary_user() {
+    let s = Server::start(&["--jwt-secret", "k"]).await;
+    let mut c = s.client().await;
+    let t = jwt_hs256("k", json!({"sub": "guest:bob"}));
+    let w = c.request(json!({"type": "hello", "token": t})).await;
+    assert_eq!(
+        w["type"], "welcome",
+        "no guests here to be confused with: {w}"
+    );
+}
+
+#[tokio::test]
+async fn on_a_guest_only_server_a_guests_user_id_is_its_name() {
+    let s = Server::start(&[]).await;
+    let mut c = s.client().await;
+    let w = c.request(json!({"type": "hello", "name": "alice"})).await;
+    assert_eq!(w["user"], "alice", "{w}");
+}
+
+#[tokio::test]
+async fn a_token_sub_that_breaks_the_user_id_rules_is_refused() {
+    let s = Server::start(&["--jwt-secret", "k"]).await;
+    for sub in ["", "   ", "a\u{7}b", &"u".repeat(257)] {
+        expect_token_refused(&s, &jwt_hs256("k", json!({"sub": sub}))).await;
+    }
+    let mut c = s.client().await;
+    let w = c
+        .request(json!({"type": "hello", "token": jwt_hs256("k", json!({"sub": "u".repeat(256)}))}))
+        .await;
+    assert_eq!(
+        w["type"], "welcome",
+        "256 characters is the limit, not over it: {w}"
+    );
+}
+
+#[tokio::test]
+async fn a_token_not_valid_yet_is_refused() {
+    let s = Server::start(&["--jwt-secret", "k"]).await;
+    let t = jwt_hs256("k", json!({"sub": "a", "nbf": now_secs() + 3600}));
+    expect_token_refused(&s, &t).await;
+}
