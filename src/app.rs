@@ -32,6 +32,8 @@ pub struct AppState {
     /// Set when a drain starts: the spread (ms) of suggested reconnect delays.
     drain_spread_ms: AtomicU64,
     pub tls: Option<Arc<TlsCerts>>,
+    /// This node's figures, sampled once a second ([`AppState::sample_stats`]).
+    stats: Mutex<(crate::stats::Sampler, crate::stats::NodeStats)>,
 }
 
 impl AppState {
@@ -55,6 +57,7 @@ impl AppState {
             sessions: Mutex::new(HashMap::new()),
             drain_spread_ms: AtomicU64::new(0),
             tls,
+            stats: Mutex::default(),
         }
     }
 
@@ -101,5 +104,36 @@ impl AppState {
     /// Set the spread (ms) of the reconnect delays suggested from now on.
     pub fn set_drain_spread_ms(&self, ms: u64) {
         self.drain_spread_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Sample this node's figures (once a second, by the server) and keep them.
+    pub fn sample_stats(&self) -> crate::stats::NodeStats {
+        let text = self
+            .prometheus
+            .as_ref()
+            .map(|h| {
+                let mut t = h.render();
+                t.push_str(&self.metrics.render_own());
+                t
+            })
+            .unwrap_or_default();
+        let mut g = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let (sampler, last) = &mut *g;
+        *last = sampler.sample(
+            &self.config.node_id,
+            self.shutdown.is_cancelled(),
+            &text,
+            crate::hub::now_ms(),
+        );
+        last.clone()
+    }
+
+    /// This node's last sampled figures.
+    pub fn node_stats(&self) -> crate::stats::NodeStats {
+        self.stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .clone()
     }
 }

@@ -37,6 +37,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod session;
+pub mod stats;
 pub mod store;
 pub mod tls;
 pub mod web;

@@ -147,6 +147,26 @@ impl Server {
             })
         });
 
+        // This node's figures for `GET /api/v1/stats`, once a second (and, with
+        // several nodes, where the others read them).
+        let sampler = {
+            let state = state.clone();
+            let token = state.shutdown.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = token.cancelled() => return,
+                        _ = tick.tick() => {
+                            let mine = state.sample_stats();
+                            state.hub.publish_stats(&mine).await;
+                        }
+                    }
+                }
+            })
+        };
+
         let token = state.shutdown.clone();
         let app = router.into_make_service_with_connect_info::<PeerAddr>();
         let stopped = async move { token.cancelled().await };
@@ -177,6 +197,7 @@ impl Server {
         // Every acked message is already stored; this stores and acks the rest, then
         // leaves the cluster and closes the store.
         state.hub.stop().await;
+        sampler.abort();
         if let Some(u) = upkeep {
             u.abort();
         }

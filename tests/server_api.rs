@@ -902,6 +902,92 @@ async fn on_a_cluster_a_remove_on_one_node_takes_the_user_out_on_another() {
     assert_eq!(left["reason"], "x");
 }
 
+/// Poll `/stats` until `ok` holds (figures are sampled once a second).
+async fn stats_until(s: &Server, ok: impl Fn(&Value) -> bool) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..50 {
+        let (st, v) = get(s, "/api/v1/stats").await;
+        assert_eq!(st, 200, "{v}");
+        if ok(&v) {
+            return v;
+        }
+        last = v;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("stats never matched; last {last}");
+}
+
+#[tokio::test]
+async fn stats_show_this_nodes_connections_and_message_rate() {
+    let s = api_server(&[]).await;
+    let _ann = s.member("ann", "r").await;
+    let _bob = s.member("bob", "r").await;
+    let v = stats_until(&s, |v| v["connections"] == 2).await;
+    assert_eq!(v["users"], 2);
+    assert_eq!(v["rooms"], 1);
+    assert_eq!(v["nodes"][0]["state"], "up");
+    // Messages in: a second of posts shows as a rate.
+    let posting = async {
+        for i in 0..30 {
+            let (st, _) = post(
+                &s,
+                "/api/v1/rooms/r/messages",
+                json!({"text": format!("m{i}")}),
+            )
+            .await;
+            assert_eq!(st, 201);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let watching = stats_until(&s, |v| {
+        v["messages_per_sec"].as_f64().is_some_and(|r| r > 0.0)
+            && v["deliveries_per_sec"].as_f64().is_some_and(|r| r > 0.0)
+    });
+    let (_, v) = tokio::join!(posting, watching);
+    assert!(v["commit_p99_ms"].as_f64().is_some(), "{v}");
+}
+
+#[tokio::test]
+async fn on_a_cluster_stats_sum_every_node() {
+    let db = Database::create();
+    let redis = Redis::start();
+    let url = db.url();
+    let mut nodes = Vec::new();
+    for id in ["a", "b"] {
+        nodes.push(
+            Server::start(&[
+                "--database-url",
+                &url,
+                "--redis-url",
+                &redis.url(),
+                "--node-id",
+                id,
+                "--api-key",
+                KEY,
+            ])
+            .await,
+        );
+    }
+    let _x = nodes[0].member("x", "r").await;
+    let _y = nodes[1].member("y", "r").await;
+    let _z = nodes[1].member("z", "q").await;
+    for n in &nodes {
+        let v = stats_until(n, |v| v["connections"] == 3).await;
+        let per_node: Vec<(String, u64)> = v["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .map(|n| {
+                (
+                    n["node"].as_str().unwrap_or("").to_owned(),
+                    n["connections"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect();
+        assert_eq!(per_node, [("a".to_owned(), 1), ("b".to_owned(), 2)], "{v}");
+    }
+}
+
 #[test]
 fn the_openapi_document_is_valid_openapi_3_1() {
     let doc = concat!(env!("CARGO_MANIFEST_DIR"), "/src/api/openapi.json");

@@ -37,6 +37,7 @@ const MAX_ROOMS_PAGE: usize = 1000;
 fn table() -> Vec<(&'static str, &'static str, MethodRouter<Api>)> {
     vec![
         ("GET", "/openapi.json", get(openapi)),
+        ("GET", "/stats", get(stats)),
         ("GET", "/rooms", get(list_rooms)),
         ("POST", "/rooms/{room}/messages", post(post_to_room)),
         ("GET", "/rooms/{room}/messages", get(room_history)),
@@ -420,4 +421,13 @@ async fn remove_member(
         "removed from a room through the server API"
     );
     Ok(json(StatusCode::OK, protocol::encode(&Removed { removed })))
+}
+
+async fn stats(State(api): State<Api>) -> Result<Response, ApiError> {
+    let mine = api.state.node_stats();
+    // A node is gone when its figures are older than the node timeout (they are
+    // refreshed every second).
+    let max_age = i64::try_from(api.state.config.node_timeout.as_millis()).unwrap_or(i64::MAX);
+    let all = api.state.hub.cluster_stats(mine, max_age).await?;
+    Ok(json(StatusCode::OK, protocol::encode(&all)))
 }

@@ -212,6 +212,22 @@ impl Broker {
         }
     }
 
+    /// Keep this node's figures (opaque JSON) for the other nodes to read.
+    pub async fn put_stats(&self, json: &str) -> Result<(), BrokerError> {
+        match self {
+            Broker::Local => Ok(()),
+            Broker::Redis(r) => r.put_stats(json).await,
+        }
+    }
+
+    /// Every node's last figures as put (none on one node).
+    pub async fn all_stats(&self) -> Result<Vec<String>, BrokerError> {
+        match self {
+            Broker::Local => Ok(Vec::new()),
+            Broker::Redis(r) => r.all_stats().await,
+        }
+    }
+
     /// Tell the other nodes to take `user` out of `room` (nothing to do on one node).
     pub async fn remove_member(
         &self,

@@ -109,6 +109,9 @@ enum PresenceOp {
     Flush(oneshot::Sender<()>),
 }
 
+/// The hash of every node instance's figures (`GET /api/v1/stats`).
+const STATS_KEY: &str = "hubbub:stats";
+
 pub struct RedisBroker {
     conn: RedisConn,
     cluster: bool,
@@ -566,6 +569,21 @@ impl RedisBroker {
     }
 
     /// Refresh this instance's heartbeat key.
+    /// Keep this node's figures (opaque JSON) where every node can read them.
+    pub async fn put_stats(&self, json: &str) -> Result<(), BrokerError> {
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(STATS_KEY).arg(&self.inbound.inst).arg(json);
+        self.conn.query::<Value>(&cmd).await.map(|_| ())
+    }
+
+    /// Every node instance's last figures (including this one's and departed
+    /// nodes'; the caller judges their age).
+    pub async fn all_stats(&self) -> Result<Vec<String>, BrokerError> {
+        let mut cmd = redis::cmd("HVALS");
+        cmd.arg(STATS_KEY);
+        self.conn.query::<Vec<String>>(&cmd).await
+    }
+
     async fn heartbeat(&self) -> Result<(), BrokerError> {
         let mut cmd = redis::cmd("SET");
         cmd.arg(node_key(&self.inbound.inst))

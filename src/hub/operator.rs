@@ -9,6 +9,7 @@ use super::{Hub, lock};
 use crate::broker::Inbound;
 use crate::message::ChannelKey;
 use crate::protocol::{CommandError, ErrorCode, Member, close};
+use crate::stats::{ClusterStats, NodeStats};
 use std::collections::BTreeMap;
 
 /// One page of `GET /rooms`: (room, last seq, users present), by room name.
@@ -77,6 +78,43 @@ impl Hub {
             None
         };
         Ok(RoomsPage { rooms, next })
+    }
+
+    /// Keep this node's figures where the other nodes read them (best effort: a
+    /// failure only leaves them a little stale).
+    pub async fn publish_stats(&self, mine: &NodeStats) {
+        if self.broker.is_cluster() {
+            let json = serde_json::to_string(mine).unwrap_or_default();
+            if let Err(e) = self.broker.put_stats(&json).await {
+                tracing::debug!(error = %e, "publishing this node's figures failed");
+            }
+        }
+    }
+
+    /// Every live node's figures, this node's being `mine`, summed. Figures older
+    /// than `max_age_ms` are of nodes that are gone.
+    pub async fn cluster_stats(
+        &self,
+        mine: NodeStats,
+        max_age_ms: i64,
+    ) -> Result<ClusterStats, CommandError> {
+        let mut nodes = vec![mine];
+        if self.broker.is_cluster() {
+            let all = self.broker.all_stats().await.map_err(|e| {
+                tracing::warn!(error = %e, "reading the nodes' figures failed");
+                CommandError::new(ErrorCode::Unavailable, "message broker unreachable")
+            })?;
+            let now = super::now_ms();
+            for json in all {
+                let Ok(n) = serde_json::from_str::<NodeStats>(&json) else {
+                    continue;
+                };
+                if n.node != nodes[0].node && now - n.at <= max_age_ms {
+                    nodes.push(n);
+                }
+            }
+        }
+        Ok(crate::stats::sum(nodes))
     }
 
     /// A page of `room`'s members on every node. A node with members there keeps

@@ -6,7 +6,7 @@
 //! commands they mirror).
 
 use super::{CommandError, ErrorCode};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// `{"error": {"code": ..., "message": ...}}`
 #[derive(Serialize)]
@@ -113,4 +113,41 @@ pub struct Unbanned<'a> {
 pub struct Removed {
     /// Connections taken out of the room on the answering node.
     pub removed: usize,
+}
+
+/// One node's figures.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct NodeStats {
+    pub node: String,
+    /// "up" (serving) or "draining" (shutting down).
+    pub state: String,
+    pub broker_up: bool,
+    pub connections: u64,
+    pub users: u64,
+    pub rooms: u64,
+    /// Messages stored per second (each message is stored by one node).
+    pub messages_per_sec: f64,
+    pub deliveries_per_sec: f64,
+    /// p99 of the store commits of the last interval, in ms (0: none).
+    pub commit_p99_ms: f64,
+    /// Since the node started.
+    pub slow_consumer_closes: u64,
+    pub rate_limit_closes: u64,
+    /// When this was sampled (ms since the epoch).
+    pub at: i64,
+}
+
+/// The cluster's figures: the sum over the nodes (the commit p99 is the worst
+/// node's) and each node's own.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterStats {
+    pub connections: u64,
+    pub users: u64,
+    pub rooms: u64,
+    pub messages_per_sec: f64,
+    pub deliveries_per_sec: f64,
+    pub commit_p99_ms: f64,
+    pub slow_consumer_closes: u64,
+    pub rate_limit_closes: u64,
+    pub nodes: Vec<NodeStats>,
 }
