@@ -1,5 +1,5 @@
-//! The embedded browser client: the chat page (`/`), its script and stylesheet, and
-//! the JavaScript SDK (`/hubbub.js`), compiled into the binary so that a user needs
+//! The embedded browser client: the chat page (`/`), its script and stylesheet, the
+//! JavaScript SDK (`/hubbub.js`) and the admin console (`/admin`, on the server API), compiled into the binary so that a user needs
 //! nothing but `hubbub` to get a working chat.
 //!
 //! Owns: serving the files in `web/` with the right content types. Must not: know
@@ -14,6 +14,9 @@ const INDEX_HTML: &str = include_str!("../web/index.html");
 const APP_JS: &str = include_str!("../web/app.js");
 const SDK_JS: &str = include_str!("../web/hubbub.js");
 const STYLE_CSS: &str = include_str!("../web/style.css");
+const ADMIN_HTML: &str = include_str!("../web/admin.html");
+const ADMIN_JS: &str = include_str!("../web/admin.js");
+const ADMIN_CSS: &str = include_str!("../web/admin.css");
 
 const HTML: &str = "text/html; charset=utf-8";
 const JS: &str = "text/javascript; charset=utf-8";
@@ -39,4 +42,8 @@ pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
         .route("/app.js", get(|| async { file(JS, APP_JS) }))
         .route("/hubbub.js", get(|| async { file(JS, SDK_JS) }))
         .route("/style.css", get(|| async { file(CSS, STYLE_CSS) }))
+        // The admin console: a page on the server API (it holds no secret itself).
+        .route("/admin", get(|| async { file(HTML, ADMIN_HTML) }))
+        .route("/admin.js", get(|| async { file(JS, ADMIN_JS) }))
+        .route("/admin.css", get(|| async { file(CSS, ADMIN_CSS) }))
 }

@@ -124,7 +124,10 @@ function showState(s) {
     tick();
     statusTimer = setInterval(tick, 250);
   } else if (s.state === "closed") {
-    setStatus("closed", s.code === 4001 ? "Signed out: token expired or invalid" : "Disconnected");
+    // The server's close reason says why when it is more than the generic word
+    // (a ban says "banned").
+    const why = s.reason && s.reason !== "unauthorized" ? s.reason : "token expired or invalid";
+    setStatus("closed", s.code === 4001 ? `Signed out: ${why}` : "Disconnected");
   }
 }
 
