@@ -49,6 +49,12 @@ pub struct Claims {
     pub exp: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rooms: Option<Vec<String>>,
+    /// Token id, for revocation by `jti`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    /// Issued at (Unix seconds), for revocation of a user's older tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
 }
 
 /// An authenticated identity.
@@ -59,6 +65,15 @@ pub struct Identity {
     /// Token expiry (Unix seconds), enforced on the live connection.
     pub exp: Option<u64>,
     pub rooms: RoomAccess,
+    /// Which token it was (None for guests): what a revocation matches.
+    pub token: Option<TokenId>,
+}
+
+/// What a revocation can name of a token: its `jti`, or its user and `iat`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenId {
+    pub jti: Option<String>,
+    pub iat: Option<u64>,
 }
 
 /// Which rooms a user may join, from the JWT `rooms` claim.
@@ -145,6 +160,7 @@ impl Authenticator {
                     name: name.to_owned(),
                     exp: None,
                     rooms: RoomAccess::All,
+                    token: None,
                 })
             }
             _ => Err(AuthError::NoIdentity),
@@ -188,6 +204,10 @@ impl Authenticator {
                             None => RoomAccess::All,
                             Some(p) => RoomAccess::Patterns(p),
                         },
+                        token: Some(TokenId {
+                            jti: c.jti,
+                            iat: c.iat,
+                        }),
                     });
                 }
                 Err(e) => {
@@ -236,6 +256,10 @@ pub fn mint_hs256(
         name: name.map(str::to_owned),
         exp: ttl_secs.map(|t| now_secs() + t),
         rooms,
+        // Minted tokens can be revoked one by one (`jti`) or all of a user's up to
+        // a time (`iat`).
+        jti: Some(format!("{:032x}", rand::random::<u128>())),
+        iat: Some(now_secs()),
     };
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
@@ -278,6 +302,8 @@ mod tests {
             name: None,
             exp: Some(now_secs() - 30),
             rooms: None,
+            jti: None,
+            iat: None,
         };
         let t = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),

@@ -988,6 +988,153 @@ async fn on_a_cluster_stats_sum_every_node() {
     }
 }
 
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+fn token(claims: Value) -> String {
+    common::jwt_hs256("jwt-k", claims)
+}
+
+/// A hello with `token`: the reply, and how the connection ended if it did.
+async fn token_hello(s: &Server, token: &str) -> (common::Client, Value) {
+    let mut c = s.client().await;
+    let r = c.request(json!({"type": "hello", "token": token})).await;
+    (c, r)
+}
+
+async fn jwt_api_server(dir: Option<&std::path::Path>) -> Server {
+    let args = ["--jwt-secret", "jwt-k", "--api-key", KEY];
+    match dir {
+        Some(d) => Server::start_in(d, &args).await,
+        None => Server::start(&args).await,
+    }
+}
+
+#[tokio::test]
+async fn revoking_a_jti_closes_its_connections_and_refuses_it_but_not_other_tokens() {
+    let s = jwt_api_server(None).await;
+    let old = token(json!({"sub": "ann", "jti": "t-1"}));
+    let other = token(json!({"sub": "ann", "jti": "t-2"}));
+    let (mut c, w) = token_hello(&s, &old).await;
+    assert_eq!(w["type"], "welcome", "{w}");
+    let (st, v) = post(&s, "/api/v1/tokens/revoke", json!({"jti": "t-1"})).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["closed"], 1);
+    let (closed, seen) = c.expect_close(Duration::from_secs(2)).await;
+    assert_eq!(closed, Closed::Code(4001));
+    assert!(
+        seen.iter()
+            .any(|m| m["type"] == "closing" && m["reason"] == "token revoked"),
+        "{seen:?}"
+    );
+    let (_, r) = token_hello(&s, &old).await;
+    assert_eq!(r["type"], "error", "{r}");
+    assert_eq!(r["code"], "unauthorized");
+    let (_, r) = token_hello(&s, &other).await;
+    assert_eq!(
+        r["type"], "welcome",
+        "another token of the user is fine: {r}"
+    );
+}
+
+#[tokio::test]
+async fn revoking_a_users_tokens_issued_before_a_time_spares_newer_ones() {
+    let s = jwt_api_server(None).await;
+    let now = now_secs();
+    let older = token(json!({"sub": "ann", "iat": now - 100}));
+    let no_iat = token(json!({"sub": "ann"}));
+    let newer = token(json!({"sub": "ann", "iat": now + 10}));
+    let bob = token(json!({"sub": "bob", "iat": now - 100}));
+    let (mut c, _) = token_hello(&s, &older).await;
+    let (st, v) = post(
+        &s,
+        "/api/v1/tokens/revoke",
+        json!({"user": "ann", "issued_before": now}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let (closed, _) = c.expect_close(Duration::from_secs(2)).await;
+    assert_eq!(closed, Closed::Code(4001));
+    assert_eq!(token_hello(&s, &older).await.1["type"], "error");
+    assert_eq!(
+        token_hello(&s, &no_iat).await.1["type"],
+        "error",
+        "no iat cannot prove it is newer"
+    );
+    assert_eq!(token_hello(&s, &newer).await.1["type"], "welcome");
+    assert_eq!(
+        token_hello(&s, &bob).await.1["type"],
+        "welcome",
+        "other users are untouched"
+    );
+}
+
+#[tokio::test]
+async fn a_revocation_survives_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = jwt_api_server(Some(dir.path())).await;
+    let (st, _) = post(&s, "/api/v1/tokens/revoke", json!({"jti": "gone"})).await;
+    assert_eq!(st, 200);
+    s.restart().await;
+    let (_, r) = token_hello(&s, &token(json!({"sub": "ann", "jti": "gone"}))).await;
+    assert_eq!(r["type"], "error", "{r}");
+}
+
+#[tokio::test]
+async fn a_revocation_must_name_a_jti_or_a_user_and_a_time() {
+    let s = jwt_api_server(None).await;
+    for body in [
+        json!({}),
+        json!({"jti": "a", "user": "b", "issued_before": 5}),
+        json!({"user": "b"}),
+        json!({"user": "b", "issued_before": "yesterday"}),
+        json!({"jti": ""}),
+    ] {
+        assert_error(
+            post(&s, "/api/v1/tokens/revoke", body).await,
+            400,
+            "bad_request",
+        );
+    }
+}
+
+#[tokio::test]
+async fn on_a_cluster_a_revocation_closes_the_token_on_another_node_within_2_s() {
+    let db = Database::create();
+    let redis = Redis::start();
+    let url = db.url();
+    let mut nodes = Vec::new();
+    for id in ["a", "b"] {
+        nodes.push(
+            Server::start(&[
+                "--database-url",
+                &url,
+                "--redis-url",
+                &redis.url(),
+                "--node-id",
+                id,
+                "--api-key",
+                KEY,
+                "--jwt-secret",
+                "jwt-k",
+            ])
+            .await,
+        );
+    }
+    let t = token(json!({"sub": "ann", "jti": "x-1"}));
+    let (mut c, w) = token_hello(&nodes[1], &t).await;
+    assert_eq!(w["type"], "welcome");
+    let (st, _) = post(&nodes[0], "/api/v1/tokens/revoke", json!({"jti": "x-1"})).await;
+    assert_eq!(st, 200);
+    let (closed, _) = c.expect_close(Duration::from_secs(2)).await;
+    assert_eq!(closed, Closed::Code(4001));
+    assert_eq!(token_hello(&nodes[1], &t).await.1["type"], "error");
+}
+
 #[test]
 fn the_openapi_document_is_valid_openapi_3_1() {
     let doc = concat!(env!("CARGO_MANIFEST_DIR"), "/src/api/openapi.json");

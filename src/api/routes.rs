@@ -9,7 +9,7 @@ use super::{Api, ApiError, json};
 use crate::hub::{Outgoing, Receipt, Submitter};
 use crate::message::ChannelKey;
 use crate::protocol::api::{
-    Banned, Closed, Posted, Removed, RoomEntry, RoomsPage, Unbanned, UserStatus,
+    Banned, Closed, Posted, Removed, Revoked, RoomEntry, RoomsPage, Unbanned, UserStatus,
 };
 use crate::protocol::events::{History, Presence, message_refs};
 use crate::protocol::{
@@ -29,6 +29,10 @@ use tokio::sync::oneshot;
 
 /// The author of API messages that do not name one.
 pub const SYSTEM_USER: &str = "hubbub";
+/// How long a revocation is kept after the newest token it can name was issued:
+/// the longest token lifetime Hubbub expects (a token living longer would be
+/// accepted again after this).
+const REVOCATION_KEEP_MS: i64 = 30 * 24 * 3600 * 1000;
 /// Rooms per page of `GET /rooms`, by default and at most.
 const DEFAULT_ROOMS_PAGE: usize = 100;
 const MAX_ROOMS_PAGE: usize = 1000;
@@ -52,6 +56,7 @@ fn table() -> Vec<(&'static str, &'static str, MethodRouter<Api>)> {
         ),
         ("POST", "/users/{user}/ban", post(ban)),
         ("DELETE", "/users/{user}/ban", delete(unban)),
+        ("POST", "/tokens/revoke", post(revoke)),
     ]
 }
 
@@ -430,4 +435,36 @@ async fn stats(State(api): State<Api>) -> Result<Response, ApiError> {
     let max_age = i64::try_from(api.state.config.node_timeout.as_millis()).unwrap_or(i64::MAX);
     let all = api.state.hub.cluster_stats(mine, max_age).await?;
     Ok(json(StatusCode::OK, protocol::encode(&all)))
+}
+
+async fn revoke(
+    State(api): State<Api>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body_of(body)?;
+    let now = crate::hub::now_ms();
+    let (key, issued_before, kept_until) = match protocol::parse_api_revoke(&body)? {
+        protocol::Revocation::Jti(jti) => (format!("j:{jti}"), None, now + REVOCATION_KEEP_MS),
+        protocol::Revocation::User {
+            user,
+            issued_before,
+        } => {
+            let issued_ms = issued_before.saturating_mul(1000).min(now);
+            (
+                format!("u:{user}"),
+                Some(issued_before),
+                issued_ms.saturating_add(REVOCATION_KEEP_MS),
+            )
+        }
+    };
+    let closed = api
+        .state
+        .hub
+        .revoke(&key, issued_before, kept_until)
+        .await?;
+    tracing::info!(closed, "tokens revoked through the server API");
+    Ok(json(
+        StatusCode::OK,
+        protocol::encode(&Revoked { closed, kept_until }),
+    ))
 }

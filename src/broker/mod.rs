@@ -68,6 +68,11 @@ pub enum Inbound {
         user: String,
         reason: String,
     },
+    /// Tokens are revoked: `key` is `j:<jti>` or `u:<user>` (with `issued_before`).
+    Revoke {
+        key: String,
+        issued_before: Option<i64>,
+    },
     /// `user` is banned until `until` (ms; None: until lifted), or no longer (None).
     Ban {
         user: String,
@@ -212,6 +217,14 @@ impl Broker {
         }
     }
 
+    /// Tell every node about a token revocation (see [`Inbound::Revoke`]).
+    pub async fn revoke(&self, key: &str, issued_before: Option<i64>) -> Result<(), BrokerError> {
+        match self {
+            Broker::Local => Ok(()),
+            Broker::Redis(r) => r.revoke(key, issued_before).await,
+        }
+    }
+
     /// Keep this node's figures (opaque JSON) for the other nodes to read.
     pub async fn put_stats(&self, json: &str) -> Result<(), BrokerError> {
         match self {
@@ -349,6 +362,9 @@ pub enum Kind {
     /// Take `from`'s connections out of room `c` (`text`: the reason).
     #[serde(rename = "rm")]
     Remove,
+    /// Tokens revoked: `c` the key, `ts` the issued-before time (0: none).
+    #[serde(rename = "rv")]
+    Revoke,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -435,6 +451,10 @@ impl Envelope {
             Kind::Unban => Some(Inbound::Ban {
                 user: self.from,
                 ban: None,
+            }),
+            Kind::Revoke => Some(Inbound::Revoke {
+                key: self.c,
+                issued_before: (self.ts > 0).then_some(self.ts),
             }),
             Kind::Remove => Some(Inbound::Remove {
                 room: self.c,

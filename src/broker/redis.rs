@@ -491,6 +491,15 @@ impl RedisBroker {
         Ok(())
     }
 
+    /// Tell every node about a token revocation (on the control channel).
+    pub async fn revoke(&self, key: &str, issued_before: Option<i64>) -> Result<(), BrokerError> {
+        let mut env = Envelope::event(Kind::Revoke, &self.inbound.inst, key, "", "");
+        env.ts = issued_before.unwrap_or(0);
+        let cmd = self.publish_cmd(super::CONTROL_CHANNEL, &encode(&env));
+        self.conn.clone().query::<i64>(&cmd).await?;
+        Ok(())
+    }
+
     /// Tell every node (all subscribe to the control channel) about a ban
     /// (`until` 0: until lifted) or, with `ban` false, its lifting.
     pub async fn ban(&self, user: &str, ban: Option<(i64, &str)>) -> Result<(), BrokerError> {

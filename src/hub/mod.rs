@@ -64,6 +64,9 @@ pub struct Conn {
     pub user: Arc<str>,
     pub name: Arc<str>,
     pub outbox: Arc<Outbox>,
+    /// The token it said hello with (None for guests), for revocations; boxed so
+    /// a guest's connection pays one word for it.
+    pub token: Option<Box<crate::auth::TokenId>>,
 }
 
 impl Conn {
@@ -162,6 +165,8 @@ pub struct Hub {
     /// Banned users (the store's bans, kept current by the broker): user ->
     /// (until in ms, None: until lifted; reason).
     bans: Mutex<HashMap<String, (Option<i64>, String)>>,
+    /// Token revocations in force: `j:<jti>` or `u:<user>` -> issued-before (s).
+    revocations: Mutex<HashMap<String, Option<i64>>>,
 }
 
 impl Hub {
@@ -186,6 +191,7 @@ impl Hub {
             store_failing: AtomicBool::new(false),
             tasks: Mutex::new(None),
             bans: Mutex::new(HashMap::new()),
+            revocations: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&hub);
         hub.broker.set_sink(move |event| {
@@ -413,7 +419,10 @@ impl Hub {
                 on,
             } => self.on_remote_presence(&room, &user, &name, &inst, on),
             Inbound::Typing { room, user, name } => self.typing_local(&room, &user, &name),
-            other @ (Inbound::Disconnect { .. } | Inbound::Ban { .. } | Inbound::Remove { .. }) => {
+            other @ (Inbound::Disconnect { .. }
+            | Inbound::Ban { .. }
+            | Inbound::Remove { .. }
+            | Inbound::Revoke { .. }) => {
                 self.on_operator_inbound(other);
             }
         }

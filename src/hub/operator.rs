@@ -5,7 +5,7 @@
 //! (through the broker) the other nodes. Must not: speak HTTP or JSON (the `api`
 //! module does), or change a channel other than through the hub's own paths.
 
-use super::{Hub, lock};
+use super::{Conn, Hub, lock};
 use crate::broker::Inbound;
 use crate::message::ChannelKey;
 use crate::protocol::{CommandError, ErrorCode, Member, close};
@@ -279,8 +279,87 @@ impl Hub {
             Inbound::Remove { room, user, reason } => {
                 self.remove_here(&room, &user, &reason);
             }
+            Inbound::Revoke { key, issued_before } => {
+                self.revoke_here(&key, issued_before);
+            }
             _ => {}
         }
+    }
+
+    /// Does a revocation name the token `conn` said hello with?
+    pub fn revoked(&self, conn: &Conn) -> bool {
+        let Some(token) = conn.token.as_deref() else {
+            return false;
+        };
+        let revocations = lock(&self.revocations);
+        if let Some(jti) = &token.jti
+            && revocations.contains_key(&format!("j:{jti}"))
+        {
+            return true;
+        }
+        match revocations.get(&format!("u:{}", conn.user)) {
+            None => false,
+            // A token without `iat` cannot show it is newer: it is revoked.
+            Some(before) => {
+                let before = before.unwrap_or(i64::MAX);
+                token
+                    .iat
+                    .is_none_or(|iat| i64::try_from(iat).unwrap_or(i64::MAX) < before)
+            }
+        }
+    }
+
+    /// Revoke tokens everywhere: one (`jti`) or every token of `user` issued before
+    /// `issued_before` (Unix seconds). Stored until those tokens would have expired
+    /// (`keep_until_ms`), then their live connections are closed (`closing`, 4001)
+    /// here and on the other nodes. Returns how many were closed here.
+    pub async fn revoke(
+        &self,
+        key: &str,
+        issued_before: Option<i64>,
+        keep_until_ms: i64,
+    ) -> Result<usize, CommandError> {
+        self.store
+            .put_revocation(key, issued_before, keep_until_ms)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "storing a revocation failed");
+                CommandError::new(
+                    ErrorCode::Unavailable,
+                    "the store is unavailable; nothing was revoked",
+                )
+            })?;
+        let closed = self.revoke_here(key, issued_before);
+        self.broker.revoke(key, issued_before).await.map_err(|e| {
+            tracing::warn!(error = %e, "telling the other nodes about a revocation failed");
+            CommandError::new(
+                ErrorCode::Unavailable,
+                "revoked and stored here, but the other nodes could not be told (broker unreachable); repeat the call",
+            )
+        })?;
+        Ok(closed)
+    }
+
+    /// Remember a revocation and close this node's connections it names.
+    fn revoke_here(&self, key: &str, issued_before: Option<i64>) -> usize {
+        {
+            let mut r = lock(&self.revocations);
+            let e = r.entry(key.to_owned()).or_insert(issued_before);
+            *e = (*e).max(issued_before);
+        }
+        let named = match key.split_once(':') {
+            Some(("u", user)) => self.registry.conns(user),
+            Some(("j", _)) => self.registry.matching(|c| c.token.is_some()),
+            _ => Vec::new(),
+        };
+        let mut n = 0;
+        for c in named {
+            if self.revoked(&c) {
+                c.outbox.close_with(close::UNAUTHORIZED, "token revoked");
+                n += 1;
+            }
+        }
+        n
     }
 
     /// Read the stored bans and follow the cluster's changes to them (on one node,
@@ -288,10 +367,13 @@ impl Hub {
     pub async fn load_bans(&self) -> Result<(), crate::store::StoreError> {
         self.broker.subscribe(crate::broker::Topic::Control).await;
         let stored = self.store.bans().await?;
-        let mut bans = lock(&self.bans);
-        for (user, until, reason) in stored {
-            bans.insert(user, (until, reason));
-        }
+        lock(&self.bans).extend(
+            stored
+                .into_iter()
+                .map(|(user, until, reason)| (user, (until, reason))),
+        );
+        let revoked = self.store.revocations(super::now_ms()).await?;
+        lock(&self.revocations).extend(revoked);
         Ok(())
     }
 

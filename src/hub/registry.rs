@@ -70,4 +70,14 @@ impl Registry {
             .map(|v| v.iter().cloned().collect())
             .unwrap_or_default()
     }
+
+    /// Every connection on this node for which `f` holds.
+    pub(super) fn matching(&self, f: impl Fn(&Conn) -> bool) -> Vec<Arc<Conn>> {
+        lock(&self.users)
+            .values()
+            .flat_map(|v| v.iter())
+            .filter(|c| f(c))
+            .cloned()
+            .collect()
+    }
 }

@@ -151,3 +151,12 @@ pub struct ClusterStats {
     pub rate_limit_closes: u64,
     pub nodes: Vec<NodeStats>,
 }
+
+/// `POST /tokens/revoke`.
+#[derive(Serialize)]
+pub struct Revoked {
+    /// Connections closed on the answering node.
+    pub closed: usize,
+    /// When the revocation is forgotten (ms): by then the tokens it names expired.
+    pub kept_until: i64,
+}

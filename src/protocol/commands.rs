@@ -214,6 +214,53 @@ pub fn parse_api_ban(
     Ok((until, reason))
 }
 
+/// What `POST /tokens/revoke` names: one token, or a user's tokens issued before
+/// a time (Unix seconds, like `iat`).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Revocation {
+    Jti(String),
+    User { user: String, issued_before: i64 },
+}
+
+/// Parse `{jti}` or `{user, issued_before}` (exactly one of the two forms).
+pub fn parse_api_revoke(body: &[u8]) -> Result<Revocation, CommandError> {
+    let obj = api_object(body)?;
+    let f = Fields { obj: &obj };
+    match (obj.get("jti"), obj.get("user")) {
+        (Some(_), Some(_)) => Err(CommandError::bad_request(
+            "give either jti, or user and issued_before, not both",
+        )),
+        (Some(_), None) => {
+            let jti = f.req_str("jti")?;
+            if jti.is_empty() || jti.chars().count() > MAX_USER_ID_CHARS {
+                return Err(CommandError::bad_request(format!(
+                    "jti must be 1-{MAX_USER_ID_CHARS} characters"
+                )));
+            }
+            Ok(Revocation::Jti(jti.to_owned()))
+        }
+        (None, Some(_)) => {
+            let user = f.user_id("user")?;
+            let issued_before = match obj.get("issued_before") {
+                Some(Value::Number(n)) => n.as_i64().filter(|t| *t > 0),
+                _ => None,
+            }
+            .ok_or_else(|| {
+                CommandError::bad_request(
+                    "issued_before must be a time in Unix seconds (tokens with an earlier iat are revoked)",
+                )
+            })?;
+            Ok(Revocation::User {
+                user,
+                issued_before,
+            })
+        }
+        (None, None) => Err(CommandError::bad_request(
+            "missing field: jti, or user and issued_before",
+        )),
+    }
+}
+
 /// Longest `reason` an API call may give (it reaches clients in `closing`/`left`).
 pub const MAX_REASON_CHARS: usize = 200;
 

@@ -12,8 +12,8 @@ pub mod commands;
 pub mod events;
 
 pub use commands::{
-    ApiPost, Command, HistoryTarget, ParseFailure, ParseLimits, Since, parse_api_ban,
-    parse_api_post, parse_api_reason, parse_command, valid_user_id,
+    ApiPost, Command, HistoryTarget, ParseFailure, ParseLimits, Revocation, Since, parse_api_ban,
+    parse_api_post, parse_api_reason, parse_api_revoke, parse_command, valid_user_id,
 };
 pub use events::{Member, closing_event, error_event};
 

@@ -143,12 +143,14 @@ impl Session {
             name,
             exp,
             rooms: access,
+            token,
         } = identity;
         let conn = Arc::new(Conn {
             id: self.id,
             user: user.into(),
             name: name.into(),
             outbox: self.outbox.clone(),
+            token: token.map(Box::new),
         });
         self.deadline = exp.map(|exp| {
             let left = (exp + EXP_LEEWAY_SECS).saturating_sub(now_secs());
@@ -159,7 +161,12 @@ impl Session {
         self.state.hub.register(&conn).await;
         // Checked once registered: a ban that lands meanwhile either is seen here or
         // finds this connection registered and closes it.
-        if let Some(why) = self.state.hub.banned(&conn.user) {
+        if let Some(why) = self.state.hub.banned(&conn.user).or_else(|| {
+            self.state
+                .hub
+                .revoked(&conn)
+                .then(|| "token revoked".to_owned())
+        }) {
             self.state.hub.unregister(&conn, std::iter::empty::<&str>());
             tracing::info!(conn = self.id, "hello refused: banned");
             self.reply_error(id, &CommandError::new(ErrorCode::Unauthorized, why));

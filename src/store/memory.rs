@@ -17,6 +17,8 @@ pub struct MemoryStore {
     channels: Mutex<HashMap<ChannelKey, VecDeque<Arc<StoredMessage>>>>,
     /// Bans live as long as the process, like the history.
     bans: Mutex<HashMap<String, (Option<i64>, String)>>,
+    /// Revocations, like bans: for the life of the process.
+    revocations: Mutex<HashMap<String, Option<i64>>>,
 }
 
 impl MemoryStore {
@@ -26,6 +28,7 @@ impl MemoryStore {
             ring: ring.max(1),
             channels: Mutex::new(HashMap::new()),
             bans: Mutex::new(HashMap::new()),
+            revocations: Mutex::new(HashMap::new()),
         }
     }
 
@@ -136,5 +139,20 @@ impl MemoryStore {
 
     pub fn delete_ban(&self, user: &str) -> bool {
         self.bans_lock().remove(user).is_some()
+    }
+
+    pub fn revocations(&self) -> Vec<(String, Option<i64>)> {
+        self.revocations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    }
+
+    pub fn put_revocation(&self, key: &str, issued_before: Option<i64>) {
+        let mut g = self.revocations.lock().unwrap_or_else(|p| p.into_inner());
+        let e = g.entry(key.to_owned()).or_insert(issued_before);
+        *e = (*e).max(issued_before);
     }
 }

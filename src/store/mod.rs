@@ -241,6 +241,34 @@ impl Store {
         }
     }
 
+    /// Token revocations in force at `now_ms`: (key, issued_before in seconds).
+    pub async fn revocations(&self, now_ms: i64) -> Result<Vec<(String, Option<i64>)>, StoreError> {
+        match self {
+            Store::Local(LocalStore::Sqlite(s)) => s.revocations(now_ms).await,
+            Store::Local(LocalStore::Memory(s)) => Ok(s.revocations()),
+            Store::Shared(s) => s.revocations(now_ms).await,
+        }
+    }
+
+    /// Store a token revocation, kept until `keep_until_ms`.
+    pub async fn put_revocation(
+        &self,
+        key: &str,
+        issued_before: Option<i64>,
+        keep_until_ms: i64,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Local(LocalStore::Sqlite(s)) => {
+                s.put_revocation(key, issued_before, keep_until_ms).await
+            }
+            Store::Local(LocalStore::Memory(s)) => {
+                s.put_revocation(key, issued_before);
+                Ok(())
+            }
+            Store::Shared(s) => s.put_revocation(key, issued_before, keep_until_ms).await,
+        }
+    }
+
     /// The newest `limit` messages with `seq < before` (all if `before` is None),
     /// ascending.
     pub async fn latest(

@@ -354,6 +354,39 @@ impl PgStore {
         Ok(done.rows_affected() > 0)
     }
 
+    /// Revocations still in force at `now_ms` (older ones are deleted).
+    pub async fn revocations(&self, now_ms: i64) -> Result<Vec<(String, Option<i64>)>, StoreError> {
+        sqlx::query("DELETE FROM revocations WHERE keep_until_ms < $1")
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(sqlx::query_as("SELECT key, issued_before FROM revocations")
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Store a revocation; a user's keeps the latest `issued_before` and the
+    /// longest keep.
+    pub async fn put_revocation(
+        &self,
+        key: &str,
+        issued_before: Option<i64>,
+        keep_until_ms: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO revocations (key, issued_before, keep_until_ms) VALUES ($1, $2, $3) \
+             ON CONFLICT (key) DO UPDATE SET \
+             issued_before = GREATEST(COALESCE(revocations.issued_before, 0), COALESCE(excluded.issued_before, 0)), \
+             keep_until_ms = GREATEST(revocations.keep_until_ms, excluded.keep_until_ms)",
+        )
+        .bind(key)
+        .bind(issued_before)
+        .bind(keep_until_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     pub async fn check(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
