@@ -169,24 +169,49 @@ impl Server {
 
         let token = state.shutdown.clone();
         let app = router.into_make_service_with_connect_info::<PeerAddr>();
-        let stopped = async move { token.cancelled().await };
-        match state.tls.clone() {
-            Some(certs) => {
-                let listener = TlsListener::new(self.listener, certs, state.shutdown.clone())?;
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stopped)
-                    .await?;
+        let stopped = {
+            let token = token.clone();
+            async move { token.cancelled().await }
+        };
+        // axum serves until the token is cancelled, then waits for every in-flight
+        // HTTP request (and no longer accepts). A client that sent half a request
+        // would hold that wait for ever, so the wait runs beside the drain and
+        // neither may outlast --shutdown-timeout.
+        let serve = async {
+            match state.tls.clone() {
+                Some(certs) => {
+                    let listener = TlsListener::new(self.listener, certs, state.shutdown.clone())?;
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(stopped)
+                        .await?;
+                }
+                None => {
+                    let listener = PlainListener(self.listener);
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(stopped)
+                        .await?;
+                }
             }
-            None => {
-                let listener = PlainListener(self.listener);
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stopped)
-                    .await?;
-            }
+            Ok::<(), ServerError>(())
+        };
+        tokio::pin!(serve);
+        tokio::select! {
+            served = &mut serve => served?,
+            () = token.cancelled() => {}
         }
 
         let deadline = Instant::now() + state.config.shutdown_timeout;
-        drain_sessions(&state, deadline).await;
+        let http = async {
+            match tokio::time::timeout_at(deadline, &mut serve).await {
+                Ok(served) => served,
+                Err(_) => {
+                    tracing::warn!("unfinished HTTP requests abandoned at --shutdown-timeout");
+                    Ok(())
+                }
+            }
+        };
+        let (served, ()) = tokio::join!(http, drain_sessions(&state, deadline));
+        served?;
         tracker.close();
         if tokio::time::timeout_at(deadline, tracker.wait())
             .await

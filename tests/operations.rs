@@ -305,6 +305,30 @@ async fn shutdown_timeout_bounds_a_slow_drain() {
 }
 
 #[tokio::test]
+async fn shutdown_timeout_bounds_an_unfinished_http_request() {
+    // Issue 13: one client that sent half a request held the shutdown for ever.
+    let mut s = Server::start(&["--shutdown-timeout", "3"]).await;
+    let mut half = TcpStream::connect(s.addr).await.expect("connect");
+    half.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write half a request");
+    let mut guest = s.guest("g").await;
+    let started = Instant::now();
+    signal(s.pid(), "TERM");
+    // The drain is not held up by the unfinished request either.
+    let (closed, seen) = guest.expect_close(Duration::from_secs(3)).await;
+    assert_eq!(closed, Closed::Code(1001));
+    assert!(seen.iter().any(|m| m["type"] == "closing"), "{seen:?}");
+    assert!(s.terminate_wait().await.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "exit {:?} after SIGTERM with --shutdown-timeout 3",
+        started.elapsed()
+    );
+    drop(half);
+}
+
+#[tokio::test]
 async fn readyz_turns_red_when_the_drain_starts() {
     let mut s = Server::start(&["--drain-rate", "10"]).await;
     let mut clients = Vec::new();
