@@ -775,6 +775,8 @@ settings! {
         "comma-separated allowed `Origin`s; others get 403";
     heartbeat: Duration = "25"; Value "SECS";
         "server ping interval; silent peers are dropped after 2";
+    handshake_timeout: Duration = "10"; Value "SECS";
+        "time for a connection's first HTTP request line and headers (at most 16 KiB, else 431) to arrive; slower clients are dropped";
     hello_timeout: Duration = "10"; Value "SECS";
         "time to say `hello` before close 4000";
     max_message: usize = "65536"; Value "BYTES";

@@ -30,6 +30,7 @@ pub mod app;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod handshake;
 pub mod hub;
 pub mod limits;
 pub mod message;

@@ -180,13 +180,18 @@ impl Server {
         let serve = async {
             match state.tls.clone() {
                 Some(certs) => {
-                    let listener = TlsListener::new(self.listener, certs, state.shutdown.clone())?;
+                    let listener = TlsListener::new(
+                        self.listener,
+                        certs,
+                        state.shutdown.clone(),
+                        state.config.handshake_timeout,
+                    )?;
                     axum::serve(listener, app)
                         .with_graceful_shutdown(stopped)
                         .await?;
                 }
                 None => {
-                    let listener = PlainListener(self.listener);
+                    let listener = PlainListener(self.listener, state.config.handshake_timeout);
                     axum::serve(listener, app)
                         .with_graceful_shutdown(stopped)
                         .await?;
@@ -195,13 +200,22 @@ impl Server {
             Ok::<(), ServerError>(())
         };
         tokio::pin!(serve);
+        // With no request in flight, axum may be done as soon as the token is
+        // cancelled: then it must not be polled again.
+        let mut finished = false;
         tokio::select! {
-            served = &mut serve => served?,
+            served = &mut serve => {
+                served?;
+                finished = true;
+            }
             () = token.cancelled() => {}
         }
 
         let deadline = Instant::now() + state.config.shutdown_timeout;
         let http = async {
+            if finished {
+                return Ok(());
+            }
             match tokio::time::timeout_at(deadline, &mut serve).await {
                 Ok(served) => served,
                 Err(_) => {
@@ -306,10 +320,10 @@ impl Connected<IncomingStream<'_, PlainListener>> for PeerAddr {
 
 /// A plain TCP listener that sets TCP_NODELAY on every connection (axum's does
 /// not, and small frames would otherwise wait behind Nagle's algorithm).
-pub struct PlainListener(TcpListener);
+pub struct PlainListener(TcpListener, Duration);
 
 impl Listener for PlainListener {
-    type Io = tokio::net::TcpStream;
+    type Io = crate::handshake::Guarded<tokio::net::TcpStream>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
@@ -317,7 +331,7 @@ impl Listener for PlainListener {
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "set_nodelay failed");
         }
-        (tcp, addr)
+        (crate::handshake::Guarded::new(tcp, self.1), addr)
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {

@@ -107,6 +107,8 @@ fn build(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
 pub struct TlsListener {
     ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
     local: SocketAddr,
+    /// For the first request after the TLS handshake (`crate::handshake`).
+    handshake_timeout: std::time::Duration,
 }
 
 impl TlsListener {
@@ -115,6 +117,7 @@ impl TlsListener {
         listener: TcpListener,
         certs: Arc<TlsCerts>,
         stop: CancellationToken,
+        handshake_timeout: std::time::Duration,
     ) -> io::Result<TlsListener> {
         let local = listener.local_addr()?;
         let (tx, ready) = mpsc::channel(READY_QUEUE);
@@ -154,17 +157,24 @@ impl TlsListener {
                 });
             }
         });
-        Ok(TlsListener { ready, local })
+        Ok(TlsListener {
+            ready,
+            local,
+            handshake_timeout,
+        })
     }
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
+    type Io = crate::handshake::Guarded<TlsStream<TcpStream>>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         match self.ready.recv().await {
-            Some(conn) => conn,
+            Some((io, addr)) => (
+                crate::handshake::Guarded::new(io, self.handshake_timeout),
+                addr,
+            ),
             // The acceptor stopped (shutdown): accept nothing more.
             None => std::future::pending().await,
         }

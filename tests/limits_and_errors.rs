@@ -355,3 +355,95 @@ async fn history_limit_over_500_is_clamped_not_refused() {
         .await;
     assert_eq!(j["messages"].as_array().unwrap().len(), 500);
 }
+
+/// Read from `s` until the server closes it (or `within` passes): what it sent,
+/// and whether it closed in time.
+async fn read_until_closed(s: &mut tokio::net::TcpStream, within: Duration) -> (String, bool) {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = tokio::time::timeout(within, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .is_ok();
+    (String::from_utf8_lossy(&got).into_owned(), closed)
+}
+
+#[tokio::test]
+async fn a_request_head_over_16_kib_gets_431_and_no_upgrade() {
+    use tokio::io::AsyncWriteExt;
+    let s = Server::start(&[]).await;
+    let mut tcp = tokio::net::TcpStream::connect(s.addr)
+        .await
+        .expect("connect");
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         X-Big: {}\r\n\r\n",
+        "a".repeat(17 * 1024)
+    );
+    let _ = tcp.write_all(req.as_bytes()).await;
+    let (answer, closed) = read_until_closed(&mut tcp, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+    assert!(closed, "the connection is closed after the 431");
+}
+
+#[tokio::test]
+async fn a_request_head_just_under_16_kib_is_served() {
+    let s = Server::start(&[]).await;
+    let pad = "a".repeat(15 * 1024);
+    let (status, _) = common::http_get(s.addr, "/healthz", &[("X-Pad", &pad)]).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn a_client_that_stalls_mid_head_is_dropped_at_the_handshake_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let s = Server::start(&["--handshake-timeout", "1"]).await;
+    let mut tcp = tokio::net::TcpStream::connect(s.addr)
+        .await
+        .expect("connect");
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let started = std::time::Instant::now();
+    let (_, closed) = read_until_closed(&mut tcp, Duration::from_secs(4)).await;
+    assert!(closed, "still open after 4 s");
+    assert!(
+        started.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_trickles_its_head_is_dropped_at_the_handshake_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let s = Server::start(&["--handshake-timeout", "1"]).await;
+    let mut tcp = tokio::net::TcpStream::connect(s.addr)
+        .await
+        .expect("connect");
+    let req = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+    let started = std::time::Instant::now();
+    for b in req.iter() {
+        if tcp.write_all(&[*b]).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if started.elapsed() > Duration::from_secs(4) {
+            break;
+        }
+    }
+    let (answer, closed) = read_until_closed(&mut tcp, Duration::from_secs(2)).await;
+    assert!(closed);
+    assert!(
+        !answer.contains("200 OK"),
+        "the trickled request was not served: {answer:?}"
+    );
+}
