@@ -30,11 +30,27 @@ struct Inner {
     /// Frames were queued quietly since the session was last woken: the next
     /// waking push must wake it even though the queue is not empty.
     unwoken: bool,
+    /// The server's orders, rare: boxed, so a connection without any pays one word.
+    orders: Option<Box<Orders>>,
+}
+
+#[derive(Default)]
+struct Orders {
     /// The server closes this connection (its drain, or the server API).
     closing: Option<CloseOrder>,
     /// Rooms the server took this connection out of (the server API), for the
     /// session to forget.
     removed: Vec<Box<str>>,
+}
+
+impl Inner {
+    fn orders(&mut self) -> &mut Orders {
+        self.orders.get_or_insert_with(Box::default)
+    }
+
+    fn closing(&self) -> Option<CloseOrder> {
+        self.orders.as_ref().and_then(|o| o.closing.clone())
+    }
 }
 
 /// The server's order to close a connection: with this close code, after a
@@ -151,8 +167,12 @@ impl Outbox {
         g.unwoken = false;
         Ok(Taken {
             frames: std::mem::take(&mut g.frames),
-            closing: g.closing.clone(),
-            removed: std::mem::take(&mut g.removed),
+            closing: g.closing(),
+            removed: g
+                .orders
+                .as_mut()
+                .map(|o| std::mem::take(&mut o.removed))
+                .unwrap_or_default(),
         })
     }
 
@@ -164,7 +184,7 @@ impl Outbox {
         if g.overflowed {
             Some(Alarm::Overflowed)
         } else {
-            g.closing.clone().map(Alarm::Closing)
+            g.closing().map(Alarm::Closing)
         }
     }
 
@@ -172,7 +192,7 @@ impl Outbox {
     /// is queued like any frame). False if the queue has overflowed.
     pub fn removed_from(&self, room: &str, frame: Text) -> bool {
         let mut g = self.lock();
-        g.removed.push(room.into());
+        g.orders().removed.push(room.into());
         drop(g);
         self.push(frame)
     }
@@ -186,8 +206,9 @@ impl Outbox {
     /// `closing` event first. The first order stands.
     pub fn close_with(&self, code: u16, reason: &str) {
         let mut g = self.lock();
-        if g.closing.is_none() {
-            g.closing = Some(CloseOrder {
+        let orders = g.orders();
+        if orders.closing.is_none() {
+            orders.closing = Some(CloseOrder {
                 code,
                 reason: Arc::from(reason),
             });
