@@ -1,5 +1,7 @@
 //! Per-connection rate limiting: one token bucket for `join`, `send`, `direct`,
-//! `history`, `presence` and `typing`.
+//! `history`, `presence` and `typing`, which frames that fail to parse also draw
+//! from, and `ping` and `leave` at a tenth of a token (never refused, but a flood
+//! of them is persistent abuse).
 //!
 //! Owns: the bucket arithmetic and the "still over the limit after 5 s of refusals"
 //! rule. Must not: send anything; the session turns a [`Verdict`] into replies.
@@ -48,11 +50,18 @@ impl TokenBucket {
     }
 
     pub fn check(&mut self, now: Instant) -> Verdict {
+        self.check_cost(now, 1.0)
+    }
+
+    /// [`TokenBucket::check`] for something that costs `cost` tokens (a fraction
+    /// for the frames the protocol does not limit, so that only a flood of them
+    /// empties the bucket).
+    pub fn check_cost(&mut self, now: Instant, cost: f64) -> Verdict {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.tokens >= cost {
+            self.tokens -= cost;
             return Verdict::Allowed;
         }
         let episode_over = self
@@ -74,6 +83,16 @@ impl TokenBucket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tenth_of_a_token_allows_ten_times_as_many() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(5, t0);
+        for _ in 0..100 {
+            assert_eq!(b.check_cost(t0, 0.1), Verdict::Allowed);
+        }
+        assert_eq!(b.check_cost(t0, 0.1), Verdict::Refused);
+    }
 
     #[test]
     fn bucket_starts_full_with_twice_the_rate() {

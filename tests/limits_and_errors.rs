@@ -447,3 +447,60 @@ async fn a_client_that_trickles_its_head_is_dropped_at_the_handshake_timeout() {
         "the trickled request was not served: {answer:?}"
     );
 }
+
+#[tokio::test]
+async fn frames_that_fail_to_parse_draw_from_the_rate_limit_and_a_stream_of_them_closes_4029() {
+    let s = Server::start(&["--rate-limit", "2"]).await;
+    let mut c = s.guest("alice").await;
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(8) {
+        if c.ws.send(Message::text("{not json")).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (closed, seen) = c.expect_close(Duration::from_secs(10)).await;
+    assert_eq!(closed, Closed::Code(4029));
+    assert!(
+        seen.iter().any(|v| v["code"] == "bad_request"),
+        "the first ones get their parse error"
+    );
+    assert!(
+        seen.iter().any(|v| v["code"] == "rate_limited"),
+        "then rate_limited"
+    );
+}
+
+#[tokio::test]
+async fn pings_are_never_refused_but_a_flood_of_them_closes_4029() {
+    let s = Server::start(&["--rate-limit", "2"]).await;
+    let mut c = s.guest("alice").await;
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(8) {
+        let ping = json!({"type": "ping"}).to_string();
+        if c.ws.send(Message::text(ping)).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (closed, seen) = c.expect_close(Duration::from_secs(10)).await;
+    assert_eq!(closed, Closed::Code(4029));
+    assert!(seen.iter().any(|v| v["type"] == "pong"));
+    assert!(
+        !seen.iter().any(|v| v["code"] == "rate_limited"),
+        "a ping is answered, never refused"
+    );
+}
+
+#[tokio::test]
+async fn a_ping_a_second_is_fine_with_the_bucket_empty() {
+    let s = Server::start(&["--rate-limit", "1"]).await;
+    let mut c = s.member("alice", "r").await;
+    for i in 0..5 {
+        c.send(json!({"type": "presence", "id": i, "room": "r"}))
+            .await;
+    }
+    for _ in 0..3 {
+        assert_eq!(c.request(json!({"type": "ping"})).await["type"], "pong");
+    }
+}

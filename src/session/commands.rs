@@ -35,6 +35,26 @@ impl Session {
         self.outbox.push(protocol::error_event(id, err).into());
     }
 
+    fn rate_limited(&self, id: Option<&CommandId>) {
+        self.state.metrics.rate_limited.increment(1);
+        self.reply_error(
+            id,
+            &CommandError::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "rate limit: {} commands per second (burst {})",
+                    self.state.config.rate_limit,
+                    self.state.config.rate_limit * 2
+                ),
+            ),
+        );
+    }
+
+    fn rate_limit_close(&self) -> Exit {
+        self.state.metrics.rate_limited.increment(1);
+        Exit::announced(close::RATE_LIMITED, "rate limit exceeded persistently")
+    }
+
     /// Handle one text frame. Returns how to end the session, if it must end.
     pub(super) async fn on_text(&mut self, text: &str) -> Option<Exit> {
         let limits = ParseLimits {
@@ -44,11 +64,23 @@ impl Session {
             Ok(parsed) => parsed,
             Err(f) => {
                 self.state.metrics.command("invalid");
-                self.reply_error(f.id.as_ref(), &f.error);
                 if self.conn.is_none() {
+                    self.reply_error(f.id.as_ref(), &f.error);
                     return Some(Exit::close(close::NO_HELLO, "expected hello"));
                 }
-                return None;
+                // A frame that fails to parse costs a token like a command, so a
+                // stream of garbage is limited and, kept up, closed (4029).
+                return match self.bucket.check(Instant::now().into_std()) {
+                    Verdict::Allowed => {
+                        self.reply_error(f.id.as_ref(), &f.error);
+                        None
+                    }
+                    Verdict::Refused => {
+                        self.rate_limited(f.id.as_ref());
+                        None
+                    }
+                    Verdict::Close => Some(self.rate_limit_close()),
+                };
             }
         };
         self.state.metrics.command(cmd.kind());
@@ -74,33 +106,25 @@ impl Session {
             return Some(Exit::close(close::NO_HELLO, "second hello"));
         }
 
-        if !matches!(cmd, Command::Leave { .. } | Command::Ping) {
-            match self.bucket.check(Instant::now().into_std()) {
+        let now = Instant::now().into_std();
+        if matches!(cmd, Command::Leave { .. } | Command::Ping) {
+            // Not limited by the protocol: answered even when the bucket is empty,
+            // at a tenth of a token each, so only a flood closes the connection.
+            if self.bucket.check_cost(now, 0.1) == Verdict::Close {
+                return Some(self.rate_limit_close());
+            }
+        } else {
+            match self.bucket.check(now) {
                 Verdict::Allowed => {}
                 Verdict::Refused => {
-                    self.state.metrics.rate_limited.increment(1);
-                    if !matches!(cmd, Command::Typing { .. }) {
-                        self.reply_error(
-                            id,
-                            &CommandError::new(
-                                ErrorCode::RateLimited,
-                                format!(
-                                    "rate limit: {} commands per second (burst {})",
-                                    self.state.config.rate_limit,
-                                    self.state.config.rate_limit * 2
-                                ),
-                            ),
-                        );
+                    if matches!(cmd, Command::Typing { .. }) {
+                        self.state.metrics.rate_limited.increment(1);
+                    } else {
+                        self.rate_limited(id);
                     }
                     return None;
                 }
-                Verdict::Close => {
-                    self.state.metrics.rate_limited.increment(1);
-                    return Some(Exit::announced(
-                        close::RATE_LIMITED,
-                        "rate limit exceeded persistently",
-                    ));
-                }
+                Verdict::Close => return Some(self.rate_limit_close()),
             }
         }
 
