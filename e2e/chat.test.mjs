@@ -329,3 +329,38 @@ test("joining a room of over 100 members lists the first 100 and pages the rest"
     await server.stop();
   }
 });
+
+test("a page on another origin imports the SDK from the server and chats", async () => {
+  const { createServer } = await import("node:http");
+  const server = await new Server().start();
+  // A page of another origin (another port) that imports /hubbub.js cross-origin.
+  const page = `<!doctype html><meta charset="utf-8"><script type="module">
+    import { Hubbub } from "${server.http}/hubbub.js";
+    const hub = new Hubbub({ url: "${server.ws}", name: "elsewhere" });
+    await hub.connect();
+    await hub.join("lobby");
+    const ack = await hub.send("lobby", "hello from another origin");
+    window.result = ack.seq;
+  </script>`;
+  const other = createServer((req, res) => {
+    res.writeHead(200, { "Content-Type": "text/html" });
+    res.end(page);
+  });
+  await new Promise((r) => other.listen(0, "127.0.0.1", r));
+  try {
+    const context = await browser.newContext();
+    const p = await context.newPage();
+    const errors = [];
+    p.on("pageerror", (e) => errors.push(String(e)));
+    p.on("console", (m) => m.type() === "error" && errors.push(m.text()));
+    await p.goto(`http://127.0.0.1:${other.address().port}/`);
+    await p.waitForFunction(() => typeof window.result === "number", null, { timeout: 10000 }).catch(() => {
+      throw new Error(`the cross-origin page did not chat: ${errors.join("; ")}`);
+    });
+    assert.equal(await p.evaluate(() => window.result), 1);
+    await context.close();
+  } finally {
+    other.close();
+    await server.stop();
+  }
+});

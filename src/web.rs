@@ -40,7 +40,17 @@ pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
         .route("/", get(|| async { file(HTML, INDEX_HTML) }))
         .route("/index.html", get(|| async { file(HTML, INDEX_HTML) }))
         .route("/app.js", get(|| async { file(JS, APP_JS) }))
-        .route("/hubbub.js", get(|| async { file(JS, SDK_JS) }))
+        // The SDK may be imported by pages on other origins (it holds no secret;
+        // who may connect is `--allowed-origins`' business, at the WebSocket).
+        .route(
+            "/hubbub.js",
+            get(|| async {
+                (
+                    [(header::ACCESS_CONTROL_ALLOW_ORIGIN, "*")],
+                    file(JS, SDK_JS),
+                )
+            }),
+        )
         .route("/style.css", get(|| async { file(CSS, STYLE_CSS) }))
         // The admin console: a page on the server API (it holds no secret itself).
         .route("/admin", get(|| async { file(HTML, ADMIN_HTML) }))
