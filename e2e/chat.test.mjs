@@ -364,3 +364,49 @@ test("a page on another origin imports the SDK from the server and chats", async
     await server.stop();
   }
 });
+
+test("the pages run under their Content-Security-Policy and another origin cannot frame them", async () => {
+  const { createServer } = await import("node:http");
+  const server = await new Server().start();
+  const other = createServer((req, res) => {
+    res.writeHead(200, { "Content-Type": "text/html" });
+    res.end(`<!doctype html><iframe id="f" src="${server.http}/"></iframe>`);
+  });
+  await new Promise((r) => other.listen(0, "127.0.0.1", r));
+  try {
+    const context = await browser.newContext();
+    const p = await context.newPage();
+    const violations = [];
+    p.on("console", (m) => /Content Security Policy|Refused to/.test(m.text()) && violations.push(m.text()));
+    const res = await p.goto(server.http + "/");
+    assert.match(res.headers()["content-security-policy"], /frame-ancestors 'none'/);
+    await p.fill("#login-name", "csp");
+    await p.click("#login-submit");
+    await waitForStatus(p, "Connected");
+    await joinRoom(p, "lobby");
+    await send(p, "under the policy");
+    await waitForText(p, "under the policy");
+    const admin = await context.newPage();
+    admin.on("console", (m) => /Content Security Policy|Refused to/.test(m.text()) && violations.push(m.text()));
+    await admin.goto(server.http + "/admin");
+    await admin.waitForSelector("#key-form");
+    assert.deepEqual(violations, [], "the pages break none of their own policy");
+
+    const framer = await context.newPage();
+    const blocked = [];
+    framer.on("console", (m) => /frame-ancestors|Refused to frame/.test(m.text()) && blocked.push(m.text()));
+    await framer.goto(`http://127.0.0.1:${other.address().port}/`);
+    await framer.waitForTimeout(1500);
+    const framedLogin = await framer
+      .frames()
+      .find((f) => f.url().startsWith(server.http))
+      ?.$("#login-name")
+      .catch(() => null);
+    assert.ok(!framedLogin, "the chat page did not render inside another origin's frame");
+    assert.ok(blocked.length > 0, "Chromium reports the refused framing");
+    await context.close();
+  } finally {
+    other.close();
+    await server.stop();
+  }
+});

@@ -681,6 +681,19 @@ impl Config {
         if self.drain_rate == 0 {
             return Err(invalid("drain_rate", "must be at least 1"));
         }
+        let csp_ok = |c: char| c.is_ascii_graphic() && !matches!(c, ';' | ',');
+        if self.frame_ancestors.trim().is_empty()
+            || !self
+                .frame_ancestors
+                .split(' ')
+                .filter(|w| !w.is_empty())
+                .all(|w| w.chars().all(csp_ok))
+        {
+            return Err(invalid(
+                "frame_ancestors",
+                "CSP sources separated by spaces, e.g. 'self' https://app.example",
+            ));
+        }
         if self.api_rate_limit == 0 {
             return Err(invalid("api_rate_limit", "must be at least 1"));
         }
@@ -817,6 +830,8 @@ settings! {
         "server API keys (`Authorization: Bearer KEY`); `HUBBUB_API_KEYS` and the file take a comma-separated list or an array";
     api_rate_limit: u32 = "1000"; Value "PER_SEC";
         "server API requests per second per key (burst 2x); beyond it 429";
+    frame_ancestors: String = "'none'"; Value "SOURCES";
+        "who may frame the chat page and the console (CSP `frame-ancestors`, e.g. `'self' https://app.example`)";
     log_format: LogFormat = "text"; Value "text|json";
         "log format on stderr (`HUBBUB_LOG` sets the filter, e.g. `debug`)";
 }

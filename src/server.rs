@@ -130,7 +130,7 @@ impl Server {
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics_handler))
-            .merge(crate::web::routes())
+            .merge(crate::web::routes(&state.config.frame_ancestors))
             .nest("/api/v1", crate::api::routes(state.clone()))
             .with_state((state.clone(), tracker.clone()));
 
