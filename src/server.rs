@@ -81,6 +81,11 @@ impl Server {
                 })?,
             )),
         };
+        if config.jwt_secret.as_ref().is_some_and(|k| k.len() < 32) {
+            tracing::warn!(
+                "--jwt-secret is under 32 bytes: easy to guess; use a long random one (e.g. openssl rand -hex 32)"
+            );
+        }
         let auth = Authenticator::new(
             config.jwt_secret.as_deref(),
             pem.as_ref().map(|(p, k)| (p.as_str(), k.as_slice())),

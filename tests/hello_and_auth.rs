@@ -405,3 +405,12 @@ async fn a_token_not_valid_yet_is_refused() {
     let t = jwt_hs256("k", json!({"sub": "a", "nbf": now_secs() + 3600}));
     expect_token_refused(&s, &t).await;
 }
+
+#[tokio::test]
+async fn a_short_jwt_secret_is_accepted_with_a_warning_and_a_long_one_without() {
+    let short = Server::start(&["--jwt-secret", "s3cret"]).await;
+    let long = Server::start(&["--jwt-secret", &"k".repeat(32)]).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(short.log().contains("under 32 bytes"), "{}", short.log());
+    assert!(!long.log().contains("under 32 bytes"), "{}", long.log());
+}
