@@ -798,6 +798,8 @@ settings! {
         "longest message text, in Unicode code points";
     rate_limit: u32 = "20"; Value "PER_SEC";
         "per-connection token bucket (burst 2x)";
+    max_connections: usize = "0"; ["the open-file limit less 256"] Value "N";
+        "WebSocket connections this node holds at most; beyond it a handshake gets 503 with `Retry-After` (counted in `hubbub_connections_refused_total`)";
     max_rooms_per_conn: usize = "100"; Value "N";
         "rooms one connection may join";
     send_queue: usize = "1024"; Value "N";

@@ -102,6 +102,10 @@ fn describe() {
         "hubbub_closes_total",
         "Connections closed, by close code (1006: dropped without a close frame)"
     );
+    describe_counter!(
+        "hubbub_connections_refused_total",
+        "WebSocket handshakes refused, by reason (max_connections)"
+    );
     describe_histogram!(
         "hubbub_store_commit_seconds",
         metrics::Unit::Seconds,
@@ -276,6 +280,11 @@ impl Metrics {
 
     pub fn close(code: u16) {
         counter!("hubbub_closes_total", "code" => code.to_string()).increment(1);
+    }
+
+    /// A handshake refused for `reason`.
+    pub fn refused(reason: &'static str) {
+        counter!("hubbub_connections_refused_total", "reason" => reason).increment(1);
     }
 }
 

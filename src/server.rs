@@ -67,10 +67,13 @@ pub struct Server {
 impl Server {
     /// Open the store, start the hub and bind the listener.
     pub async fn bind(
-        config: Config,
+        mut config: Config,
         prometheus: Option<PrometheusHandle>,
         shutdown: CancellationToken,
     ) -> Result<Server, ServerError> {
+        if config.max_connections == 0 {
+            config.max_connections = default_max_connections();
+        }
         let pem = match &config.jwt_public_key {
             None => None,
             Some(path) => Some((
@@ -282,6 +285,20 @@ async fn drain_sessions(state: &AppState, deadline: Instant) {
     }
 }
 
+/// `--max-connections` when not given: the process's open-file limit less 256
+/// descriptors for the store, the broker, listeners and new handshakes.
+fn default_max_connections() -> usize {
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3).map(str::to_owned))
+        })
+        .and_then(|v| v.parse::<usize>().ok());
+    soft.map_or(10_000, |n| n.saturating_sub(256).max(16))
+}
+
 /// The client's address: the peer, or, when the peer is a trusted proxy, the
 /// nearest untrusted address in X-Forwarded-For (walking from the right, since each
 /// proxy appends the address it saw).
@@ -391,6 +408,19 @@ async fn ws_handler(
             "this connection cannot be upgraded to a WebSocket\n",
         )
             .into_response();
+    }
+    // Connections held and being upgraded (the tracker counts both; an upgrading
+    // one may count twice for a moment, which errs on the side of refusing).
+    if tracker.len() >= state.config.max_connections {
+        Metrics::refused("max_connections");
+        let mut resp = (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this node is at --max-connections; retry shortly or on another node\n",
+        )
+            .into_response();
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return resp;
     }
     let upgrade = hyper::upgrade::on(&mut req);
     let max = state.config.max_message;

@@ -504,3 +504,40 @@ async fn a_ping_a_second_is_fine_with_the_bucket_empty() {
         assert_eq!(c.request(json!({"type": "ping"})).await["type"], "pong");
     }
 }
+
+#[tokio::test]
+async fn beyond_max_connections_a_handshake_gets_503_with_retry_after() {
+    let s = Server::start(&["--max-connections", "2"]).await;
+    let a = s.guest("a").await;
+    let _b = s.guest("b").await;
+    let refused = tokio_tungstenite::connect_async(s.url()).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 503);
+            assert_eq!(
+                resp.headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok()),
+                Some("1")
+            );
+        }
+        other => panic!("expected a 503 handshake, got {other:?}"),
+    }
+    let (st, metrics) = s.http_get("/metrics").await;
+    assert_eq!(st, 200);
+    assert!(
+        metrics.contains("hubbub_connections_refused_total{reason=\"max_connections\"} 1"),
+        "{metrics}"
+    );
+    // A connection that ends makes room again.
+    a.close().await;
+    let mut again = None;
+    for _ in 0..20 {
+        if let Ok((ws, _)) = tokio_tungstenite::connect_async(s.url()).await {
+            again = Some(ws);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(again.is_some(), "room again after a close");
+}
