@@ -800,6 +800,8 @@ settings! {
         "per-connection token bucket (burst 2x)";
     max_connections: usize = "0"; ["the open-file limit less 256"] Value "N";
         "WebSocket connections this node holds at most; beyond it a handshake gets 503 with `Retry-After` (counted in `hubbub_connections_refused_total`)";
+    max_connections_per_user: usize = "100"; Value "N";
+        "connections one user may hold on this node; a `hello` beyond it closes the user's oldest connection (`closing`, then 1008); 0: no limit";
     max_rooms_per_conn: usize = "100"; Value "N";
         "rooms one connection may join";
     send_queue: usize = "1024"; Value "N";

@@ -541,3 +541,18 @@ async fn beyond_max_connections_a_handshake_gets_503_with_retry_after() {
     }
     assert!(again.is_some(), "room again after a close");
 }
+
+#[tokio::test]
+async fn a_hello_beyond_max_connections_per_user_closes_the_users_oldest_with_1008() {
+    let s = Server::start(&["--max-connections-per-user", "2"]).await;
+    let mut first = s.guest("ann").await;
+    let mut second = s.guest("ann").await;
+    let mut other = s.guest("bob").await;
+    let mut third = s.guest("ann").await;
+    let (closed, seen) = first.expect_close(Duration::from_secs(3)).await;
+    assert_eq!(closed, Closed::Code(1008));
+    assert!(seen.iter().any(|m| m["type"] == "closing"), "{seen:?}");
+    for c in [&mut second, &mut third, &mut other] {
+        assert_eq!(c.request(json!({"type": "ping"})).await["type"], "pong");
+    }
+}

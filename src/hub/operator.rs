@@ -230,6 +230,28 @@ impl Hub {
         n
     }
 
+    /// Keep `user` within `max` connections on this node: close the oldest ones
+    /// beyond it (`closing` with the reason, then 1008). Returns how many.
+    pub fn enforce_connection_limit(&self, user: &str, max: usize) -> usize {
+        if max == 0 {
+            return 0;
+        }
+        let mut conns = self.registry.conns(user);
+        if conns.len() <= max {
+            return 0;
+        }
+        // Connection ids grow: the smallest are the oldest.
+        conns.sort_by_key(|c| c.id);
+        let excess = conns.len() - max;
+        for c in &conns[..excess] {
+            c.outbox.close_with(
+                close::POLICY,
+                "too many connections for this user: the oldest is closed",
+            );
+        }
+        excess
+    }
+
     /// Close every connection of `user` with `closing` (the reason) and 4003: here
     /// at once, on the other nodes through the broker. Returns how many were
     /// closed here.

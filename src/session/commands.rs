@@ -197,6 +197,17 @@ impl Session {
             return Some(Exit::close(close::UNAUTHORIZED, "banned"));
         }
         let cfg = &self.state.config;
+        let closed = self
+            .state
+            .hub
+            .enforce_connection_limit(&conn.user, cfg.max_connections_per_user);
+        if closed > 0 {
+            tracing::info!(
+                conn = self.id,
+                closed,
+                "closed a user's oldest connection at --max-connections-per-user"
+            );
+        }
         self.reply(protocol::reply(
             "welcome",
             id,
