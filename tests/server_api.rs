@@ -4,12 +4,10 @@
 mod common;
 
 use common::services::{Database, Redis};
-use common::{Closed, Server, WAIT};
+use common::{Closed, Server};
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 const KEY: &str = "test-key-0123456789abcdef";
 
@@ -27,36 +25,39 @@ async fn http(
     headers: &[(&str, &str)],
     body: Option<&str>,
 ) -> (u16, Value, String) {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
+    let (status, head, body) = common::http(addr, method, path, headers, body).await;
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or(Value::Null),
+        head,
+    )
+}
+
+/// Two API nodes, a and b, on a fresh database and a private Redis (plus `extra`).
+async fn api_cluster(extra: &[&str]) -> (Database, Redis, Vec<Server>) {
+    let db = Database::create();
+    let redis = Redis::start();
+    let mut nodes = Vec::new();
+    for id in ["a", "b"] {
+        nodes.push(api_node(&db, &redis, id, extra).await);
     }
-    if let Some(b) = body {
-        req.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            b.len()
-        ));
-    }
-    req.push_str("\r\n");
-    if let Some(b) = body {
-        req.push_str(b);
-    }
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut buf = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
-        .await
-        .expect("http response in time")
-        .expect("read");
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status line");
-    let json = serde_json::from_str(body).unwrap_or(Value::Null);
-    (status, json, head.to_owned())
+    (db, redis, nodes)
+}
+
+async fn api_node(db: &Database, redis: &Redis, id: &str, extra: &[&str]) -> Server {
+    let (url, redis_url) = (db.url(), redis.url());
+    let mut args = vec![
+        "--database-url",
+        &url,
+        "--redis-url",
+        &redis_url,
+        "--node-id",
+        id,
+        "--api-key",
+        KEY,
+    ];
+    args.extend_from_slice(extra);
+    Server::start(&args).await
 }
 
 const AUTH: (&str, &str) = ("Authorization", "Bearer test-key-0123456789abcdef");
@@ -595,25 +596,7 @@ async fn a_disconnect_reason_over_200_characters_is_413() {
 
 #[tokio::test]
 async fn on_a_cluster_a_disconnect_on_one_node_closes_the_user_on_another_within_2_s() {
-    let db = Database::create();
-    let redis = Redis::start();
-    let url = db.url();
-    let mut nodes = Vec::new();
-    for id in ["a", "b"] {
-        nodes.push(
-            Server::start(&[
-                "--database-url",
-                &url,
-                "--redis-url",
-                &redis.url(),
-                "--node-id",
-                id,
-                "--api-key",
-                KEY,
-            ])
-            .await,
-        );
-    }
+    let (_db, _redis, nodes) = api_cluster(&[]).await;
     let mut ann = nodes[1].member("ann", "r").await;
     let (st, v) = post(
         &nodes[0],
@@ -633,25 +616,7 @@ async fn on_a_cluster_a_disconnect_on_one_node_closes_the_user_on_another_within
 
 #[tokio::test]
 async fn on_a_cluster_any_node_posts_into_the_one_sequence_and_sees_presence() {
-    let db = Database::create();
-    let redis = Redis::start();
-    let url = db.url();
-    let mut nodes = Vec::new();
-    for id in ["a", "b"] {
-        nodes.push(
-            Server::start(&[
-                "--database-url",
-                &url,
-                "--redis-url",
-                &redis.url(),
-                "--node-id",
-                id,
-                "--api-key",
-                KEY,
-            ])
-            .await,
-        );
-    }
+    let (_db, _redis, nodes) = api_cluster(&[]).await;
     let mut ann = nodes[1].member("ann", "r").await;
     let (st, v) = post(
         &nodes[0],
@@ -772,25 +737,7 @@ async fn a_ban_until_a_past_time_or_not_a_number_is_400_and_bans_nobody() {
 
 #[tokio::test]
 async fn on_a_cluster_a_ban_on_one_node_closes_and_refuses_the_user_on_another() {
-    let db = Database::create();
-    let redis = Redis::start();
-    let url = db.url();
-    let mut nodes = Vec::new();
-    for id in ["a", "b"] {
-        nodes.push(
-            Server::start(&[
-                "--database-url",
-                &url,
-                "--redis-url",
-                &redis.url(),
-                "--node-id",
-                id,
-                "--api-key",
-                KEY,
-            ])
-            .await,
-        );
-    }
+    let (db, redis, nodes) = api_cluster(&[]).await;
     let mut ann = nodes[1].member("ann", "r").await;
     let (st, v) = post(&nodes[0], "/api/v1/users/ann/ban", json!({"reason": "x"})).await;
     assert_eq!(st, 200, "{v}");
@@ -800,17 +747,7 @@ async fn on_a_cluster_a_ban_on_one_node_closes_and_refuses_the_user_on_another()
     assert_eq!(reply["type"], "error", "{reply}");
     assert_eq!(closed, Some(Closed::Code(4001)));
     // A node started after the ban reads it from the shared store.
-    let late = Server::start(&[
-        "--database-url",
-        &url,
-        "--redis-url",
-        &redis.url(),
-        "--node-id",
-        "c",
-        "--api-key",
-        KEY,
-    ])
-    .await;
+    let late = api_node(&db, &redis, "c", &[]).await;
     assert_eq!(hello_as(&late, "ann").await.0["type"], "error");
     let (st, _) = delete(&nodes[0], "/api/v1/users/ann/ban").await;
     assert_eq!(st, 200);
@@ -871,25 +808,7 @@ async fn removing_someone_who_is_not_in_the_room_removes_nobody() {
 
 #[tokio::test]
 async fn on_a_cluster_a_remove_on_one_node_takes_the_user_out_on_another() {
-    let db = Database::create();
-    let redis = Redis::start();
-    let url = db.url();
-    let mut nodes = Vec::new();
-    for id in ["a", "b"] {
-        nodes.push(
-            Server::start(&[
-                "--database-url",
-                &url,
-                "--redis-url",
-                &redis.url(),
-                "--node-id",
-                id,
-                "--api-key",
-                KEY,
-            ])
-            .await,
-        );
-    }
+    let (_db, _redis, nodes) = api_cluster(&[]).await;
     let mut ann = nodes[1].member("ann", "r").await;
     let (st, v) = post(
         &nodes[0],
@@ -949,25 +868,7 @@ async fn stats_show_this_nodes_connections_and_message_rate() {
 
 #[tokio::test]
 async fn on_a_cluster_stats_sum_every_node() {
-    let db = Database::create();
-    let redis = Redis::start();
-    let url = db.url();
-    let mut nodes = Vec::new();
-    for id in ["a", "b"] {
-        nodes.push(
-            Server::start(&[
-                "--database-url",
-                &url,
-                "--redis-url",
-                &redis.url(),
-                "--node-id",
-                id,
-                "--api-key",
-                KEY,
-            ])
-            .await,
-        );
-    }
+    let (_db, _redis, nodes) = api_cluster(&[]).await;
     let _x = nodes[0].member("x", "r").await;
     let _y = nodes[1].member("y", "r").await;
     let _z = nodes[1].member("z", "q").await;
@@ -1104,27 +1005,7 @@ async fn a_revocation_must_name_a_jti_or_a_user_and_a_time() {
 
 #[tokio::test]
 async fn on_a_cluster_a_revocation_closes_the_token_on_another_node_within_2_s() {
-    let db = Database::create();
-    let redis = Redis::start();
-    let url = db.url();
-    let mut nodes = Vec::new();
-    for id in ["a", "b"] {
-        nodes.push(
-            Server::start(&[
-                "--database-url",
-                &url,
-                "--redis-url",
-                &redis.url(),
-                "--node-id",
-                id,
-                "--api-key",
-                KEY,
-                "--jwt-secret",
-                "jwt-k",
-            ])
-            .await,
-        );
-    }
+    let (_db, _redis, nodes) = api_cluster(&["--jwt-secret", "jwt-k"]).await;
     let t = token(json!({"sub": "ann", "jti": "x-1"}));
     let (mut c, w) = token_hello(&nodes[1], &t).await;
     assert_eq!(w["type"], "welcome");

@@ -9,11 +9,11 @@ use super::{Api, ApiError, json};
 use crate::hub::{Outgoing, Receipt, Submitter};
 use crate::message::ChannelKey;
 use crate::protocol::api::{
-    Banned, Closed, Posted, Removed, Revoked, RoomEntry, RoomsPage, Unbanned, UserStatus,
+    Banned, Closed, Removed, Revoked, RoomEntry, RoomsPage, Unbanned, UserStatus,
 };
-use crate::protocol::events::{History, Presence, message_refs};
+use crate::protocol::events::{Ack, History, Presence, message_refs};
 use crate::protocol::{
-    self, DEFAULT_HISTORY, ErrorCode, MAX_CLIENT_ID_CHARS, MAX_HISTORY, MAX_PRESENCE_PAGE,
+    self, ApiPost, DEFAULT_HISTORY, ErrorCode, MAX_CLIENT_ID_CHARS, MAX_HISTORY, MAX_PRESENCE_PAGE,
     ParseLimits, valid_room_name, valid_user_id,
 };
 use axum::Router;
@@ -164,13 +164,29 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(v.to_owned()))
 }
 
-/// Store and publish a message as `from`; the receipt once both are done.
+/// A message body and its `Idempotency-Key`, checked as a `send` would be.
+fn parse_post(
+    api: &Api,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(ApiPost, Option<String>), ApiError> {
+    let body = body_of(body)?;
+    let limits = ParseLimits {
+        max_text: api.state.config.max_text,
+    };
+    let post = protocol::parse_api_post(&body, limits)?;
+    Ok((post, idempotency_key(headers)?))
+}
+
+/// Store and publish `post` as `from` into `key`; 201 with what an `ack` says,
+/// once both are done.
 async fn post_message(
     api: &Api,
     from: &str,
     key: ChannelKey,
-    out: Outgoing,
-) -> Result<Receipt, ApiError> {
+    post: ApiPost,
+    client_id: Option<String>,
+) -> Result<Response, ApiError> {
     let (tx, rx) = oneshot::channel();
     let author: Arc<str> = Arc::from(from);
     let to = Submitter::Api {
@@ -178,21 +194,25 @@ async fn post_message(
         name: author,
         reply: tx,
     };
-    api.state.hub.submit_as(to, key, out).await?;
+    let out = Outgoing {
+        text: post.text,
+        meta: post.meta,
+        client_id,
+    };
+    api.state.hub.submit_as(to, key.clone(), out).await?;
     api.state.metrics.command("api_post");
-    match rx.await {
-        Ok(result) => Ok(result?),
-        Err(_) => Err(ApiError::new(
-            ErrorCode::Unavailable,
-            "the server is shutting down; retry on another node",
-        )),
-    }
-}
-
-fn parse_limits(api: &Api) -> ParseLimits {
-    ParseLimits {
-        max_text: api.state.config.max_text,
-    }
+    let Receipt { seq, ts } = match rx.await {
+        Ok(result) => result?,
+        Err(_) => {
+            return Err(ApiError::new(
+                ErrorCode::Unavailable,
+                "the server is shutting down; retry on another node",
+            ));
+        }
+    };
+    let (room, dm) = key.target(from);
+    let body = Ack { room, dm, seq, ts };
+    Ok(json(StatusCode::CREATED, protocol::encode(&body)))
 }
 
 async fn post_to_room(
@@ -202,23 +222,9 @@ async fn post_to_room(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let room = room_of(path)?;
-    let body = body_of(body)?;
-    let post = protocol::parse_api_post(&body, parse_limits(&api))?;
-    let client_id = idempotency_key(&headers)?;
-    let from = post.from.unwrap_or_else(|| SYSTEM_USER.to_owned());
-    let out = Outgoing {
-        text: post.text,
-        meta: post.meta,
-        client_id,
-    };
-    let r = post_message(&api, &from, ChannelKey::Room(room.clone()), out).await?;
-    let body = Posted {
-        room: Some(&room),
-        dm: None,
-        seq: r.seq,
-        ts: r.ts,
-    };
-    Ok(json(StatusCode::CREATED, protocol::encode(&body)))
+    let (mut post, client_id) = parse_post(&api, &headers, body)?;
+    let from = post.from.take().unwrap_or_else(|| SYSTEM_USER.to_owned());
+    post_message(&api, &from, ChannelKey::Room(room), post, client_id).await
 }
 
 async fn post_direct(
@@ -228,10 +234,8 @@ async fn post_direct(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let to = user_of(path)?;
-    let body = body_of(body)?;
-    let post = protocol::parse_api_post(&body, parse_limits(&api))?;
-    let client_id = idempotency_key(&headers)?;
-    let Some(from) = post.from else {
+    let (mut post, client_id) = parse_post(&api, &headers, body)?;
+    let Some(from) = post.from.take() else {
         return Err(ApiError::new(
             ErrorCode::BadRequest,
             "missing field: from (the user the direct message is from)",
@@ -243,19 +247,7 @@ async fn post_direct(
             "a direct message to yourself is not allowed",
         ));
     }
-    let out = Outgoing {
-        text: post.text,
-        meta: post.meta,
-        client_id,
-    };
-    let r = post_message(&api, &from, ChannelKey::dm(&from, &to), out).await?;
-    let body = Posted {
-        room: None,
-        dm: Some(&to),
-        seq: r.seq,
-        ts: r.ts,
-    };
-    Ok(json(StatusCode::CREATED, protocol::encode(&body)))
+    post_message(&api, &from, ChannelKey::dm(&from, &to), post, client_id).await
 }
 
 async fn room_history(

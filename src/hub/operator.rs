@@ -71,12 +71,7 @@ impl Hub {
             .into_iter()
             .map(|(room, (seq, n))| (room, seq, n))
             .collect();
-        let next = if rooms.len() > limit {
-            rooms.truncate(limit);
-            rooms.last().map(|r| r.0.clone())
-        } else {
-            None
-        };
+        let next = page(&mut rooms, limit, |r| r.0.clone());
         Ok(RoomsPage { rooms, next })
     }
 
@@ -153,12 +148,7 @@ impl Hub {
             .take(limit + 1)
             .map(|(user, name)| Member { user, name })
             .collect();
-        let next = if members.len() > limit {
-            members.truncate(limit);
-            members.last().map(|m| m.user.clone())
-        } else {
-            None
-        };
+        let next = page(&mut members, limit, |m| m.user.clone());
         Ok(PresencePage {
             members,
             count,
@@ -199,15 +189,7 @@ impl Hub {
         self.broker
             .remove_member(room, user, reason)
             .await
-            .map_err(|e| {
-                tracing::warn!(error = %e, "telling the other nodes to remove a member failed");
-                CommandError::new(
-                    ErrorCode::Unavailable,
-                    format!(
-                        "removed {here} connection(s) on this node, but the other nodes could not be told (broker unreachable); retry"
-                    ),
-                )
-            })?;
+            .map_err(|e| untold(&e, &format!("removed {here} connection(s) on this node")))?;
         Ok(here)
     }
 
@@ -257,15 +239,10 @@ impl Hub {
     /// closed here.
     pub async fn disconnect_user(&self, user: &str, reason: &str) -> Result<usize, CommandError> {
         let here = self.disconnect_here(user, reason);
-        self.broker.disconnect(user, reason).await.map_err(|e| {
-            tracing::warn!(error = %e, "telling the other nodes to disconnect a user failed");
-            CommandError::new(
-                ErrorCode::Unavailable,
-                format!(
-                    "closed {here} connection(s) on this node, but the other nodes could not be told (broker unreachable); retry"
-                ),
-            )
-        })?;
+        self.broker
+            .disconnect(user, reason)
+            .await
+            .map_err(|e| untold(&e, &format!("closed {here} connection(s) on this node")))?;
         Ok(here)
     }
 
@@ -352,13 +329,10 @@ impl Hub {
                 )
             })?;
         let closed = self.revoke_here(key, issued_before);
-        self.broker.revoke(key, issued_before).await.map_err(|e| {
-            tracing::warn!(error = %e, "telling the other nodes about a revocation failed");
-            CommandError::new(
-                ErrorCode::Unavailable,
-                "revoked and stored here, but the other nodes could not be told (broker unreachable); repeat the call",
-            )
-        })?;
+        self.broker
+            .revoke(key, issued_before)
+            .await
+            .map_err(|e| untold(&e, "revoked and stored here"))?;
         Ok(closed)
     }
 
@@ -432,13 +406,7 @@ impl Hub {
         self.broker
             .ban(user, Some((until.unwrap_or(0), reason)))
             .await
-            .map_err(|e| {
-                tracing::warn!(error = %e, "telling the other nodes about a ban failed");
-                CommandError::new(
-                    ErrorCode::Unavailable,
-                    "banned and stored here, but the other nodes could not be told (broker unreachable); repeat the call",
-                )
-            })?;
+            .map_err(|e| untold(&e, "banned and stored here"))?;
         Ok(closed)
     }
 
@@ -452,13 +420,10 @@ impl Hub {
             )
         })?;
         lock(&self.bans).remove(user);
-        self.broker.ban(user, None).await.map_err(|e| {
-            tracing::warn!(error = %e, "telling the other nodes about an unban failed");
-            CommandError::new(
-                ErrorCode::Unavailable,
-                "lifted here, but the other nodes could not be told (broker unreachable); repeat the call",
-            )
-        })?;
+        self.broker
+            .ban(user, None)
+            .await
+            .map_err(|e| untold(&e, "lifted here"))?;
         Ok(existed)
     }
 }
@@ -469,5 +434,28 @@ fn ban_reason(reason: &str) -> String {
         "banned".to_owned()
     } else {
         format!("banned: {reason}")
+    }
+}
+
+/// The error when this node did its part of an order but could not pass it on to
+/// the other nodes: `done_here` says what stands here; repeating the call is safe.
+fn untold(e: &crate::broker::BrokerError, done_here: &str) -> CommandError {
+    tracing::warn!(error = %e, done_here, "the other nodes could not be told");
+    CommandError::new(
+        ErrorCode::Unavailable,
+        format!(
+            "{done_here}, but the other nodes could not be told (broker unreachable); repeat the call"
+        ),
+    )
+}
+
+/// Cut `items` (fetched up to `limit + 1`) to a page of `limit`; the `after` of
+/// the next page (the last item's key), if there is one.
+fn page<T>(items: &mut Vec<T>, limit: usize, key: impl Fn(&T) -> String) -> Option<String> {
+    if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(key)
+    } else {
+        None
     }
 }

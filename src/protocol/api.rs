@@ -46,17 +46,6 @@ pub fn error_body(err: &CommandError) -> String {
     })
 }
 
-/// 201 to a posted message: where it was stored, like an `ack`.
-#[derive(Serialize)]
-pub struct Posted<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub room: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub dm: Option<&'a str>,
-    pub seq: u64,
-    pub ts: i64,
-}
-
 /// One room of `GET /rooms`.
 #[derive(Serialize)]
 pub struct RoomEntry {

@@ -191,12 +191,33 @@ async fn spawn(dir: &Path, args: &[String], env: &[(&str, &str)]) -> (Child, Soc
 }
 
 pub async fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let (status, _, body) = http(addr, "GET", path, headers, None).await;
+    (status, body)
+}
+
+/// One HTTP/1.1 request (a JSON body if given); returns (status, head, body).
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).await.expect("connect");
-    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
+    if let Some(b) = body {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
+    }
     req.push_str("\r\n");
+    if let Some(b) = body {
+        req.push_str(b);
+    }
     s.write_all(req.as_bytes()).await.expect("write");
     let mut buf = Vec::new();
     tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
@@ -204,16 +225,13 @@ pub async fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) ->
         .expect("http response in time")
         .expect("read");
     let text = String::from_utf8_lossy(&buf).to_string();
-    let status = text
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
         .split(' ')
         .nth(1)
         .and_then(|c| c.parse().ok())
         .expect("status line");
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|x| x.1.to_string())
-        .unwrap_or_default();
-    (status, body)
+    (status, head.to_owned(), body.to_owned())
 }
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
