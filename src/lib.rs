@@ -12,6 +12,9 @@
 //! - [`protocol`]: every wire type (docs/PROTOCOL.md): parsing commands, encoding
 //!   events, error and close codes.
 //! - [`message`]: what a message is, whatever stores, carries or shows it.
+//! - [`chat`]: chat state (1.1): a user's rooms, read positions and unread
+//!   counts, and the rules of edits, deletes and reactions (submitted to the hub
+//!   as entries of a channel's stream, like messages).
 //! - [`auth`]: JWT and guest identities, room permissions.
 //! - [`limits`]: the per-connection rate limit.
 //! - [`hub`]: rooms, DM pairs, presence, sequencing, group commit and fan-out,
@@ -29,6 +32,7 @@ pub mod api;
 pub mod app;
 pub mod auth;
 pub mod broker;
+pub mod chat;
 pub mod config;
 pub mod handshake;
 pub mod hub;

@@ -194,11 +194,7 @@ async fn post_message(
         name: author,
         reply: tx,
     };
-    let out = Outgoing {
-        text: post.text,
-        meta: post.meta,
-        client_id,
-    };
+    let out = Outgoing::message(post.text, post.meta, client_id);
     api.state.hub.submit_as(to, key.clone(), out).await?;
     api.state.metrics.command("api_post");
     let Receipt { seq, ts } = match rx.await {

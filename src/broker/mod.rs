@@ -16,7 +16,7 @@
 pub mod redis;
 
 use self::redis::{RedisBroker, RedisSettings};
-use crate::message::{ChannelKey, StoredMessage};
+use crate::message::{ChannelKey, EntryKind, StoredMessage};
 use crate::metrics::Metrics;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -72,6 +72,14 @@ pub enum Inbound {
     Revoke {
         key: String,
         issued_before: Option<i64>,
+    },
+    /// `user` read `channel` up to `seq`: tell `to`'s connections here (the
+    /// reader's own, or a DM peer's as a read receipt).
+    Read {
+        channel: ChannelKey,
+        user: String,
+        seq: u64,
+        to: String,
     },
     /// `user` is banned until `until` (ms; None: until lifted), or no longer (None).
     Ban {
@@ -208,6 +216,14 @@ impl Broker {
         }
     }
 
+    /// Tell `to`'s connections on the other nodes that `user` read `channel` up to
+    /// `seq` (best effort: the position is stored; this only syncs live badges).
+    pub fn read(&self, channel: &ChannelKey, user: &str, seq: u64, to: &str) {
+        if let Broker::Redis(r) = self {
+            r.read(channel, user, seq, to);
+        }
+    }
+
     /// Tell the other nodes to close `user`'s connections there (nothing to do on
     /// one node). An error: they could not be told.
     pub async fn disconnect(&self, user: &str, reason: &str) -> Result<(), BrokerError> {
@@ -335,6 +351,18 @@ pub struct Envelope {
     pub meta: Option<Box<RawValue>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cid: Option<String>,
+    /// A stream entry's kind ([`crate::message::EntryKind::code`]; 0, a message,
+    /// is left out).
+    #[serde(default, skip_serializing_if = "is_zero_k")]
+    pub kd: i16,
+    /// An edit's, delete's or reaction's target seq.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tg: u64,
+    /// A reaction's emoji and whether it is added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub em: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -365,12 +393,18 @@ pub enum Kind {
     /// Tokens revoked: `c` the key, `ts` the issued-before time (0: none).
     #[serde(rename = "rv")]
     Revoke,
+    /// `from` read channel `c` up to `seq`; for user `name`'s connections.
+    #[serde(rename = "rd")]
+    Read,
 }
 
 fn is_zero(v: &u64) -> bool {
     *v == 0
 }
 fn is_zero_i(v: &i64) -> bool {
+    *v == 0
+}
+fn is_zero_k(v: &i16) -> bool {
     *v == 0
 }
 
@@ -392,7 +426,19 @@ impl Envelope {
             meta: Option<&'a RawValue>,
             #[serde(skip_serializing_if = "Option::is_none")]
             cid: Option<&'a str>,
+            #[serde(skip_serializing_if = "is_zero_k")]
+            kd: i16,
+            #[serde(skip_serializing_if = "is_zero")]
+            tg: u64,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            em: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            on: Option<bool>,
         }
+        let (em, on) = match &m.kind {
+            EntryKind::React { emoji, on, .. } => (Some(emoji.as_str()), Some(*on)),
+            _ => (None, None),
+        };
         to_json(&Out {
             k: Kind::Message,
             n: inst,
@@ -404,6 +450,10 @@ impl Envelope {
             text: &m.text,
             meta: m.meta.as_deref(),
             cid: m.client_id.as_deref(),
+            kd: m.kind.code(),
+            tg: m.kind.target().unwrap_or(0),
+            em,
+            on,
         })
     }
 
@@ -419,6 +469,10 @@ impl Envelope {
             text: String::new(),
             meta: None,
             cid: None,
+            kd: 0,
+            tg: 0,
+            em: None,
+            on: None,
         }
     }
 
@@ -456,6 +510,12 @@ impl Envelope {
                 key: self.c,
                 issued_before: (self.ts > 0).then_some(self.ts),
             }),
+            Kind::Read => Some(Inbound::Read {
+                channel: ChannelKey::from_storage_key(&self.c)?,
+                user: self.from,
+                seq: self.seq,
+                to: self.name,
+            }),
             Kind::Remove => Some(Inbound::Remove {
                 room: self.c,
                 user: self.from,
@@ -469,6 +529,7 @@ impl Envelope {
         if self.k != Kind::Message || self.seq == 0 {
             return None;
         }
+        let target = (self.tg > 0).then_some(self.tg);
         Some(StoredMessage {
             channel: ChannelKey::from_storage_key(&self.c)?,
             seq: self.seq,
@@ -478,6 +539,8 @@ impl Envelope {
             text: self.text,
             meta: self.meta,
             client_id: self.cid,
+            kind: EntryKind::from_columns(self.kd, target, self.em, self.on)?,
+            deleted: false,
         })
     }
 }
@@ -494,14 +557,16 @@ mod tests {
     #[test]
     fn a_message_envelope_round_trips_with_its_channel_and_meta() {
         let m = StoredMessage {
-            channel: ChannelKey::dm("bob", "alice"),
-            seq: 7,
-            ts: 123,
-            from: "bob".into(),
-            name: "Bob".into(),
-            text: "hi \"there\"".into(),
             meta: Some(RawValue::from_string(r#"{"a":[1,2]}"#.into()).expect("raw")),
             client_id: Some("c1".into()),
+            ..StoredMessage::message(
+                ChannelKey::dm("bob", "alice"),
+                7,
+                123,
+                "bob".into(),
+                "Bob".into(),
+                "hi \"there\"".into(),
+            )
         };
         let json = Envelope::encode_message("a.1", &m);
         let back: Envelope = serde_json::from_str(&json).expect("decode");
@@ -514,6 +579,29 @@ mod tests {
             Some(r#"{"a":[1,2]}"#)
         );
         assert_eq!(got.client_id.as_deref(), Some("c1"));
+        assert_eq!(got.kind, EntryKind::Message);
+    }
+
+    #[test]
+    fn a_reaction_envelope_round_trips_with_its_target_and_emoji() {
+        let m = StoredMessage {
+            kind: EntryKind::React {
+                target: 3,
+                emoji: "👍".into(),
+                on: false,
+            },
+            ..StoredMessage::message(
+                ChannelKey::Room("r".into()),
+                9,
+                1,
+                "u".into(),
+                "U".into(),
+                String::new(),
+            )
+        };
+        let json = Envelope::encode_message("a.1", &m);
+        let back: Envelope = serde_json::from_str(&json).expect("decode");
+        assert_eq!(back.into_message().expect("an entry").kind, m.kind);
     }
 
     #[test]

@@ -465,6 +465,27 @@ impl RedisBroker {
         });
     }
 
+    /// Tell the nodes holding connections of `to` (subscribed to `to`'s channel)
+    /// that `user` read `channel` up to `seq`. Best effort, like typing.
+    pub fn read(&self, channel: &ChannelKey, user: &str, seq: u64, to: &str) {
+        if !self.healthy() {
+            return;
+        }
+        let mut env = Envelope::event(
+            Kind::Read,
+            &self.inbound.inst,
+            &channel.storage_key(),
+            user,
+            to,
+        );
+        env.seq = seq;
+        let cmd = self.publish_cmd(&user_channel(to), &encode(&env));
+        let conn = self.conn.clone();
+        tokio::spawn(async move {
+            let _ = conn.query::<i64>(&cmd).await;
+        });
+    }
+
     /// Tell every node holding a connection of `user` (all are subscribed to the
     /// user's channel) to close them with `reason`. Unlike typing, the caller needs
     /// to know it went out: an error means the other nodes were not told.

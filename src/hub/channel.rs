@@ -17,7 +17,7 @@
 use super::presence::Presence;
 use super::{Hub, client_id_horizon, lock};
 use crate::broker::Topic;
-use crate::message::{ChannelKey, StoredMessage};
+use crate::message::{ChannelKey, EntryKind, StoredMessage};
 use crate::protocol::{self, CommandError, ErrorCode};
 use crate::store::{ChannelInit, Store};
 use crate::ws::Text;
@@ -32,6 +32,8 @@ pub(super) const RECENT: usize = 64;
 /// Messages held back per channel while a gap before them is filled; more are
 /// dropped from the buffer and read from the store with the gap.
 const MAX_PENDING: usize = 4096;
+/// Deletes remembered per channel for [`ChannelInner::deleted_targets`].
+const DELETED_KEPT: usize = 64;
 /// How long a gap may be just a late broadcast before the store is asked.
 const GAP_GRACE: Duration = Duration::from_millis(25);
 /// Messages read from the store per gap-filling query.
@@ -72,6 +74,10 @@ pub(super) struct ChannelInner {
     pub(super) count_dirty: bool,
     /// Members got quiet presence events; the next presence tick wakes them.
     pub(super) wake_pending: bool,
+    /// Targets of the deletes sequenced here lately (at most [`DELETED_KEPT`]):
+    /// an edit, reaction or second delete racing a delete is refused here even
+    /// before the delete is stored.
+    pub(super) deleted_targets: VecDeque<u64>,
     /// (user, client_id) -> (seq, ts), for idempotent resends.
     pub(super) client_ids: HashMap<(String, String), (u64, i64)>,
     client_id_order: VecDeque<(i64, String, String)>,
@@ -99,6 +105,7 @@ impl Channel {
                 announced_count: 0,
                 count_dirty: false,
                 wake_pending: false,
+                deleted_targets: VecDeque::new(),
                 client_ids: HashMap::new(),
                 client_id_order: VecDeque::new(),
                 evicted: false,
@@ -119,6 +126,14 @@ impl ChannelInner {
         for (user, cid, seq, ts) in ids {
             self.remember_client_id(user, cid, seq, ts);
         }
+    }
+
+    /// Remember that the message at `target` is being deleted.
+    pub(super) fn note_deleted(&mut self, target: u64) {
+        if self.deleted_targets.len() == DELETED_KEPT {
+            self.deleted_targets.pop_front();
+        }
+        self.deleted_targets.push_back(target);
     }
 
     pub(super) fn remember_client_id(&mut self, user: String, cid: String, seq: u64, ts: i64) {
@@ -335,6 +350,20 @@ impl Hub {
             g.recent.pop_front();
         }
         g.recent.push_back(msg.clone());
+        if let EntryKind::Delete { target } = msg.kind {
+            // The ring serves joins as the store would: with the tombstone.
+            for e in g.recent.iter_mut() {
+                let hit = e.seq == target
+                    || matches!(e.kind, EntryKind::Edit { target: t } if t == target);
+                if hit && !e.deleted {
+                    *e = Arc::new(e.tombstone());
+                }
+            }
+            // Every node learns of the delete here, whoever sequenced it.
+            if !g.deleted_targets.contains(&target) {
+                g.note_deleted(target);
+            }
+        }
         match &ch.key {
             ChannelKey::Room(_) => {
                 let frame = Text::from(protocol::events::message_event(msg, ""));

@@ -36,7 +36,7 @@ pub use outbox::Outbox;
 pub use presence::MembersPage;
 
 use crate::broker::{Broker, Inbound};
-use crate::message::{ChannelKey, StoredMessage};
+use crate::message::{ChannelKey, EntryKind, StoredMessage};
 use crate::metrics::Metrics;
 use crate::protocol::{CommandError, CommandId, ErrorCode};
 use crate::store::Store;
@@ -105,11 +105,29 @@ impl Submitter {
     }
 }
 
-/// What a `send` or `direct` asks the hub to store and deliver.
+/// What a `send` or `direct` (or, 1.1, an `edit`, `delete` or `react`) asks the
+/// hub to store and deliver as the next entry of a channel.
 pub struct Outgoing {
     pub text: String,
     pub meta: Option<Box<serde_json::value::RawValue>>,
     pub client_id: Option<String>,
+    pub kind: EntryKind,
+}
+
+impl Outgoing {
+    /// A plain message.
+    pub fn message(
+        text: String,
+        meta: Option<Box<serde_json::value::RawValue>>,
+        client_id: Option<String>,
+    ) -> Outgoing {
+        Outgoing {
+            text,
+            meta,
+            client_id,
+            kind: EntryKind::Message,
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -326,6 +344,23 @@ impl Hub {
             if g.evicted {
                 continue;
             }
+            // An edit, delete or reaction of a message deleted meanwhile (its delete
+            // sequenced here, perhaps not stored yet) finds nothing to act on.
+            if let Some(target) = out.kind.target() {
+                if g.deleted_targets.contains(&target) {
+                    return Err(CommandError::new(
+                        ErrorCode::NotFound,
+                        format!("message {target} was deleted"),
+                    ));
+                }
+                // Sequenced here now (one node), so known deleted from now on; with
+                // a shared store every node learns it at delivery instead.
+                if matches!(out.kind, EntryKind::Delete { .. })
+                    && matches!(*self.store, Store::Local(_))
+                {
+                    g.note_deleted(target);
+                }
+            }
             let ts = now_ms();
             g.last_active = Instant::now();
             let seq = match &*self.store {
@@ -364,6 +399,8 @@ impl Hub {
                 text: out.text,
                 meta: out.meta,
                 client_id: out.client_id,
+                kind: out.kind,
+                deleted: false,
             });
             // Queued while the lock is held (the permit makes this a plain push, no
             // await), so the committer sees this channel's messages in seq order.
@@ -375,6 +412,23 @@ impl Hub {
             drop(g);
             return Ok(());
         }
+    }
+
+    /// The history store (read state and entry lookups of the chat module).
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// The broker seam (the chat module's read events to other nodes).
+    pub fn broker(&self) -> &Broker {
+        &self.broker
+    }
+
+    /// Queue `frame` for every connection of `user` on this node but `except`;
+    /// returns how many took it.
+    pub fn send_to_user(&self, user: &str, except: Option<u64>, frame: &Text) -> u64 {
+        self.registry
+            .send_to_except(user, except, || frame.clone())
     }
 
     /// Stored messages of a channel, newest `limit` before `before`, ascending.
@@ -419,6 +473,15 @@ impl Hub {
                 on,
             } => self.on_remote_presence(&room, &user, &name, &inst, on),
             Inbound::Typing { room, user, name } => self.typing_local(&room, &user, &name),
+            Inbound::Read {
+                channel,
+                user,
+                seq,
+                to,
+            } => {
+                let frame = crate::protocol::events::read_event(None, &channel, &to, &user, seq);
+                self.send_to_user(&to, None, &Text::from(frame));
+            }
             other @ (Inbound::Disconnect { .. }
             | Inbound::Ban { .. }
             | Inbound::Remove { .. }

@@ -44,13 +44,23 @@ impl Registry {
 
     /// Queue a frame for every connection of `user` (made only if there is one);
     /// returns how many took it.
-    pub(super) fn send_to(&self, user: &str, mut frame: impl FnMut() -> Text) -> u64 {
+    pub(super) fn send_to(&self, user: &str, frame: impl FnMut() -> Text) -> u64 {
+        self.send_to_except(user, None, frame)
+    }
+
+    /// [`Registry::send_to`], leaving out connection `except`.
+    pub(super) fn send_to_except(
+        &self,
+        user: &str,
+        except: Option<u64>,
+        mut frame: impl FnMut() -> Text,
+    ) -> u64 {
         let users = lock(&self.users);
         let Some(conns) = users.get(user) else {
             return 0;
         };
         let mut n = 0;
-        for c in conns {
+        for c in conns.iter().filter(|c| Some(c.id) != except) {
             if c.send(frame()) {
                 n += 1;
             }

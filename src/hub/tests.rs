@@ -55,11 +55,7 @@ fn seqs_of(frames: &[Value], ty: &str) -> Vec<u64> {
 }
 
 fn text(t: &str, client_id: Option<&str>) -> Outgoing {
-    Outgoing {
-        text: t.to_owned(),
-        meta: None,
-        client_id: client_id.map(str::to_owned),
-    }
+    Outgoing::message(t.to_owned(), None, client_id.map(str::to_owned))
 }
 
 fn room(r: &str) -> ChannelKey {
@@ -67,16 +63,14 @@ fn room(r: &str) -> ChannelKey {
 }
 
 fn stored(key: &ChannelKey, seq: u64) -> Arc<StoredMessage> {
-    Arc::new(StoredMessage {
-        channel: key.clone(),
+    Arc::new(StoredMessage::message(
+        key.clone(),
         seq,
-        ts: 1,
-        from: "x".into(),
-        name: "x".into(),
-        text: format!("m{seq}"),
-        meta: None,
-        client_id: None,
-    })
+        1,
+        "x".into(),
+        "x".into(),
+        format!("m{seq}"),
+    ))
 }
 
 #[tokio::test(start_paused = true)]

@@ -18,7 +18,8 @@ pub struct Since {
     pub epoch: String,
 }
 
-/// Target of a `history` command.
+/// The channel a command names: `room` or `dm` (`history`, `edit`, `delete`,
+/// `react`, `read`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HistoryTarget {
     Room(String),
@@ -37,9 +38,13 @@ pub enum Command {
         room: String,
         since: Option<Since>,
         history: u64,
+        /// Make the room one of the user's rooms (1.1).
+        persist: bool,
     },
     Leave {
         room: String,
+        /// The room is no longer one of the user's rooms (1.1).
+        persist: bool,
     },
     Send {
         room: String,
@@ -57,7 +62,37 @@ pub enum Command {
         target: HistoryTarget,
         before: Option<u64>,
         limit: u64,
+        /// Messages only, each in its current state (1.1).
+        current: bool,
     },
+    /// A new text for one's own message at `target` (1.1).
+    Edit {
+        channel: HistoryTarget,
+        target: u64,
+        text: String,
+        client_id: Option<String>,
+    },
+    /// Take back one's own message at `target` (1.1).
+    Delete {
+        channel: HistoryTarget,
+        target: u64,
+        client_id: Option<String>,
+    },
+    /// Add (`on`) or remove a reaction to the message at `target` (1.1).
+    React {
+        channel: HistoryTarget,
+        target: u64,
+        emoji: String,
+        on: bool,
+        client_id: Option<String>,
+    },
+    /// The user has read `channel` up to `seq` (1.1).
+    Read {
+        channel: HistoryTarget,
+        seq: u64,
+    },
+    /// The user's channels with unread counts (1.1).
+    Unread,
     Presence {
         room: String,
         /// Only members whose user id sorts after this one (the previous page's
@@ -82,6 +117,11 @@ impl Command {
             Command::Send { .. } => "send",
             Command::Direct { .. } => "direct",
             Command::History { .. } => "history",
+            Command::Edit { .. } => "edit",
+            Command::Delete { .. } => "delete",
+            Command::React { .. } => "react",
+            Command::Read { .. } => "read",
+            Command::Unread => "unread",
             Command::Presence { .. } => "presence",
             Command::Typing { .. } => "typing",
             Command::Ping => "ping",
@@ -261,6 +301,10 @@ pub fn parse_api_revoke(body: &[u8]) -> Result<Revocation, CommandError> {
     }
 }
 
+/// Longest reaction `emoji`, in Unicode code points (a flag or a family emoji
+/// takes several).
+pub const MAX_EMOJI_CHARS: usize = 16;
+
 /// Longest `reason` an API call may give (it reaches clients in `closing`/`left`).
 pub const MAX_REASON_CHARS: usize = 200;
 
@@ -302,9 +346,11 @@ impl Fields<'_> {
                 room: self.room("room")?,
                 since: self.since()?,
                 history: self.count("history")?,
+                persist: self.opt_bool("persist")?.unwrap_or(false),
             },
             "leave" => Command::Leave {
                 room: self.room("room")?,
+                persist: self.opt_bool("persist")?.unwrap_or(false),
             },
             "send" => Command::Send {
                 room: self.room("room")?,
@@ -318,25 +364,39 @@ impl Fields<'_> {
                 meta: self.meta()?,
                 client_id: self.client_id()?,
             },
-            "history" => {
-                let target = match (self.obj.get("room"), self.obj.get("dm")) {
-                    (Some(_), Some(_)) => {
-                        return Err(CommandError::bad_request(
-                            "give either room or dm, not both",
-                        ));
-                    }
-                    (Some(_), None) => HistoryTarget::Room(self.room("room")?),
-                    (None, Some(_)) => HistoryTarget::Dm(self.user_id("dm")?),
-                    (None, None) => {
-                        return Err(CommandError::bad_request("missing field: room or dm"));
-                    }
-                };
-                Command::History {
-                    target,
-                    before: self.opt_u64("before")?,
-                    limit: self.count("limit")?,
-                }
-            }
+            "history" => Command::History {
+                target: self.channel()?,
+                before: self.opt_u64("before")?,
+                limit: self.count("limit")?,
+                current: self.opt_bool("current")?.unwrap_or(false),
+            },
+            "edit" => Command::Edit {
+                channel: self.channel()?,
+                target: self.target()?,
+                text: self.text(limits)?,
+                client_id: self.client_id()?,
+            },
+            "delete" => Command::Delete {
+                channel: self.channel()?,
+                target: self.target()?,
+                client_id: self.client_id()?,
+            },
+            "react" => Command::React {
+                channel: self.channel()?,
+                target: self.target()?,
+                emoji: self.emoji()?,
+                on: self
+                    .opt_bool("on")?
+                    .ok_or_else(|| CommandError::bad_request("missing field: on (true or false)"))?,
+                client_id: self.client_id()?,
+            },
+            "read" => Command::Read {
+                channel: self.channel()?,
+                seq: self
+                    .opt_u64("seq")?
+                    .ok_or_else(|| CommandError::bad_request("missing field: seq"))?,
+            },
+            "unread" => Command::Unread,
             "presence" => Command::Presence {
                 room: self.room("room")?,
                 after: match self.obj.get("after") {
@@ -360,6 +420,48 @@ impl Fields<'_> {
                 )));
             }
         })
+    }
+
+    /// `room` or `dm`, exactly one of them.
+    fn channel(&self) -> Result<HistoryTarget, CommandError> {
+        match (self.obj.get("room"), self.obj.get("dm")) {
+            (Some(_), Some(_)) => Err(CommandError::bad_request(
+                "give either room or dm, not both",
+            )),
+            (Some(_), None) => Ok(HistoryTarget::Room(self.room("room")?)),
+            (None, Some(_)) => Ok(HistoryTarget::Dm(self.user_id("dm")?)),
+            (None, None) => Err(CommandError::bad_request("missing field: room or dm")),
+        }
+    }
+
+    /// `target`: the seq of the message an edit, delete or reaction acts on.
+    fn target(&self) -> Result<u64, CommandError> {
+        match self.opt_u64("target")? {
+            Some(t) if t > 0 => Ok(t),
+            Some(_) => Err(CommandError::bad_request(
+                "target must be the seq of a message (1 or more)",
+            )),
+            None => Err(CommandError::bad_request("missing field: target")),
+        }
+    }
+
+    /// A reaction's `emoji`: 1-[`MAX_EMOJI_CHARS`] characters, no control
+    /// characters, not only whitespace.
+    fn emoji(&self) -> Result<String, CommandError> {
+        let emoji = self.req_str("emoji")?;
+        if emoji.trim().is_empty() || emoji.chars().any(char::is_control) {
+            return Err(CommandError::bad_request(
+                "emoji must be 1-16 visible characters",
+            ));
+        }
+        let chars = emoji.chars().count();
+        if chars > MAX_EMOJI_CHARS {
+            return Err(CommandError::new(
+                ErrorCode::TooLarge,
+                format!("emoji is {chars} characters; the limit is {MAX_EMOJI_CHARS}"),
+            ));
+        }
+        Ok(emoji.to_owned())
     }
 
     fn opt_str(&self, key: &str) -> Result<Option<&str>, CommandError> {
@@ -598,6 +700,77 @@ mod tests {
             "c".repeat(65)
         );
         assert_eq!(err_of(&frame).error.code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn an_edit_names_its_channel_target_and_new_text() {
+        let (_, cmd) = parse_command(
+            r#"{"type":"edit","dm":"bob","target":4,"text":"fixed"}"#,
+            LIMITS,
+        )
+        .expect("parses");
+        let Command::Edit {
+            channel,
+            target,
+            text,
+            ..
+        } = cmd
+        else {
+            panic!("expected edit, got {cmd:?}");
+        };
+        assert_eq!(channel, HistoryTarget::Dm("bob".into()));
+        assert_eq!((target, text.as_str()), (4, "fixed"));
+    }
+
+    #[test]
+    fn an_edit_keeps_the_text_limit() {
+        let f = err_of(r#"{"type":"edit","room":"r","target":1,"text":"ééééééééééé"}"#);
+        assert_eq!(f.error.code, ErrorCode::TooLarge);
+    }
+
+    #[test]
+    fn target_zero_or_missing_is_bad_request() {
+        for frame in [
+            r#"{"type":"delete","room":"r","target":0}"#,
+            r#"{"type":"delete","room":"r"}"#,
+            r#"{"type":"delete","room":"r","target":"3"}"#,
+        ] {
+            assert_eq!(err_of(frame).error.code, ErrorCode::BadRequest, "{frame}");
+        }
+    }
+
+    #[test]
+    fn an_emoji_is_one_to_sixteen_visible_characters() {
+        let react = |emoji: &str| {
+            let frame = serde_json::json!({
+                "type": "react", "room": "r", "target": 1, "emoji": emoji, "on": true
+            });
+            parse_command(&frame.to_string(), LIMITS)
+        };
+        assert!(react("👍").is_ok());
+        assert!(react(&"x".repeat(16)).is_ok());
+        let long = react(&"x".repeat(17)).expect_err("too long");
+        assert_eq!(long.error.code, ErrorCode::TooLarge);
+        for bad in ["", "  ", "a\u{0}"] {
+            let f = react(bad).expect_err("refused");
+            assert_eq!(f.error.code, ErrorCode::BadRequest, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_reaction_must_say_on_or_off() {
+        let f = err_of(r#"{"type":"react","room":"r","target":1,"emoji":"x"}"#);
+        assert_eq!(f.error.code, ErrorCode::BadRequest);
+        assert!(f.error.message.contains("on"));
+    }
+
+    #[test]
+    fn read_needs_a_seq_and_one_channel() {
+        assert!(parse_command(r#"{"type":"read","room":"r","seq":3}"#, LIMITS).is_ok());
+        let f = err_of(r#"{"type":"read","room":"r"}"#);
+        assert_eq!(f.error.code, ErrorCode::BadRequest);
+        let f = err_of(r#"{"type":"read","room":"r","dm":"b","seq":1}"#);
+        assert_eq!(f.error.code, ErrorCode::BadRequest);
     }
 
     #[test]

@@ -7,9 +7,9 @@
 //! who receives an event or when; the hub and the session do.
 
 use super::{CommandError, CommandId, ErrorCode, encode};
-use crate::message::StoredMessage;
+use crate::message::{ChannelKey, Current, EntryKind, StoredMessage};
+use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
-use serde_json::value::RawValue;
 
 /// One member in a presence list: one entry per user, not per connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -26,6 +26,9 @@ pub struct Welcome<'a> {
     pub conn: String,
     pub heartbeat_ms: u64,
     pub limits: Limits,
+    /// The user's rooms and DM peers with read state (1.1).
+    #[serde(flatten)]
+    pub state: Unread<'a>,
 }
 
 /// The limits announced in `welcome`.
@@ -165,52 +168,91 @@ pub fn typing_event(room: &str, user: &str, name: &str) -> String {
     })
 }
 
-/// The wire form of a message (`type: message`), also used inside
-/// `joined.messages` and `history.messages`.
-#[derive(Serialize)]
-pub struct MessageEvent<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    room: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    dm: Option<&'a str>,
-    seq: u64,
-    ts: i64,
-    from: &'a str,
-    name: &'a str,
-    text: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    meta: Option<&'a RawValue>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    client_id: Option<&'a str>,
+/// The wire form of one stream entry as `viewer` sees it: a `message`, `edit`,
+/// `delete` or `react` event (1.1), also used inside `joined.messages` and
+/// `history.messages`. For a DM, `dm` is the other party. A deleted message or
+/// edit read back from the store is a tombstone: `"deleted": true`, no `text`.
+pub struct EntryEvent<'a> {
+    msg: &'a StoredMessage,
+    viewer: &'a str,
 }
 
-impl<'a> MessageEvent<'a> {
-    /// The event as `viewer` sees `msg`: for a DM, `dm` is the other party.
-    pub fn of(msg: &'a StoredMessage, viewer: &str) -> Self {
-        let (room, dm) = msg.channel.target(viewer);
-        MessageEvent {
-            kind: "message",
-            room,
-            dm,
-            seq: msg.seq,
-            ts: msg.ts,
-            from: &msg.from,
-            name: &msg.name,
-            text: &msg.text,
-            meta: msg.meta.as_deref(),
-            client_id: msg.client_id.as_deref(),
-        }
+impl<'a> EntryEvent<'a> {
+    pub fn of(msg: &'a StoredMessage, viewer: &'a str) -> Self {
+        EntryEvent { msg, viewer }
     }
 }
 
-/// `msg` as a `message` event for `viewer`, encoded.
-pub fn message_event(msg: &StoredMessage, viewer: &str) -> String {
-    encode(&MessageEvent::of(msg, viewer))
+impl Serialize for EntryEvent<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let m = self.msg;
+        let mut map = s.serialize_map(None)?;
+        let kind = match m.kind {
+            EntryKind::Message => "message",
+            EntryKind::Edit { .. } => "edit",
+            EntryKind::Delete { .. } => "delete",
+            EntryKind::React { .. } => "react",
+        };
+        map.serialize_entry("type", kind)?;
+        channel_fields(&mut map, m, self.viewer)?;
+        map.serialize_entry("seq", &m.seq)?;
+        if let Some(target) = m.kind.target() {
+            map.serialize_entry("target", &target)?;
+        }
+        map.serialize_entry("ts", &m.ts)?;
+        match &m.kind {
+            EntryKind::React { emoji, on, .. } => {
+                map.serialize_entry("user", &m.from)?;
+                map.serialize_entry("name", &m.name)?;
+                map.serialize_entry("emoji", emoji)?;
+                map.serialize_entry("on", on)?;
+            }
+            EntryKind::Delete { .. } => {
+                map.serialize_entry("from", &m.from)?;
+                map.serialize_entry("name", &m.name)?;
+            }
+            EntryKind::Message | EntryKind::Edit { .. } => {
+                map.serialize_entry("from", &m.from)?;
+                map.serialize_entry("name", &m.name)?;
+                if m.deleted {
+                    map.serialize_entry("deleted", &true)?;
+                } else {
+                    map.serialize_entry("text", &m.text)?;
+                    if let Some(meta) = m.meta.as_deref() {
+                        map.serialize_entry("meta", meta)?;
+                    }
+                }
+            }
+        }
+        if let Some(cid) = m.client_id.as_deref() {
+            map.serialize_entry("client_id", cid)?;
+        }
+        map.end()
+    }
 }
 
-/// A message embedded in a reply, serialized as its `message` event for `viewer`.
+/// `room`, or `dm` as `viewer` names the other party.
+fn channel_fields<M: SerializeMap>(
+    map: &mut M,
+    m: &StoredMessage,
+    viewer: &str,
+) -> Result<(), M::Error> {
+    let (room, dm) = m.channel.target(viewer);
+    if let Some(room) = room {
+        map.serialize_entry("room", room)?;
+    }
+    if let Some(dm) = dm {
+        map.serialize_entry("dm", dm)?;
+    }
+    Ok(())
+}
+
+/// `msg` (any stream entry) as its event for `viewer`, encoded.
+pub fn message_event(msg: &StoredMessage, viewer: &str) -> String {
+    encode(&EntryEvent::of(msg, viewer))
+}
+
+/// An entry embedded in a reply, serialized as its event for `viewer`.
 pub struct MessageRef<'a> {
     pub msg: &'a StoredMessage,
     pub viewer: &'a str,
@@ -218,7 +260,7 @@ pub struct MessageRef<'a> {
 
 impl Serialize for MessageRef<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        MessageEvent::of(self.msg, self.viewer).serialize(s)
+        EntryEvent::of(self.msg, self.viewer).serialize(s)
     }
 }
 
@@ -233,6 +275,120 @@ pub fn message_refs<'a, M: AsRef<StoredMessage>>(
             viewer,
         })
         .collect()
+}
+
+/// A message in its current state (`history` with `current: true`): the text
+/// after the last edit and `edited_ts`, or `deleted`; `reactions` maps each emoji
+/// to the users who reacted with it.
+pub struct CurrentRef<'a> {
+    pub cur: &'a Current,
+    pub viewer: &'a str,
+}
+
+impl Serialize for CurrentRef<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let c = self.cur;
+        let m = &*c.msg;
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("type", "message")?;
+        channel_fields(&mut map, m, self.viewer)?;
+        map.serialize_entry("seq", &m.seq)?;
+        map.serialize_entry("ts", &m.ts)?;
+        map.serialize_entry("from", &m.from)?;
+        map.serialize_entry("name", &m.name)?;
+        if m.deleted {
+            map.serialize_entry("deleted", &true)?;
+        } else {
+            map.serialize_entry("text", c.edited_text.as_deref().unwrap_or(&m.text))?;
+            if let Some(meta) = m.meta.as_deref() {
+                map.serialize_entry("meta", meta)?;
+            }
+            if let Some(ts) = c.edited_ts {
+                map.serialize_entry("edited_ts", &ts)?;
+            }
+        }
+        if let Some(cid) = m.client_id.as_deref() {
+            map.serialize_entry("client_id", cid)?;
+        }
+        map.serialize_entry("reactions", &Reactions(&c.reactions))?;
+        map.end()
+    }
+}
+
+struct Reactions<'a>(&'a [(String, Vec<String>)]);
+
+impl Serialize for Reactions<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (emoji, users) in self.0 {
+            map.serialize_entry(emoji, users)?;
+        }
+        map.end()
+    }
+}
+
+/// `history` with `current: true`: messages only, each in its current state.
+#[derive(Serialize)]
+pub struct CurrentHistory<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub room: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dm: Option<&'a str>,
+    pub messages: Vec<CurrentRef<'a>>,
+}
+
+/// One of the user's channels in `welcome` and `unread`: its latest `seq`, the
+/// user's `read` position and the `unread` messages from others after it.
+#[derive(Serialize)]
+pub struct ChannelUnread<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub room: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dm: Option<&'a str>,
+    pub seq: u64,
+    pub read: u64,
+    pub unread: u64,
+}
+
+/// The user's rooms (joined with `persist`) and DM peers, with read state.
+#[derive(Serialize, Default)]
+pub struct Unread<'a> {
+    pub rooms: Vec<ChannelUnread<'a>>,
+    pub dms: Vec<ChannelUnread<'a>>,
+}
+
+#[derive(Serialize)]
+struct ReadEvent<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a CommandId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    room: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dm: Option<&'a str>,
+    seq: u64,
+    user: &'a str,
+}
+
+/// `{"type":"read",...}`: `user` read the channel up to `seq`, as `viewer` names
+/// the channel; with `id` when it answers the reader's own `read`.
+pub fn read_event(
+    id: Option<&CommandId>,
+    channel: &ChannelKey,
+    viewer: &str,
+    user: &str,
+    seq: u64,
+) -> String {
+    let (room, dm) = channel.target(viewer);
+    encode(&ReadEvent {
+        kind: "read",
+        id,
+        room,
+        dm,
+        seq,
+        user,
+    })
 }
 
 #[derive(Serialize)]
@@ -293,21 +449,86 @@ mod tests {
 
     #[test]
     fn a_dm_message_names_the_other_party_for_each_viewer() {
-        let m = StoredMessage {
-            channel: ChannelKey::dm("alice", "bob"),
-            seq: 3,
-            ts: 9,
-            from: "alice".into(),
-            name: "Alice".into(),
-            text: "hi".into(),
-            meta: None,
-            client_id: None,
-        };
+        let m = StoredMessage::message(
+            ChannelKey::dm("alice", "bob"),
+            3,
+            9,
+            "alice".into(),
+            "Alice".into(),
+            "hi".into(),
+        );
         assert_eq!(
             message_event(&m, "bob"),
             r#"{"type":"message","dm":"alice","seq":3,"ts":9,"from":"alice","name":"Alice","text":"hi"}"#
         );
         assert!(message_event(&m, "alice").contains(r#""dm":"bob""#));
+    }
+
+    fn entry(kind: EntryKind) -> StoredMessage {
+        StoredMessage {
+            kind,
+            ..StoredMessage::message(
+                ChannelKey::Room("r".into()),
+                5,
+                9,
+                "alice".into(),
+                "Alice".into(),
+                "fixed".into(),
+            )
+        }
+    }
+
+    #[test]
+    fn an_edit_event_carries_its_target_and_new_text() {
+        assert_eq!(
+            message_event(&entry(EntryKind::Edit { target: 2 }), ""),
+            r#"{"type":"edit","room":"r","seq":5,"target":2,"ts":9,"from":"alice","name":"Alice","text":"fixed"}"#
+        );
+    }
+
+    #[test]
+    fn a_delete_event_carries_no_text() {
+        let mut e = entry(EntryKind::Delete { target: 2 });
+        e.text.clear();
+        assert_eq!(
+            message_event(&e, ""),
+            r#"{"type":"delete","room":"r","seq":5,"target":2,"ts":9,"from":"alice","name":"Alice"}"#
+        );
+    }
+
+    #[test]
+    fn a_react_event_names_the_user_emoji_and_on() {
+        let e = entry(EntryKind::React {
+            target: 2,
+            emoji: "👍".into(),
+            on: true,
+        });
+        assert_eq!(
+            message_event(&e, ""),
+            r#"{"type":"react","room":"r","seq":5,"target":2,"ts":9,"user":"alice","name":"Alice","emoji":"👍","on":true}"#
+        );
+    }
+
+    #[test]
+    fn a_deleted_message_is_a_tombstone_without_text_or_meta() {
+        let m = entry(EntryKind::Message).tombstone();
+        assert_eq!(
+            message_event(&m, ""),
+            r#"{"type":"message","room":"r","seq":5,"ts":9,"from":"alice","name":"Alice","deleted":true}"#
+        );
+    }
+
+    #[test]
+    fn a_read_event_names_the_dm_peer_from_the_viewers_side() {
+        let dm = ChannelKey::dm("alice", "bob");
+        assert_eq!(
+            read_event(None, &dm, "bob", "alice", 4),
+            r#"{"type":"read","dm":"alice","seq":4,"user":"alice"}"#
+        );
+        assert_eq!(
+            read_event(Some(&CommandId::Int(3)), &dm, "alice", "alice", 4),
+            r#"{"type":"read","id":3,"dm":"bob","seq":4,"user":"alice"}"#
+        );
     }
 
     #[test]

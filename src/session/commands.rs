@@ -16,7 +16,11 @@ use crate::hub::{Conn, Outgoing};
 use crate::limits::Verdict;
 use crate::message::ChannelKey;
 use crate::metrics::ConnState;
-use crate::protocol::events::{History, Left, Limits, Pong, Presence, Welcome, message_refs};
+use crate::chat;
+use crate::message::EntryKind;
+use crate::protocol::events::{
+    CurrentHistory, CurrentRef, History, Left, Limits, Pong, Presence, Welcome, message_refs,
+};
 use crate::protocol::{
     self, Command, CommandError, CommandId, ErrorCode, HistoryTarget, ParseLimits, close,
 };
@@ -208,6 +212,14 @@ impl Session {
                 "closed a user's oldest connection at --max-connections-per-user"
             );
         }
+        // The user's rooms and DM peers with unread counts: one store query.
+        let states = match chat::channel_states(&self.state.hub, &conn.user).await {
+            Ok(states) => states,
+            Err(e) => {
+                tracing::warn!(conn = self.id, error = %e.message, "welcome without chat state");
+                Vec::new()
+            }
+        };
         self.reply(protocol::reply(
             "welcome",
             id,
@@ -227,6 +239,7 @@ impl Session {
                     rate_burst: cfg.rate_limit.saturating_mul(2),
                     send_queue: cfg.send_queue,
                 },
+                state: chat::unread_lists(&states, &conn.user),
             },
         ));
         self.state
@@ -262,6 +275,34 @@ impl Session {
         }
     }
 
+    /// The channel a reading command names (`history`, `read`): a room the user may
+    /// join, or a DM with someone else.
+    fn readable(&self, conn: &Conn, target: &HistoryTarget) -> Result<ChannelKey, CommandError> {
+        match target {
+            HistoryTarget::Room(room) => {
+                self.may_join(room)?;
+                Ok(ChannelKey::Room(room.clone()))
+            }
+            HistoryTarget::Dm(peer) => {
+                if **peer == *conn.user {
+                    return Err(CommandError::bad_request(
+                        "there are no direct messages with yourself",
+                    ));
+                }
+                Ok(ChannelKey::dm(&conn.user, peer))
+            }
+        }
+    }
+
+    /// The channel a writing command names (`edit`, `delete`, `react`): a room this
+    /// connection has joined (like `send`), or a DM with someone else.
+    fn writable(&self, conn: &Conn, target: &HistoryTarget) -> Result<ChannelKey, CommandError> {
+        if let HistoryTarget::Room(room) = target {
+            self.joined(room)?;
+        }
+        self.readable(conn, target)
+    }
+
     async fn dispatch(&mut self, id: Option<&CommandId>, cmd: Command) -> Result<(), CommandError> {
         let Some(conn) = self.conn.clone() else {
             return Err(CommandError::bad_request("say hello first"));
@@ -273,6 +314,7 @@ impl Session {
                 room,
                 since,
                 history,
+                persist,
             } => {
                 self.may_join(&room)?;
                 let max = self.state.config.max_rooms_per_conn;
@@ -282,14 +324,25 @@ impl Session {
                         format!("a connection may join at most {max} rooms"),
                     ));
                 }
+                if persist {
+                    // Before `joined`: a client that sees the reply finds the room in
+                    // its next `welcome` or `unread`.
+                    chat::set_member(&hub, &conn.user, &room, true).await?;
+                }
                 hub.join(&conn, id, &room, since, history).await?;
                 if !self.in_room(&room) {
                     self.rooms.push(room.into_boxed_str());
                 }
                 Ok(())
             }
-            Command::Leave { room } => {
-                self.joined(&room)?;
+            Command::Leave { room, persist } => {
+                if persist {
+                    // One of the user's rooms may be left from a device that has not
+                    // joined it.
+                    chat::set_member(&hub, &conn.user, &room, false).await?;
+                } else {
+                    self.joined(&room)?;
+                }
                 hub.leave(&conn, &room);
                 self.rooms.retain(|r| **r != *room);
                 self.reply(protocol::reply(
@@ -309,11 +362,7 @@ impl Session {
                 client_id,
             } => {
                 self.joined(&room)?;
-                let out = Outgoing {
-                    text,
-                    meta,
-                    client_id,
-                };
+                let out = Outgoing::message(text, meta, client_id);
                 hub.submit(&conn, id.cloned(), ChannelKey::Room(room), out)
                     .await
             }
@@ -329,39 +378,82 @@ impl Session {
                     ));
                 }
                 let key = ChannelKey::dm(&conn.user, &to);
-                let out = Outgoing {
-                    text,
-                    meta,
-                    client_id,
-                };
+                let out = Outgoing::message(text, meta, client_id);
                 hub.submit(&conn, id.cloned(), key, out).await
             }
             Command::History {
                 target,
                 before,
                 limit,
+                current,
             } => {
-                let key = match &target {
-                    HistoryTarget::Room(room) => {
-                        self.may_join(room)?;
-                        ChannelKey::Room(room.clone())
-                    }
-                    HistoryTarget::Dm(peer) => {
-                        if **peer == *conn.user {
-                            return Err(CommandError::bad_request(
-                                "there is no direct-message history with yourself",
-                            ));
-                        }
-                        ChannelKey::dm(&conn.user, peer)
-                    }
-                };
-                let msgs = hub.history(&key, before, limit).await?;
+                let key = self.readable(&conn, &target)?;
                 let (room, dm) = key.target(&conn.user);
+                if current {
+                    let cur = chat::current_history(&hub, &key, before, limit).await?;
+                    let messages = cur
+                        .iter()
+                        .map(|cur| CurrentRef {
+                            cur,
+                            viewer: &conn.user,
+                        })
+                        .collect();
+                    self.reply(protocol::reply(
+                        "history",
+                        id,
+                        CurrentHistory { room, dm, messages },
+                    ));
+                    return Ok(());
+                }
+                let msgs = hub.history(&key, before, limit).await?;
                 let messages = message_refs(&msgs, &conn.user);
                 self.reply(protocol::reply(
                     "history",
                     id,
                     History { room, dm, messages },
+                ));
+                Ok(())
+            }
+            Command::Edit {
+                channel,
+                target,
+                text,
+                client_id,
+            } => {
+                let key = self.writable(&conn, &channel)?;
+                let kind = EntryKind::Edit { target };
+                chat::act(&hub, &conn, id.cloned(), key, kind, text, client_id).await
+            }
+            Command::Delete {
+                channel,
+                target,
+                client_id,
+            } => {
+                let key = self.writable(&conn, &channel)?;
+                let kind = EntryKind::Delete { target };
+                chat::act(&hub, &conn, id.cloned(), key, kind, String::new(), client_id).await
+            }
+            Command::React {
+                channel,
+                target,
+                emoji,
+                on,
+                client_id,
+            } => {
+                let key = self.writable(&conn, &channel)?;
+                let kind = EntryKind::React { target, emoji, on };
+                chat::act(&hub, &conn, id.cloned(), key, kind, String::new(), client_id).await
+            }
+            Command::Read { channel, seq } => {
+                let key = self.readable(&conn, &channel)?;
+                chat::mark_read(&hub, &conn, id, &key, seq).await
+            }
+            Command::Unread => {
+                let states = chat::channel_states(&hub, &conn.user).await?;
+                self.reply(protocol::reply(
+                    "unread",
+                    id,
+                    chat::unread_lists(&states, &conn.user),
                 ));
                 Ok(())
             }

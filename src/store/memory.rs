@@ -7,7 +7,8 @@
 //! so they get `recovered: false` instead of a silently wrong "nothing missed".
 
 use super::{ChannelInit, ChannelKey, StoredMessage, new_epoch};
-use std::collections::{HashMap, VecDeque};
+use crate::message::EntryKind;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 pub struct MemoryStore {
@@ -19,6 +20,8 @@ pub struct MemoryStore {
     bans: Mutex<HashMap<String, (Option<i64>, String)>>,
     /// Revocations, like bans: for the life of the process.
     revocations: Mutex<HashMap<String, Option<i64>>>,
+    /// (user, channel storage key) -> (read position, member), like the rest.
+    read_state: Mutex<BTreeMap<(String, String), (i64, bool)>>,
 }
 
 impl MemoryStore {
@@ -29,6 +32,7 @@ impl MemoryStore {
             channels: Mutex::new(HashMap::new()),
             bans: Mutex::new(HashMap::new()),
             revocations: Mutex::new(HashMap::new()),
+            read_state: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -61,6 +65,8 @@ impl MemoryStore {
         }
     }
 
+    /// Keep a batch; a delete replaces its target (and the target's edits) with
+    /// tombstones, and a direct message makes the pair both users' channel.
     pub fn append(&self, batch: &[Arc<StoredMessage>]) {
         let mut map = self.lock();
         for m in batch {
@@ -69,7 +75,120 @@ impl MemoryStore {
                 ring.pop_front();
             }
             ring.push_back(m.clone());
+            if let EntryKind::Delete { target } = m.kind {
+                for e in ring.iter_mut() {
+                    let hit = e.seq == target
+                        || (matches!(e.kind, EntryKind::Edit { target: t } if t == target));
+                    if hit && !e.deleted {
+                        *e = Arc::new(e.tombstone());
+                    }
+                }
+            }
+            if let ChannelKey::Dm(a, b) = &m.channel {
+                let mut rs = self.read_lock();
+                for u in [a, b] {
+                    rs.entry((u.clone(), m.channel.storage_key()))
+                        .or_insert((0, true));
+                }
+            }
         }
+    }
+
+    fn read_lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), (i64, bool)>> {
+        self.read_state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn last_seq(&self, key: &ChannelKey) -> i64 {
+        self.lock()
+            .get(key)
+            .and_then(|r| r.back())
+            .map_or(0, |m| i64::try_from(m.seq).unwrap_or(i64::MAX))
+    }
+
+    pub fn mark_read(&self, user: &str, key: &ChannelKey, seq: i64, member: bool) -> i64 {
+        let latest = self.last_seq(key);
+        let mut rs = self.read_lock();
+        let e = rs
+            .entry((user.to_owned(), key.storage_key()))
+            .or_insert((0, member));
+        e.0 = e.0.max(seq.min(latest));
+        e.1 |= member;
+        e.0
+    }
+
+    pub fn set_member(&self, user: &str, key: &ChannelKey, member: bool) {
+        self.read_lock()
+            .entry((user.to_owned(), key.storage_key()))
+            .or_insert((0, member))
+            .1 = member;
+    }
+
+    /// (channel, read, latest seq, unread) of each of `user`'s channels.
+    pub fn channel_states(&self, user: &str) -> Vec<(String, i64, i64, i64)> {
+        let mine: Vec<(String, i64)> = self
+            .read_lock()
+            .range((user.to_owned(), String::new())..)
+            .take_while(|((u, _), _)| u == user)
+            .filter(|(_, (_, member))| *member)
+            .map(|((_, c), (read, _))| (c.clone(), *read))
+            .collect();
+        let map = self.lock();
+        mine.into_iter()
+            .map(|(c, read)| {
+                let ring = ChannelKey::from_storage_key(&c).and_then(|k| map.get(&k));
+                let latest = ring.and_then(|r| r.back()).map_or(0, |m| m.seq);
+                let unread = ring.map_or(0, |r| {
+                    r.iter()
+                        .filter(|m| {
+                            i64::try_from(m.seq).unwrap_or(i64::MAX) > read
+                                && m.is_message()
+                                && !m.deleted
+                                && m.from != user
+                        })
+                        .count()
+                });
+                (
+                    c,
+                    read,
+                    i64::try_from(latest).unwrap_or(i64::MAX),
+                    i64::try_from(unread).unwrap_or(i64::MAX),
+                )
+            })
+            .collect()
+    }
+
+    pub fn latest_messages(
+        &self,
+        key: &ChannelKey,
+        before: Option<u64>,
+        limit: u64,
+    ) -> Vec<Arc<StoredMessage>> {
+        let map = self.lock();
+        let Some(ring) = map.get(key) else {
+            return Vec::new();
+        };
+        let mut out: Vec<_> = ring
+            .iter()
+            .rev()
+            .filter(|m| m.is_message() && before.is_none_or(|b| m.seq < b))
+            .take(usize::try_from(limit).unwrap_or(usize::MAX))
+            .cloned()
+            .collect();
+        out.reverse();
+        out
+    }
+
+    pub fn annotations(&self, key: &ChannelKey, first: u64, last: u64) -> Vec<Arc<StoredMessage>> {
+        let map = self.lock();
+        map.get(key).map_or_else(Vec::new, |ring| {
+            ring.iter()
+                .filter(|m| {
+                    matches!(m.kind, EntryKind::Edit { .. } | EntryKind::React { .. })
+                        && m.kind.target().is_some_and(|t| (first..=last).contains(&t))
+                })
+                .cloned()
+                .collect()
+        })
     }
 
     pub fn range(&self, key: &ChannelKey, after: u64, upto: u64) -> Vec<Arc<StoredMessage>> {

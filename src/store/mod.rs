@@ -15,6 +15,18 @@
 //! The store is an enum rather than a trait object: there are few stores, the calls
 //! are async, and an enum keeps them static-dispatch without boxing every future.
 
+/// `SELECT <every column of an entry> FROM messages <rest>`: the one column list
+/// of both SQL stores, matching [`Row`].
+macro_rules! select_entries {
+    ($rest:literal) => {
+        concat!(
+            "SELECT seq, ts, sender, name, text, meta, client_id, kind, target, emoji, \
+             react_on, deleted FROM messages ",
+            $rest
+        )
+    };
+}
+
 mod memory;
 mod postgres;
 mod sqlite;
@@ -23,7 +35,7 @@ pub use memory::MemoryStore;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
-use crate::message::{ChannelKey, StoredMessage};
+use crate::message::{ChannelKey, EntryKind, StoredMessage};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -159,7 +171,7 @@ impl Store {
         }
     }
 
-    /// Messages with `after < seq <= upto`, ascending.
+    /// Entries with `after < seq <= upto`, ascending.
     pub async fn range(
         &self,
         key: &ChannelKey,
@@ -290,6 +302,103 @@ impl Store {
         }
     }
 
+    /// The entry at `seq`, if there is one.
+    pub async fn entry(
+        &self,
+        key: &ChannelKey,
+        seq: u64,
+    ) -> Result<Option<Arc<StoredMessage>>, StoreError> {
+        Ok(self
+            .range(key, seq.saturating_sub(1), seq)
+            .await?
+            .into_iter()
+            .next())
+    }
+
+    /// The newest `limit` messages (entries of kind message only) with
+    /// `seq < before`, ascending.
+    pub async fn latest_messages(
+        &self,
+        key: &ChannelKey,
+        before: Option<u64>,
+        limit: u64,
+    ) -> Result<Vec<Arc<StoredMessage>>, StoreError> {
+        if limit == 0 || before == Some(0) {
+            return Ok(Vec::new());
+        }
+        match self {
+            Store::Local(LocalStore::Sqlite(s)) => s.latest_messages(key, before, limit).await,
+            Store::Local(LocalStore::Memory(s)) => Ok(s.latest_messages(key, before, limit)),
+            Store::Shared(s) => s.latest_messages(key, before, limit).await,
+        }
+    }
+
+    /// The edits and reactions whose target is in `first..=last`, ascending by seq.
+    pub async fn annotations(
+        &self,
+        key: &ChannelKey,
+        first: u64,
+        last: u64,
+    ) -> Result<Vec<Arc<StoredMessage>>, StoreError> {
+        if last < first {
+            return Ok(Vec::new());
+        }
+        match self {
+            Store::Local(LocalStore::Sqlite(s)) => s.annotations(key, first, last).await,
+            Store::Local(LocalStore::Memory(s)) => Ok(s.annotations(key, first, last)),
+            Store::Shared(s) => s.annotations(key, first, last).await,
+        }
+    }
+
+    /// Move `user`'s read position in `key` to `seq` (clamped to the channel's
+    /// latest seq; never backwards). A DM becomes one of the user's channels.
+    /// Returns the position now stored.
+    pub async fn mark_read(&self, user: &str, key: &ChannelKey, seq: u64) -> Result<u64, StoreError> {
+        let seq = i64::try_from(seq).unwrap_or(i64::MAX);
+        let member = matches!(key, ChannelKey::Dm(..));
+        let stored = match self {
+            Store::Local(LocalStore::Sqlite(s)) => s.mark_read(user, key, seq, member).await?,
+            Store::Local(LocalStore::Memory(s)) => s.mark_read(user, key, seq, member),
+            Store::Shared(s) => s.mark_read(user, key, seq, member).await?,
+        };
+        to_seq(stored)
+    }
+
+    /// Make `key` one of `user`'s channels (`join` with `persist`), or no longer.
+    pub async fn set_member(&self, user: &str, key: &ChannelKey, member: bool) -> Result<(), StoreError> {
+        match self {
+            Store::Local(LocalStore::Sqlite(s)) => s.set_member(user, key, member).await,
+            Store::Local(LocalStore::Memory(s)) => {
+                s.set_member(user, key, member);
+                Ok(())
+            }
+            Store::Shared(s) => s.set_member(user, key, member).await,
+        }
+    }
+
+    /// Every channel of `user` with its latest seq, read position and unread
+    /// count, by storage key: one query, whatever the number of channels.
+    pub async fn channel_states(&self, user: &str) -> Result<Vec<ChannelState>, StoreError> {
+        let rows = match self {
+            Store::Local(LocalStore::Sqlite(s)) => s.channel_states(user).await?,
+            Store::Local(LocalStore::Memory(s)) => s.channel_states(user),
+            Store::Shared(s) => s.channel_states(user).await?,
+        };
+        let mut out = Vec::with_capacity(rows.len());
+        for (key, read, seq, unread) in rows {
+            let Some(channel) = ChannelKey::from_storage_key(&key) else {
+                return Err(StoreError::Corrupt(format!("channel key {key:?}")));
+            };
+            out.push(ChannelState {
+                channel,
+                seq: to_seq(seq)?,
+                read: to_seq(read)?,
+                unread: to_seq(unread)?.min(MAX_UNREAD),
+            });
+        }
+        Ok(out)
+    }
+
     /// Is the store usable? (`/readyz`)
     pub async fn check(&self) -> Result<(), StoreError> {
         match self {
@@ -319,39 +428,78 @@ pub(crate) fn ensure_dir(dir: &Path) -> Result<(), StoreError> {
     })
 }
 
-/// A message row as both SQL stores return it:
-/// (seq, ts, sender, name, text, meta, client_id).
-pub(crate) type Row7 = (
-    i64,
-    i64,
-    String,
-    String,
-    String,
-    Option<String>,
-    Option<String>,
-);
+/// An entry row as both SQL stores return it (see `select_entries!`).
+#[derive(sqlx::FromRow)]
+pub(crate) struct Row {
+    pub seq: i64,
+    pub ts: i64,
+    pub sender: String,
+    pub name: String,
+    pub text: String,
+    pub meta: Option<String>,
+    pub client_id: Option<String>,
+    pub kind: i16,
+    pub target: Option<i64>,
+    pub emoji: Option<String>,
+    pub react_on: Option<i16>,
+    pub deleted: i16,
+}
 
 pub(crate) fn to_seq(v: i64) -> Result<u64, StoreError> {
     u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("negative seq {v}")))
 }
 
-pub(crate) fn to_message(key: &ChannelKey, r: Row7) -> Result<Arc<StoredMessage>, StoreError> {
-    let (seq, ts, from, name, text, meta, client_id) = r;
-    let meta = match meta {
+pub(crate) fn to_message(key: &ChannelKey, r: Row) -> Result<Arc<StoredMessage>, StoreError> {
+    let seq = r.seq;
+    let meta = match r.meta {
         None => None,
         Some(m) => Some(
             serde_json::value::RawValue::from_string(m)
                 .map_err(|e| StoreError::Corrupt(format!("meta of seq {seq}: {e}")))?,
         ),
     };
+    let target = r.target.map(to_seq).transpose()?;
+    let kind = EntryKind::from_columns(r.kind, target, r.emoji, r.react_on.map(|o| o != 0))
+        .ok_or_else(|| StoreError::Corrupt(format!("entry kind {} of seq {seq}", r.kind)))?;
     Ok(Arc::new(StoredMessage {
         channel: key.clone(),
         seq: to_seq(seq)?,
-        ts,
-        from,
-        name,
-        text,
+        ts: r.ts,
+        from: r.sender,
+        name: r.name,
+        text: r.text,
         meta,
-        client_id,
+        client_id: r.client_id,
+        kind,
+        deleted: r.deleted != 0,
     }))
+}
+
+/// The store's columns for an entry's kind: (kind, target, emoji, react_on).
+pub(crate) fn kind_columns(m: &StoredMessage) -> (i16, Option<i64>, Option<&str>, Option<i16>) {
+    let target = m
+        .kind
+        .target()
+        .map(|t| i64::try_from(t).unwrap_or(i64::MAX));
+    let (emoji, on) = match &m.kind {
+        EntryKind::React { emoji, on, .. } => (Some(emoji.as_str()), Some(i16::from(*on))),
+        _ => (None, None),
+    };
+    (m.kind.code(), target, emoji, on)
+}
+
+/// The largest unread count the stores compute; more is reported as this many
+/// (a client shows it as "9999+"), so `hello` never counts a huge backlog.
+pub const MAX_UNREAD: u64 = 9999;
+
+/// One of a user's channels, as `welcome` and `unread` list it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelState {
+    pub channel: ChannelKey,
+    /// The channel's latest `seq` (any entry).
+    pub seq: u64,
+    /// The user's read position.
+    pub read: u64,
+    /// Messages from others after `read`, not deleted (at most [`MAX_UNREAD`]).
+    pub unread: u64,
 }

@@ -16,9 +16,10 @@
 //! nodes that start together migrate once.
 
 use super::{
-    ChannelInit, ChannelKey, Row7, Sequenced, StoreError, StoredMessage, new_epoch, to_message,
-    to_seq,
+    ChannelInit, ChannelKey, MAX_UNREAD, Row, Sequenced, StoreError, StoredMessage, kind_columns,
+    new_epoch, to_message, to_seq,
 };
+use crate::message::EntryKind;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use std::collections::HashMap;
@@ -29,18 +30,13 @@ use std::time::Duration;
 /// transaction was rolled back, nothing was stored) is tried again at once.
 const LOCK_RETRIES: usize = 5;
 
-/// A message found by its client_id: (channel, seq, ts, sender, name, text, meta,
-/// client_id).
-type DupRow = (
-    String,
-    i64,
-    i64,
-    String,
-    String,
-    String,
-    Option<String>,
-    String,
-);
+/// An entry found by its client_id, with its channel.
+#[derive(sqlx::FromRow)]
+struct DupRow {
+    channel: String,
+    #[sqlx(flatten)]
+    row: Row,
+}
 
 pub struct PgStore {
     pool: PgPool,
@@ -155,7 +151,8 @@ impl PgStore {
         if !qc.is_empty() {
             let rows: Vec<DupRow> =
                 sqlx::query_as(
-                    "SELECT m.channel, m.seq, m.ts, m.sender, m.name, m.text, m.meta, m.client_id \
+                    "SELECT m.channel, m.seq, m.ts, m.sender, m.name, m.text, m.meta, m.client_id, \
+                     m.kind, m.target, m.emoji, m.react_on, m.deleted \
                      FROM messages m \
                      JOIN UNNEST($1::text[], $2::text[], $3::text[]) AS q(channel, sender, client_id) \
                        ON m.channel = q.channel AND m.sender = q.sender AND m.client_id = q.client_id \
@@ -167,10 +164,11 @@ impl PgStore {
                 .bind(client_id_since_ts)
                 .fetch_all(&mut *tx)
                 .await?;
-            for (channel, seq, ts, from, name, text, meta, cid) in rows {
+            for DupRow { channel, row } in rows {
                 let key = ChannelKey::from_storage_key(&channel)
                     .ok_or_else(|| StoreError::Corrupt(format!("channel key {channel:?}")))?;
-                let msg = to_message(&key, (seq, ts, from, name, text, meta, Some(cid.clone())))?;
+                let cid = row.client_id.clone().unwrap_or_default();
+                let msg = to_message(&key, row)?;
                 let k = (channel, msg.from.clone(), cid);
                 // Keep the oldest use of a client_id.
                 if seen.get(&k).is_none_or(|o| o.seq > msg.seq) {
@@ -194,14 +192,8 @@ impl PgStore {
             let counter = next.entry(k.clone()).or_insert(0);
             *counter += 1;
             let stored = Arc::new(StoredMessage {
-                channel: m.channel.clone(),
                 seq: *counter,
-                ts: m.ts,
-                from: m.from.clone(),
-                name: m.name.clone(),
-                text: m.text.clone(),
-                meta: m.meta.clone(),
-                client_id: m.client_id.clone(),
+                ..StoredMessage::clone(m)
             });
             c.push(k);
             if let Some(d) = dedupe_key {
@@ -230,10 +222,17 @@ impl PgStore {
                 .map(|m| m.meta.as_ref().map(|r| r.get()))
                 .collect();
             let cids: Vec<Option<&str>> = fresh.iter().map(|m| m.client_id.as_deref()).collect();
+            let kinds: Vec<_> = fresh.iter().map(|m| kind_columns(m)).collect();
+            let kind: Vec<i16> = kinds.iter().map(|k| k.0).collect();
+            let target: Vec<Option<i64>> = kinds.iter().map(|k| k.1).collect();
+            let emoji: Vec<Option<&str>> = kinds.iter().map(|k| k.2).collect();
+            let react_on: Vec<Option<i16>> = kinds.iter().map(|k| k.3).collect();
             sqlx::query(
-                "INSERT INTO messages (channel, seq, ts, sender, name, text, meta, client_id) \
+                "INSERT INTO messages (channel, seq, ts, sender, name, text, meta, client_id, \
+                                       kind, target, emoji, react_on) \
                  SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[], \
-                                      $5::text[], $6::text[], $7::text[], $8::text[])",
+                                      $5::text[], $6::text[], $7::text[], $8::text[], \
+                                      $9::int2[], $10::int8[], $11::text[], $12::int2[])",
             )
             .bind(&c)
             .bind(&sq)
@@ -243,8 +242,57 @@ impl PgStore {
             .bind(&text)
             .bind(&meta)
             .bind(&cids)
+            .bind(&kind)
+            .bind(&target)
+            .bind(&emoji)
+            .bind(&react_on)
             .execute(&mut *tx)
             .await?;
+            // A delete wipes its target's text and its edits' in the same commit.
+            let (dc, dt): (Vec<&str>, Vec<i64>) = c
+                .iter()
+                .zip(&fresh)
+                .filter_map(|(k, m)| match m.kind {
+                    EntryKind::Delete { target } => {
+                        Some((k.as_str(), i64::try_from(target).unwrap_or(i64::MAX)))
+                    }
+                    _ => None,
+                })
+                .unzip();
+            if !dc.is_empty() {
+                sqlx::query(
+                    "UPDATE messages AS m SET text = '', meta = NULL, deleted = 1 \
+                     FROM UNNEST($1::text[], $2::int8[]) AS d(channel, target) \
+                     WHERE m.channel = d.channel \
+                       AND (m.seq = d.target OR (m.target = d.target AND m.kind = 1))",
+                )
+                .bind(&dc)
+                .bind(&dt)
+                .execute(&mut *tx)
+                .await?;
+            }
+            // A direct message makes the pair one of both users' channels.
+            let mut mu: Vec<&str> = Vec::new();
+            let mut mc: Vec<&str> = Vec::new();
+            for (k, m) in c.iter().zip(&fresh) {
+                if let ChannelKey::Dm(a, b) = &m.channel {
+                    if !mc.last().is_some_and(|last| *last == k.as_str()) {
+                        mu.extend([a.as_str(), b.as_str()]);
+                        mc.extend([k.as_str(), k.as_str()]);
+                    }
+                }
+            }
+            if !mu.is_empty() {
+                sqlx::query(
+                    "INSERT INTO read_state (user_id, channel, member) \
+                     SELECT u, c, 1 FROM UNNEST($1::text[], $2::text[]) AS v(u, c) \
+                     ON CONFLICT (user_id, channel) DO NOTHING",
+                )
+                .bind(&mu)
+                .bind(&mc)
+                .execute(&mut *tx)
+                .await?;
+            }
             let (uk, us): (Vec<String>, Vec<i64>) = next
                 .into_iter()
                 .map(|(k, s)| (k, i64::try_from(s).unwrap_or(i64::MAX)))
@@ -269,10 +317,9 @@ impl PgStore {
         after: u64,
         upto: u64,
     ) -> Result<Vec<Arc<StoredMessage>>, StoreError> {
-        let rows: Vec<Row7> = sqlx::query_as(
-            "SELECT seq, ts, sender, name, text, meta, client_id FROM messages \
-             WHERE channel = $1 AND seq > $2 AND seq <= $3 ORDER BY seq ASC",
-        )
+        let rows: Vec<Row> = sqlx::query_as(select_entries!(
+            "WHERE channel = $1 AND seq > $2 AND seq <= $3 ORDER BY seq ASC"
+        ))
         .bind(key.storage_key())
         .bind(i64::try_from(after).unwrap_or(i64::MAX))
         .bind(i64::try_from(upto).unwrap_or(i64::MAX))
@@ -288,10 +335,9 @@ impl PgStore {
         limit: u64,
     ) -> Result<Vec<Arc<StoredMessage>>, StoreError> {
         let before = before.map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
-        let mut rows: Vec<Row7> = sqlx::query_as(
-            "SELECT seq, ts, sender, name, text, meta, client_id FROM messages \
-             WHERE channel = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
-        )
+        let mut rows: Vec<Row> = sqlx::query_as(select_entries!(
+            "WHERE channel = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
+        ))
         .bind(key.storage_key())
         .bind(before)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
@@ -299,6 +345,105 @@ impl PgStore {
         .await?;
         rows.reverse();
         rows.into_iter().map(|r| to_message(key, r)).collect()
+    }
+
+    /// [`Self::latest`], messages only.
+    pub async fn latest_messages(
+        &self,
+        key: &ChannelKey,
+        before: Option<u64>,
+        limit: u64,
+    ) -> Result<Vec<Arc<StoredMessage>>, StoreError> {
+        let before = before.map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
+        let mut rows: Vec<Row> = sqlx::query_as(select_entries!(
+            "WHERE channel = $1 AND seq < $2 AND kind = 0 ORDER BY seq DESC LIMIT $3"
+        ))
+        .bind(key.storage_key())
+        .bind(before)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.reverse();
+        rows.into_iter().map(|r| to_message(key, r)).collect()
+    }
+
+    /// Edits and reactions of the messages `first..=last`, ascending.
+    pub async fn annotations(
+        &self,
+        key: &ChannelKey,
+        first: u64,
+        last: u64,
+    ) -> Result<Vec<Arc<StoredMessage>>, StoreError> {
+        let rows: Vec<Row> = sqlx::query_as(select_entries!(
+            "WHERE channel = $1 AND target >= $2 AND target <= $3 AND kind IN (1, 3) ORDER BY seq ASC"
+        ))
+        .bind(key.storage_key())
+        .bind(i64::try_from(first).unwrap_or(i64::MAX))
+        .bind(i64::try_from(last).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(|r| to_message(key, r)).collect()
+    }
+
+    /// Store a read position: clamped to the latest seq, never backwards.
+    pub async fn mark_read(
+        &self,
+        user: &str,
+        key: &ChannelKey,
+        seq: i64,
+        member: bool,
+    ) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "INSERT INTO read_state (user_id, channel, read_seq, member) \
+             VALUES ($1, $2, LEAST($3, COALESCE((SELECT last_seq FROM channels WHERE key = $2), 0)), $4) \
+             ON CONFLICT (user_id, channel) DO UPDATE SET \
+             read_seq = GREATEST(read_state.read_seq, excluded.read_seq), \
+             member = GREATEST(read_state.member, excluded.member) \
+             RETURNING read_seq",
+        )
+        .bind(user)
+        .bind(key.storage_key())
+        .bind(seq)
+        .bind(i16::from(member))
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    pub async fn set_member(
+        &self,
+        user: &str,
+        key: &ChannelKey,
+        member: bool,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO read_state (user_id, channel, member) VALUES ($1, $2, $3) \
+             ON CONFLICT (user_id, channel) DO UPDATE SET member = excluded.member",
+        )
+        .bind(user)
+        .bind(key.storage_key())
+        .bind(i16::from(member))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// (channel, read, latest seq, unread) of each of `user`'s channels.
+    pub async fn channel_states(
+        &self,
+        user: &str,
+    ) -> Result<Vec<(String, i64, i64, i64)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT r.channel, r.read_seq, COALESCE(c.last_seq, 0), \
+               (SELECT COUNT(*) FROM (SELECT 1 FROM messages m WHERE m.channel = r.channel \
+                  AND m.seq > r.read_seq AND m.kind = 0 AND m.deleted = 0 AND m.sender <> $1 \
+                  LIMIT $2) AS x) \
+             FROM read_state r LEFT JOIN channels c ON c.key = r.channel \
+             WHERE r.user_id = $1 AND r.member = 1 ORDER BY r.channel",
+        )
+        .bind(user)
+        .bind(i64::try_from(MAX_UNREAD).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// (channel storage key, last seq) of channels starting with `prefix`, after

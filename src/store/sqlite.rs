@@ -9,11 +9,12 @@
 //! that arrived together), not from weakening the sync mode.
 
 use super::{
-    ChannelInit, ChannelKey, Row7, StoreError, StoredMessage, ensure_dir, new_epoch, to_message,
-    to_seq,
+    ChannelInit, ChannelKey, MAX_UNREAD, Row, StoreError, StoredMessage, ensure_dir, kind_columns,
+    new_epoch, to_message, to_seq,
 };
+use crate::message::EntryKind;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::{Row as _, SqlitePool};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -108,18 +109,25 @@ impl SqliteStore {
 
     /// Store a batch in one transaction, synced before it returns. Blocking: called
     /// through `super::blocking`, never straight from a runtime worker.
+    ///
+    /// In the same transaction a delete wipes its target's text (and its edits'),
+    /// and a direct message makes the pair one of both users' channels.
     pub fn append_blocking(&self, batch: &[Arc<StoredMessage>]) -> Result<(), StoreError> {
         // Every critical section leaves the connection usable, so poison is harmless.
         let mut conn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let tx = conn.transaction()?;
         {
             let mut insert = tx.prepare_cached(
-                "INSERT INTO messages (channel, seq, ts, sender, name, text, meta, client_id) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO messages (channel, seq, ts, sender, name, text, meta, client_id, \
+                 kind, target, emoji, react_on) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             )?;
+            let mut last_dm: Option<&ChannelKey> = None;
             for m in batch {
+                let key = m.channel.storage_key();
+                let (kind, target, emoji, on) = kind_columns(m);
                 insert.execute(rusqlite::params![
-                    m.channel.storage_key(),
+                    key,
                     i64::try_from(m.seq).unwrap_or(i64::MAX),
                     m.ts,
                     m.from.as_str(),
@@ -127,7 +135,30 @@ impl SqliteStore {
                     m.text.as_str(),
                     m.meta.as_ref().map(|r| r.get()),
                     m.client_id.as_deref(),
+                    kind,
+                    target,
+                    emoji,
+                    on,
                 ])?;
+                if let EntryKind::Delete { .. } = m.kind {
+                    tx.prepare_cached(
+                        "UPDATE messages SET text = '', meta = NULL, deleted = 1 \
+                         WHERE channel = ?1 AND (seq = ?2 OR (target = ?2 AND kind = 1))",
+                    )?
+                    .execute(rusqlite::params![key, target])?;
+                }
+                if let ChannelKey::Dm(a, b) = &m.channel {
+                    // Once per pair per run of its messages in the batch.
+                    if last_dm != Some(&m.channel) {
+                        let mut member = tx.prepare_cached(
+                            "INSERT OR IGNORE INTO read_state (user_id, channel, member) \
+                             VALUES (?1, ?2, 1)",
+                        )?;
+                        member.execute(rusqlite::params![a, key])?;
+                        member.execute(rusqlite::params![b, key])?;
+                        last_dm = Some(&m.channel);
+                    }
+                }
             }
         }
         tx.commit()?;
@@ -140,10 +171,9 @@ impl SqliteStore {
         after: u64,
         upto: u64,
     ) -> Result<Vec<Arc<StoredMessage>>, StoreError> {
-        let rows: Vec<Row7> = sqlx::query_as(
-            "SELECT seq, ts, sender, name, text, meta, client_id FROM messages \
-             WHERE channel = ? AND seq > ? AND seq <= ? ORDER BY seq ASC",
-        )
+        let rows: Vec<Row> = sqlx::query_as(select_entries!(
+            "WHERE channel = ? AND seq > ? AND seq <= ? ORDER BY seq ASC"
+        ))
         .bind(key.storage_key())
         .bind(i64::try_from(after).unwrap_or(i64::MAX))
         .bind(i64::try_from(upto).unwrap_or(i64::MAX))
@@ -159,10 +189,9 @@ impl SqliteStore {
         limit: u64,
     ) -> Result<Vec<Arc<StoredMessage>>, StoreError> {
         let before = before.map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
-        let mut rows: Vec<Row7> = sqlx::query_as(
-            "SELECT seq, ts, sender, name, text, meta, client_id FROM messages \
-             WHERE channel = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
-        )
+        let mut rows: Vec<Row> = sqlx::query_as(select_entries!(
+            "WHERE channel = ? AND seq < ? ORDER BY seq DESC LIMIT ?"
+        ))
         .bind(key.storage_key())
         .bind(before)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
@@ -170,6 +199,102 @@ impl SqliteStore {
         .await?;
         rows.reverse();
         rows.into_iter().map(|r| to_message(key, r)).collect()
+    }
+
+    /// [`Self::latest`], messages only (no edits, deletes or reactions).
+    pub async fn latest_messages(
+        &self,
+        key: &ChannelKey,
+        before: Option<u64>,
+        limit: u64,
+    ) -> Result<Vec<Arc<StoredMessage>>, StoreError> {
+        let before = before.map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
+        let mut rows: Vec<Row> = sqlx::query_as(select_entries!(
+            "WHERE channel = ? AND seq < ? AND kind = 0 ORDER BY seq DESC LIMIT ?"
+        ))
+        .bind(key.storage_key())
+        .bind(before)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.reverse();
+        rows.into_iter().map(|r| to_message(key, r)).collect()
+    }
+
+    /// Edits and reactions of the messages `first..=last`, ascending.
+    pub async fn annotations(
+        &self,
+        key: &ChannelKey,
+        first: u64,
+        last: u64,
+    ) -> Result<Vec<Arc<StoredMessage>>, StoreError> {
+        let rows: Vec<Row> = sqlx::query_as(select_entries!(
+            "WHERE channel = ? AND target >= ? AND target <= ? AND kind IN (1, 3) ORDER BY seq ASC"
+        ))
+        .bind(key.storage_key())
+        .bind(i64::try_from(first).unwrap_or(i64::MAX))
+        .bind(i64::try_from(last).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(|r| to_message(key, r)).collect()
+    }
+
+    /// Store a read position: clamped to the latest seq, never backwards.
+    pub async fn mark_read(
+        &self,
+        user: &str,
+        key: &ChannelKey,
+        seq: i64,
+        member: bool,
+    ) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "INSERT INTO read_state (user_id, channel, read_seq, member) \
+             VALUES (?1, ?2, MIN(?3, COALESCE((SELECT MAX(seq) FROM messages WHERE channel = ?2), 0)), ?4) \
+             ON CONFLICT (user_id, channel) DO UPDATE SET \
+             read_seq = MAX(read_state.read_seq, excluded.read_seq), \
+             member = MAX(read_state.member, excluded.member) \
+             RETURNING read_seq",
+        )
+        .bind(user)
+        .bind(key.storage_key())
+        .bind(seq)
+        .bind(i64::from(member))
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    pub async fn set_member(
+        &self,
+        user: &str,
+        key: &ChannelKey,
+        member: bool,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO read_state (user_id, channel, member) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (user_id, channel) DO UPDATE SET member = excluded.member",
+        )
+        .bind(user)
+        .bind(key.storage_key())
+        .bind(i64::from(member))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// (channel, read, latest seq, unread) of each of `user`'s channels.
+    pub async fn channel_states(&self, user: &str) -> Result<Vec<(String, i64, i64, i64)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT r.channel, r.read_seq, \
+               COALESCE((SELECT MAX(seq) FROM messages m WHERE m.channel = r.channel), 0), \
+               (SELECT COUNT(*) FROM (SELECT 1 FROM messages m WHERE m.channel = r.channel \
+                  AND m.seq > r.read_seq AND m.kind = 0 AND m.deleted = 0 AND m.sender <> ?1 \
+                  LIMIT ?2)) \
+             FROM read_state r WHERE r.user_id = ?1 AND r.member = 1 ORDER BY r.channel",
+        )
+        .bind(user)
+        .bind(i64::try_from(MAX_UNREAD).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// (channel storage key, last seq) of channels starting with `prefix`, after
