@@ -81,7 +81,11 @@ pub enum EntryKind {
     /// The message at `target` is taken back (its text is wiped from storage).
     Delete { target: u64 },
     /// `from` adds (`on`) or removes a reaction `emoji` to the message at `target`.
-    React { target: u64, emoji: String, on: bool },
+    React {
+        target: u64,
+        emoji: String,
+        on: bool,
+    },
 }
 
 impl EntryKind {
@@ -293,7 +297,10 @@ mod tests {
         assert_eq!(cur.len(), 1);
         assert_eq!(cur[0].edited_text.as_deref(), Some("hello!"));
         assert_eq!(cur[0].edited_ts, Some(60));
-        assert_eq!(cur[0].reactions, vec![("👍".to_owned(), vec!["c".to_owned()])]);
+        assert_eq!(
+            cur[0].reactions,
+            vec![("👍".to_owned(), vec!["c".to_owned()])]
+        );
     }
 
     #[test]
@@ -331,7 +338,10 @@ mod tests {
                 EntryKind::React { emoji, on, .. } => (Some(emoji.clone()), Some(*on)),
                 _ => (None, None),
             };
-            assert_eq!(EntryKind::from_columns(k.code(), k.target(), emoji, on), Some(k));
+            assert_eq!(
+                EntryKind::from_columns(k.code(), k.target(), emoji, on),
+                Some(k)
+            );
         }
     }
 

@@ -133,7 +133,12 @@ pub async fn mark_read(
 }
 
 /// Make `room` one of `user`'s rooms (`join` with `persist`), or no longer.
-pub async fn set_member(hub: &Hub, user: &str, room: &str, member: bool) -> Result<(), CommandError> {
+pub async fn set_member(
+    hub: &Hub,
+    user: &str,
+    room: &str,
+    member: bool,
+) -> Result<(), CommandError> {
     hub.store()
         .set_member(user, &ChannelKey::Room(room.to_owned()), member)
         .await

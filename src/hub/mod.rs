@@ -427,8 +427,7 @@ impl Hub {
     /// Queue `frame` for every connection of `user` on this node but `except`;
     /// returns how many took it.
     pub fn send_to_user(&self, user: &str, except: Option<u64>, frame: &Text) -> u64 {
-        self.registry
-            .send_to_except(user, except, || frame.clone())
+        self.registry.send_to_except(user, except, || frame.clone())
     }
 
     /// Stored messages of a channel, newest `limit` before `before`, ascending.

@@ -385,9 +385,9 @@ impl Fields<'_> {
                 channel: self.channel()?,
                 target: self.target()?,
                 emoji: self.emoji()?,
-                on: self
-                    .opt_bool("on")?
-                    .ok_or_else(|| CommandError::bad_request("missing field: on (true or false)"))?,
+                on: self.opt_bool("on")?.ok_or_else(|| {
+                    CommandError::bad_request("missing field: on (true or false)")
+                })?,
                 client_id: self.client_id()?,
             },
             "read" => Command::Read {

@@ -12,12 +12,12 @@
 
 use super::{Exit, Session};
 use crate::auth::{AuthError, EXP_LEEWAY_SECS, now_secs};
+use crate::chat;
 use crate::hub::{Conn, Outgoing};
 use crate::limits::Verdict;
 use crate::message::ChannelKey;
-use crate::metrics::ConnState;
-use crate::chat;
 use crate::message::EntryKind;
+use crate::metrics::ConnState;
 use crate::protocol::events::{
     CurrentHistory, CurrentRef, History, Left, Limits, Pong, Presence, Welcome, message_refs,
 };
@@ -431,7 +431,16 @@ impl Session {
             } => {
                 let key = self.writable(&conn, &channel)?;
                 let kind = EntryKind::Delete { target };
-                chat::act(&hub, &conn, id.cloned(), key, kind, String::new(), client_id).await
+                chat::act(
+                    &hub,
+                    &conn,
+                    id.cloned(),
+                    key,
+                    kind,
+                    String::new(),
+                    client_id,
+                )
+                .await
             }
             Command::React {
                 channel,
@@ -442,7 +451,16 @@ impl Session {
             } => {
                 let key = self.writable(&conn, &channel)?;
                 let kind = EntryKind::React { target, emoji, on };
-                chat::act(&hub, &conn, id.cloned(), key, kind, String::new(), client_id).await
+                chat::act(
+                    &hub,
+                    &conn,
+                    id.cloned(),
+                    key,
+                    kind,
+                    String::new(),
+                    client_id,
+                )
+                .await
             }
             Command::Read { channel, seq } => {
                 let key = self.readable(&conn, &channel)?;

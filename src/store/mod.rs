@@ -353,7 +353,12 @@ impl Store {
     /// Move `user`'s read position in `key` to `seq` (clamped to the channel's
     /// latest seq; never backwards). A DM becomes one of the user's channels.
     /// Returns the position now stored.
-    pub async fn mark_read(&self, user: &str, key: &ChannelKey, seq: u64) -> Result<u64, StoreError> {
+    pub async fn mark_read(
+        &self,
+        user: &str,
+        key: &ChannelKey,
+        seq: u64,
+    ) -> Result<u64, StoreError> {
         let seq = i64::try_from(seq).unwrap_or(i64::MAX);
         let member = matches!(key, ChannelKey::Dm(..));
         let stored = match self {
@@ -365,7 +370,12 @@ impl Store {
     }
 
     /// Make `key` one of `user`'s channels (`join` with `persist`), or no longer.
-    pub async fn set_member(&self, user: &str, key: &ChannelKey, member: bool) -> Result<(), StoreError> {
+    pub async fn set_member(
+        &self,
+        user: &str,
+        key: &ChannelKey,
+        member: bool,
+    ) -> Result<(), StoreError> {
         match self {
             Store::Local(LocalStore::Sqlite(s)) => s.set_member(user, key, member).await,
             Store::Local(LocalStore::Memory(s)) => {

@@ -282,7 +282,10 @@ impl SqliteStore {
     }
 
     /// (channel, read, latest seq, unread) of each of `user`'s channels.
-    pub async fn channel_states(&self, user: &str) -> Result<Vec<(String, i64, i64, i64)>, StoreError> {
+    pub async fn channel_states(
+        &self,
+        user: &str,
+    ) -> Result<Vec<(String, i64, i64, i64)>, StoreError> {
         Ok(sqlx::query_as(
             "SELECT r.channel, r.read_seq, \
                COALESCE((SELECT MAX(seq) FROM messages m WHERE m.channel = r.channel), 0), \
