@@ -1030,3 +1030,109 @@ fn the_openapi_document_is_valid_openapi_3_1() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+// ---------------------------------------------------------------- delete a message
+
+#[tokio::test]
+async fn deleting_a_message_reaches_members_and_leaves_only_a_tombstone() {
+    let s = api_server(&[]).await;
+    let mut alice = s.member("alice", "r").await;
+    let ack = alice
+        .request(json!({"type": "send", "room": "r", "text": "regrettable"}))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let (st, v) = delete(&s, "/api/v1/rooms/r/messages/1").await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        (&v["room"], &v["seq"], &v["target"]),
+        (&json!("r"), &json!(2), &json!(1))
+    );
+    let ev = alice.recv_type("delete").await;
+    assert_eq!((&ev["target"], &ev["from"]), (&json!(1), &json!("hubbub")));
+    let (st, h) = get(&s, "/api/v1/rooms/r/messages?current=true").await;
+    assert_eq!(st, 200, "{h}");
+    assert_eq!(h["messages"][0]["deleted"], true, "{h}");
+    assert!(!h.to_string().contains("regrettable"), "{h}");
+}
+
+#[tokio::test]
+async fn deleting_a_seq_that_is_not_a_message_is_404_and_stores_nothing() {
+    let s = api_server(&[]).await;
+    let mut alice = s.member("alice", "r").await;
+    alice
+        .request(json!({"type": "send", "room": "r", "text": "x"}))
+        .await;
+    assert_error(
+        delete(&s, "/api/v1/rooms/r/messages/7").await,
+        404,
+        "not_found",
+    );
+    assert_eq!(delete(&s, "/api/v1/rooms/r/messages/1").await.0, 200);
+    // The delete entry (seq 2) is not a message, and seq 1 is deleted already.
+    assert_error(
+        delete(&s, "/api/v1/rooms/r/messages/2").await,
+        404,
+        "not_found",
+    );
+    assert_error(
+        delete(&s, "/api/v1/rooms/r/messages/1").await,
+        404,
+        "not_found",
+    );
+    assert_eq!(stored(&s, "r").await.len(), 2, "nothing more stored");
+}
+
+#[tokio::test]
+async fn deleting_with_a_seq_that_is_not_a_number_is_400() {
+    let s = api_server(&[]).await;
+    for path in ["/api/v1/rooms/r/messages/x", "/api/v1/rooms/r/messages/0"] {
+        assert_error(delete(&s, path).await, 400, "bad_request");
+    }
+    assert_error(
+        delete(&s, "/api/v1/rooms/bad%20room/messages/1").await,
+        400,
+        "bad_request",
+    );
+}
+
+#[tokio::test]
+async fn history_with_current_shows_edits_and_reactions() {
+    let s = api_server(&[]).await;
+    let mut alice = s.member("alice", "r").await;
+    for cmd in [
+        json!({"type": "send", "room": "r", "text": "v1"}),
+        json!({"type": "edit", "room": "r", "target": 1, "text": "v2"}),
+        json!({"type": "react", "room": "r", "target": 1, "emoji": "👍", "on": true}),
+    ] {
+        let ack = alice.request(cmd).await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+    }
+    let (st, h) = get(&s, "/api/v1/rooms/r/messages?current=true").await;
+    assert_eq!(st, 200, "{h}");
+    let m = &h["messages"][0];
+    assert_eq!(
+        (&m["text"], &m["reactions"]),
+        (&json!("v2"), &json!({"👍": ["alice"]}))
+    );
+    assert_eq!(h["messages"].as_array().map(Vec::len), Some(1));
+    let all = stored(&s, "r").await;
+    let types: Vec<&str> = all
+        .iter()
+        .map(|m| m["type"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(types, ["message", "edit", "react"]);
+}
+
+#[tokio::test]
+async fn on_a_cluster_a_delete_on_one_node_reaches_members_on_another() {
+    let (_db, _redis, nodes) = api_cluster(&[]).await;
+    let mut alice = nodes[1].member("alice", "r").await;
+    let ack = alice
+        .request(json!({"type": "send", "room": "r", "text": "x"}))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let (st, v) = delete(&nodes[0], "/api/v1/rooms/r/messages/1").await;
+    assert_eq!(st, 200, "{v}");
+    let ev = alice.recv_type("delete").await;
+    assert_eq!(ev["target"], 1);
+}

@@ -6,12 +6,13 @@
 //! answer an error in any shape but [`ApiError`]'s.
 
 use super::{Api, ApiError, json};
+use crate::chat::{self, Actor};
 use crate::hub::{Outgoing, Receipt, Submitter};
-use crate::message::ChannelKey;
+use crate::message::{ChannelKey, EntryKind};
 use crate::protocol::api::{
-    Banned, Closed, Removed, Revoked, RoomEntry, RoomsPage, Unbanned, UserStatus,
+    Banned, Closed, Deleted, Removed, Revoked, RoomEntry, RoomsPage, Unbanned, UserStatus,
 };
-use crate::protocol::events::{Ack, History, Presence, message_refs};
+use crate::protocol::events::{Ack, CurrentHistory, CurrentRef, History, Presence, message_refs};
 use crate::protocol::{
     self, ApiPost, DEFAULT_HISTORY, ErrorCode, MAX_CLIENT_ID_CHARS, MAX_HISTORY, MAX_PRESENCE_PAGE,
     ParseLimits, valid_room_name, valid_user_id,
@@ -45,6 +46,11 @@ fn table() -> Vec<(&'static str, &'static str, MethodRouter<Api>)> {
         ("GET", "/rooms", get(list_rooms)),
         ("POST", "/rooms/{room}/messages", post(post_to_room)),
         ("GET", "/rooms/{room}/messages", get(room_history)),
+        (
+            "DELETE",
+            "/rooms/{room}/messages/{seq}",
+            delete(delete_message),
+        ),
         ("GET", "/rooms/{room}/presence", get(room_presence)),
         ("GET", "/users/{user}", get(user_status)),
         ("POST", "/users/{user}/messages", post(post_direct)),
@@ -197,15 +203,7 @@ async fn post_message(
     let out = Outgoing::message(post.text, post.meta, client_id);
     api.state.hub.submit_as(to, key.clone(), out).await?;
     api.state.metrics.command("api_post");
-    let Receipt { seq, ts } = match rx.await {
-        Ok(result) => result?,
-        Err(_) => {
-            return Err(ApiError::new(
-                ErrorCode::Unavailable,
-                "the server is shutting down; retry on another node",
-            ));
-        }
-    };
+    let Receipt { seq, ts } = receipt(rx).await?;
     let (room, dm) = key.target(from);
     let body = Ack { room, dm, seq, ts };
     Ok(json(StatusCode::CREATED, protocol::encode(&body)))
@@ -255,18 +253,30 @@ async fn room_history(
     let q = query_of(q)?;
     let before = number(&q, "before")?;
     let limit = limit(&q, DEFAULT_HISTORY, MAX_HISTORY)?;
-    // `current=true` asks for messages in their current state; with no edits,
-    // deletes or reactions stored (they are not built yet) that is every message.
-    match q.get("current").map(String::as_str) {
-        None | Some("true" | "false") => {}
+    // `current=true`: messages only, each in its current state (PROTOCOL.md 1.1).
+    let current = match q.get("current").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
         Some(v) => {
             return Err(ApiError::new(
                 ErrorCode::BadRequest,
                 format!("current must be true or false, not {v:?}"),
             ));
         }
-    }
+    };
     let key = ChannelKey::Room(room.clone());
+    if current {
+        let cur = chat::current_history(&api.state.hub, &key, before, limit).await?;
+        let body = CurrentHistory {
+            room: Some(&room),
+            dm: None,
+            messages: cur
+                .iter()
+                .map(|cur| CurrentRef { cur, viewer: "" })
+                .collect(),
+        };
+        return Ok(json(StatusCode::OK, protocol::encode(&body)));
+    }
     let msgs = api.state.hub.history(&key, before, limit).await?;
     let body = History {
         room: Some(&room),
@@ -274,6 +284,62 @@ async fn room_history(
         messages: message_refs(&msgs, ""),
     };
     Ok(json(StatusCode::OK, protocol::encode(&body)))
+}
+
+/// Delete a message as the server (`from` = `hubbub`): the `delete` entry of
+/// PROTOCOL.md 1.1, stored and published like any entry before the 200.
+async fn delete_message(
+    State(api): State<Api>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path((room, seq)) =
+        path.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
+    let room = room_of(Ok(Path(room)))?;
+    let target = seq.parse::<u64>().ok().filter(|s| *s > 0).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::BadRequest,
+            format!("seq must be a message's seq (1 or more), not {seq:?}"),
+        )
+    })?;
+    let key = ChannelKey::Room(room.clone());
+    let kind = EntryKind::Delete { target };
+    chat::check_target(&api.state.hub, &key, &kind, Actor::Operator).await?;
+    let (tx, rx) = oneshot::channel();
+    let author: Arc<str> = Arc::from(chat::API_AUTHOR);
+    let to = Submitter::Api {
+        user: author.clone(),
+        name: author,
+        reply: tx,
+    };
+    let out = Outgoing {
+        text: String::new(),
+        meta: None,
+        client_id: None,
+        kind,
+    };
+    api.state.hub.submit_as(to, key, out).await?;
+    api.state.metrics.command("api_delete");
+    let Receipt { seq, .. } = receipt(rx).await?;
+    tracing::info!(room, target, seq, "message deleted through the server API");
+    let body = Deleted {
+        room: &room,
+        seq,
+        target,
+    };
+    Ok(json(StatusCode::OK, protocol::encode(&body)))
+}
+
+/// Wait for a submitted entry to be stored and published.
+async fn receipt(
+    rx: oneshot::Receiver<Result<Receipt, protocol::CommandError>>,
+) -> Result<Receipt, ApiError> {
+    match rx.await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(ApiError::new(
+            ErrorCode::Unavailable,
+            "the server is shutting down; retry on another node",
+        )),
+    }
 }
 
 async fn room_presence(

@@ -9,7 +9,8 @@
 //! sequence, store or fan out entries itself (an edit, delete or reaction is
 //! submitted to the hub like a message and takes the same path: `seq`, group
 //! commit, ack after stored and published, `client_id`, gap fill), know SQL (the
-//! store has the queries) or Redis (the broker carries read events), or build JSON
+//! store has the queries) or the transport between nodes (the broker carries read
+//! events), or build JSON
 //! by hand (the protocol module encodes every event).
 
 use crate::hub::{Conn, Hub, Outgoing, Submitter};

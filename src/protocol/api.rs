@@ -97,6 +97,15 @@ pub struct Unbanned<'a> {
     pub lifted: bool,
 }
 
+/// `DELETE /rooms/{room}/messages/{seq}`: the delete entry's `seq` and the
+/// deleted message's (`target`).
+#[derive(Serialize)]
+pub struct Deleted<'a> {
+    pub room: &'a str,
+    pub seq: u64,
+    pub target: u64,
+}
+
 /// `POST /rooms/{room}/members/{user}/remove`.
 #[derive(Serialize)]
 pub struct Removed {

@@ -275,11 +275,11 @@ impl PgStore {
             let mut mu: Vec<&str> = Vec::new();
             let mut mc: Vec<&str> = Vec::new();
             for (k, m) in c.iter().zip(&fresh) {
-                if let ChannelKey::Dm(a, b) = &m.channel {
-                    if !mc.last().is_some_and(|last| *last == k.as_str()) {
-                        mu.extend([a.as_str(), b.as_str()]);
-                        mc.extend([k.as_str(), k.as_str()]);
-                    }
+                if let ChannelKey::Dm(a, b) = &m.channel
+                    && mc.last().is_none_or(|last| *last != k.as_str())
+                {
+                    mu.extend([a.as_str(), b.as_str()]);
+                    mc.extend([k.as_str(), k.as_str()]);
                 }
             }
             if !mu.is_empty() {
