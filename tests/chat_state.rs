@@ -472,6 +472,38 @@ async fn a_dm_read_is_a_receipt_for_the_peer() {
 }
 
 #[tokio::test]
+async fn a_dm_lists_how_far_the_peer_has_read() {
+    let s = Server::start(&[]).await;
+    let mut alice = s.guest("alice").await;
+    let mut bob = s.guest("bob").await;
+    let seq = acked(
+        &mut alice,
+        json!({"type": "direct", "to": "bob", "text": "1"}),
+    )
+    .await;
+    acked(
+        &mut alice,
+        json!({"type": "direct", "to": "bob", "text": "2"}),
+    )
+    .await;
+    let r = bob
+        .request(json!({"type": "read", "dm": "alice", "seq": seq}))
+        .await;
+    expect_type(&r, "read");
+    let mut later = s.client().await;
+    let w = later
+        .request(json!({"type": "hello", "name": "alice"}))
+        .await;
+    expect_type(&w, "welcome");
+    let dm = entry_for(&w["dms"], "dm", "bob");
+    assert_eq!(
+        (&dm["read"], &dm["peer_read"]),
+        (&json!(0), &json!(seq)),
+        "{w}"
+    );
+}
+
+#[tokio::test]
 async fn a_dm_peer_is_listed_in_welcome_dms() {
     let s = Server::start(&[]).await;
     let mut alice = s.guest("alice").await;

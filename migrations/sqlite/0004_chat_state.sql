@@ -23,3 +23,6 @@ CREATE TABLE IF NOT EXISTS read_state (
     member   INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (user_id, channel)
 ) WITHOUT ROWID;
+
+-- A DM peer's read position (the read receipt listed with the user's DMs).
+CREATE INDEX IF NOT EXISTS read_state_channel ON read_state (channel);

@@ -162,6 +162,7 @@ pub fn unread_lists<'a>(states: &'a [ChannelState], user: &'a str) -> Unread<'a>
             seq: s.seq,
             read: s.read,
             unread: s.unread,
+            peer_read: s.peer_read,
         };
         if room.is_some() {
             out.rooms.push(entry);

@@ -348,6 +348,9 @@ pub struct ChannelUnread<'a> {
     pub seq: u64,
     pub read: u64,
     pub unread: u64,
+    /// In a DM, how far the other party has read (their latest read receipt).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_read: Option<u64>,
 }
 
 /// The user's rooms (joined with `persist`) and DM peers, with read state.

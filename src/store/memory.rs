@@ -123,8 +123,9 @@ impl MemoryStore {
             .1 = member;
     }
 
-    /// (channel, read, latest seq, unread) of each of `user`'s channels.
-    pub fn channel_states(&self, user: &str) -> Vec<(String, i64, i64, i64)> {
+    /// (channel, read, latest seq, unread, a DM peer's read) of each of `user`'s
+    /// channels.
+    pub fn channel_states(&self, user: &str) -> Vec<super::StateRow> {
         let mine: Vec<(String, i64)> = self
             .read_lock()
             .range((user.to_owned(), String::new())..)
@@ -132,9 +133,20 @@ impl MemoryStore {
             .filter(|(_, (_, member))| *member)
             .map(|((_, c), (read, _))| (c.clone(), *read))
             .collect();
+        let peer_reads: Vec<Option<i64>> = {
+            let rs = self.read_lock();
+            mine.iter()
+                .map(|(c, _)| {
+                    let key = ChannelKey::from_storage_key(c)?;
+                    let peer = key.peer_of(user)?;
+                    rs.get(&(peer.to_owned(), c.clone())).map(|(r, _)| *r)
+                })
+                .collect()
+        };
         let map = self.lock();
         mine.into_iter()
-            .map(|(c, read)| {
+            .zip(peer_reads)
+            .map(|((c, read), peer_read)| {
                 let ring = ChannelKey::from_storage_key(&c).and_then(|k| map.get(&k));
                 let latest = ring.and_then(|r| r.back()).map_or(0, |m| m.seq);
                 let unread = ring.map_or(0, |r| {
@@ -152,6 +164,7 @@ impl MemoryStore {
                     read,
                     i64::try_from(latest).unwrap_or(i64::MAX),
                     i64::try_from(unread).unwrap_or(i64::MAX),
+                    peer_read,
                 )
             })
             .collect()

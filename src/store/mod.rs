@@ -395,7 +395,7 @@ impl Store {
             Store::Shared(s) => s.channel_states(user).await?,
         };
         let mut out = Vec::with_capacity(rows.len());
-        for (key, read, seq, unread) in rows {
+        for (key, read, seq, unread, peer_read) in rows {
             let Some(channel) = ChannelKey::from_storage_key(&key) else {
                 return Err(StoreError::Corrupt(format!("channel key {key:?}")));
             };
@@ -404,6 +404,7 @@ impl Store {
                 seq: to_seq(seq)?,
                 read: to_seq(read)?,
                 unread: to_seq(unread)?.min(MAX_UNREAD),
+                peer_read: peer_read.map(to_seq).transpose()?,
             });
         }
         Ok(out)
@@ -512,4 +513,10 @@ pub struct ChannelState {
     pub read: u64,
     /// Messages from others after `read`, not deleted (at most [`MAX_UNREAD`]).
     pub unread: u64,
+    /// In a DM, how far the other party has read (None: not at all yet).
+    pub peer_read: Option<u64>,
 }
+
+/// A row of the stores' `channel_states`: (channel storage key, read, latest seq,
+/// unread, a DM peer's read).
+pub(crate) type StateRow = (String, i64, i64, i64, Option<i64>);

@@ -9,8 +9,8 @@
 //! that arrived together), not from weakening the sync mode.
 
 use super::{
-    ChannelInit, ChannelKey, MAX_UNREAD, Row, StoreError, StoredMessage, ensure_dir, kind_columns,
-    new_epoch, to_message, to_seq,
+    ChannelInit, ChannelKey, MAX_UNREAD, Row, StateRow, StoreError, StoredMessage, ensure_dir,
+    kind_columns, new_epoch, to_message, to_seq,
 };
 use crate::message::EntryKind;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -281,17 +281,17 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// (channel, read, latest seq, unread) of each of `user`'s channels.
-    pub async fn channel_states(
-        &self,
-        user: &str,
-    ) -> Result<Vec<(String, i64, i64, i64)>, StoreError> {
+    /// (channel, read, latest seq, unread, a DM peer's read) of each of `user`'s channels.
+    pub async fn channel_states(&self, user: &str) -> Result<Vec<StateRow>, StoreError> {
         Ok(sqlx::query_as(
             "SELECT r.channel, r.read_seq, \
                COALESCE((SELECT MAX(seq) FROM messages m WHERE m.channel = r.channel), 0), \
                (SELECT COUNT(*) FROM (SELECT 1 FROM messages m WHERE m.channel = r.channel \
                   AND m.seq > r.read_seq AND m.kind = 0 AND m.deleted = 0 AND m.sender <> ?1 \
-                  LIMIT ?2)) \
+                  LIMIT ?2)), \
+               CASE WHEN substr(r.channel, 1, 1) = '@' THEN \
+                 (SELECT MAX(p.read_seq) FROM read_state p \
+                  WHERE p.channel = r.channel AND p.user_id <> r.user_id) END \
              FROM read_state r WHERE r.user_id = ?1 AND r.member = 1 ORDER BY r.channel",
         )
         .bind(user)
