@@ -28,6 +28,14 @@
 // - After close 4001 (unauthorized / token expired) it does not reconnect.
 // - When a draining server's `closing` suggests `reconnect_ms`, the next reconnect
 //   waits that long instead of the backoff step (the server spreads it with jitter).
+// - Chat state (protocol 1.1): edits, deletes and reactions are entries of a room's
+//   (or DM's) seq stream, delivered in order with its messages. The SDK keeps the
+//   last messages of each channel (MESSAGES_KEPT) and applies each entry to the
+//   message it targets (applyEntry), then emits `edit`, `delete` or `react` with the
+//   entry and the updated message. It keeps the user's rooms, DMs and unread counts
+//   from `welcome`, counts new messages from others, and follows `read` events from
+//   the user's other devices (badges sync) and DM peers (read receipts): `unread`
+//   events carry each change.
 
 export const BACKOFF_START_MS = 1000;
 /** A send answered `unavailable` is resent this many times (0.25 s doubling to 4 s). */
@@ -35,6 +43,8 @@ export const UNAVAILABLE_RETRIES = 6;
 const UNAVAILABLE_FIRST_DELAY_MS = 250;
 const UNAVAILABLE_MAX_DELAY_MS = 4000;
 export const BACKOFF_MAX_MS = 30000;
+/** Messages kept per room / DM for applying edits, deletes and reactions. */
+export const MESSAGES_KEPT = 1000;
 /// A connection that stayed up this long resets the backoff.
 export const STABLE_MS = 10000;
 
@@ -60,6 +70,45 @@ function randomId() {
   const c = globalThis.crypto;
   if (c && typeof c.randomUUID === "function") return c.randomUUID();
   return `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`;
+}
+
+/** Apply one edit, delete or react entry to the message it targets (both plain
+ *  objects as the server sends them), in place; returns the message. A message
+ *  keeps `text` (after the last edit), `edited_ts`, `deleted` and `reactions`
+ *  ({emoji: [user ids]}), the shape of `history` with `current: true`. */
+export function applyEntry(message, entry) {
+  if (!message || message.seq !== entry.target) return message;
+  switch (entry.type) {
+    case "edit":
+      if (!message.deleted) {
+        message.text = entry.text;
+        message.edited_ts = entry.ts;
+      }
+      break;
+    case "delete":
+      message.deleted = true;
+      delete message.text;
+      delete message.meta;
+      break;
+    case "react": {
+      const reactions = (message.reactions = message.reactions || {});
+      const users = reactions[entry.emoji] || [];
+      const i = users.indexOf(entry.user);
+      if (entry.on && i < 0) users.push(entry.user);
+      if (!entry.on && i >= 0) users.splice(i, 1);
+      if (users.length) reactions[entry.emoji] = users;
+      else delete reactions[entry.emoji];
+      break;
+    }
+    default:
+      break;
+  }
+  return message;
+}
+
+/** "r:<room>" or "d:<peer>": the key of the channel an event or entry is about. */
+export function channelKey(ev) {
+  return ev.room !== undefined ? `r:${ev.room}` : `d:${ev.dm}`;
 }
 
 export class Hubbub {
@@ -109,10 +158,19 @@ export class Hubbub {
     this._heldDms = null;
     /** The server's `closing.reconnect_ms`, used for the next reconnect. */
     this._suggestedDelay = null;
+    /** channel key -> Map(seq -> message), the last MESSAGES_KEPT messages. */
+    this._held = new Map();
+    /** channel key -> { room | dm, seq, read, unread, peer_read }: the user's rooms
+     *  (joined with persist) and DMs, from `welcome`, kept current. */
+    this._unread = new Map();
+    this._unreadRefresh = null;
   }
 
-  /** Subscribe to an event: message, member, members, typing, error, state,
-   *  welcome, closing. `member` is one user joining or leaving a room; in a room
+  /** Subscribe to an event: message, edit, delete, react (each with `message`, the
+   *  held message after applying it, when held), read (someone read a channel up to
+   *  `seq`: the user on another device, or a DM peer), unread (a channel's entry
+   *  of unreadState() changed), member, members, typing, error, state, welcome,
+   *  closing. `member` is one user joining or leaving a room; in a room
    *  larger than the server's presence-events limit there are none, and `members`
    *  ({ room, count }) carries the room's new member count instead (at most once a
    *  second). Returns a function that unsubscribes. */
@@ -205,6 +263,7 @@ export class Hubbub {
     if (ws !== this._ws) return;
     this.user = welcome.user;
     this.welcome = welcome;
+    this._setUnread(welcome);
     this._emit("welcome", welcome);
     this._stableTimer = this._setTimeout(() => {
       this._attempt = 0;
@@ -272,7 +331,13 @@ export class Hubbub {
     }
     switch (msg.type) {
       case "message":
+      case "edit":
+      case "delete":
+      case "react":
         this._deliver(msg);
+        break;
+      case "read":
+        this._onRead(msg);
         break;
       case "member":
       case "members":
@@ -293,7 +358,8 @@ export class Hubbub {
     }
   }
 
-  /** Deliver a message event once, in seq order, per room or DM peer. */
+  /** Deliver a stream entry (message, edit, delete, react) once, in seq order,
+   *  per room or DM peer. */
   _deliver(m) {
     if (m.room !== undefined) {
       const r = this._rooms.get(m.room);
@@ -313,7 +379,88 @@ export class Hubbub {
       m = { ...m };
       delete m._catchUp;
     }
-    this._emit("message", m);
+    const key = channelKey(m);
+    let held = this._held.get(key);
+    if (!held) this._held.set(key, (held = new Map()));
+    if (m.type === "message" || m.type === undefined) {
+      held.set(m.seq, m);
+      if (held.size > MESSAGES_KEPT) held.delete(held.keys().next().value);
+      this._countUnread(key, m);
+      this._emit("message", m);
+      return;
+    }
+    const message = applyEntry(held.get(m.target), m);
+    this._bumpSeq(key, m.seq);
+    if (m.type === "delete" && message) this._recount(key);
+    this._emit(m.type, { ...m, message });
+  }
+
+  /** A new message: the channel's latest seq, and one more unread if from another
+   *  user after the read position. */
+  _countUnread(key, m) {
+    const u = this._unread.get(key);
+    if (!u) {
+      // A DM is one of the user's channels from its first message.
+      if (m.dm === undefined) return;
+      this._unread.set(key, { dm: m.dm, seq: m.seq, read: 0, unread: m.from !== this.user ? 1 : 0 });
+    } else {
+      u.seq = Math.max(u.seq, m.seq);
+      if (m.from !== this.user && m.seq > u.read && !m.deleted) u.unread += 1;
+    }
+    this._emit("unread", { key, ...this._unread.get(key) });
+  }
+
+  _bumpSeq(key, seq) {
+    const u = this._unread.get(key);
+    if (u) u.seq = Math.max(u.seq, seq);
+  }
+
+  /** Ask the server for exact counts (after a change the SDK cannot count itself,
+   *  such as a read that stops short of the latest message, or a delete). */
+  _recount(key) {
+    if (!this._unread.has(key) || this._unreadRefresh) return;
+    this._unreadRefresh = this._setTimeout(() => {
+      this._unreadRefresh = null;
+      this.refreshUnread().catch(() => {});
+    }, 200);
+  }
+
+  _setUnread(list) {
+    const seen = new Set();
+    for (const r of list.rooms || []) {
+      const key = `r:${r.room}`;
+      seen.add(key);
+      this._unread.set(key, { ...r });
+      this._emit("unread", { key, ...r });
+    }
+    for (const d of list.dms || []) {
+      const key = `d:${d.dm}`;
+      seen.add(key);
+      this._unread.set(key, { ...d });
+      this._emit("unread", { key, ...d });
+    }
+    for (const key of [...this._unread.keys()]) {
+      if (!seen.has(key)) this._unread.delete(key);
+    }
+  }
+
+  /** Someone read a channel: this user on another device (the badge follows), or
+   *  the DM's peer (a read receipt: `peer_read`). */
+  _onRead(ev) {
+    const key = channelKey(ev);
+    const u = this._unread.get(key);
+    if (ev.user === this.user) {
+      if (u && ev.seq > u.read) {
+        u.read = ev.seq;
+        if (u.read >= u.seq) u.unread = 0;
+        else this._recount(key);
+        this._emit("unread", { key, ...u });
+      }
+    } else if (u) {
+      u.peer_read = Math.max(u.peer_read || 0, ev.seq);
+      this._emit("unread", { key, ...u });
+    }
+    this._emit("read", ev);
   }
 
   _deliverAll(messages) {
@@ -383,10 +530,11 @@ export class Hubbub {
     });
   }
 
-  async _joinCmd(room, since, history) {
+  async _joinCmd(room, since, history, persist) {
     const cmd = { type: "join", room };
     if (since) cmd.since = since;
     if (history !== undefined) cmd.history = history;
+    if (persist) cmd.persist = true;
     const joined = await this._request(cmd);
     const r = this._rooms.get(room) || { seq: 0, epoch: null, history };
     // A different epoch means history was lost: start counting afresh.
@@ -399,18 +547,96 @@ export class Hubbub {
     return joined;
   }
 
-  /** Join a room (creating it). Resolves with `joined`; its messages are also
-   *  delivered through the `message` event (once). */
-  join(room, { history } = {}) {
+  /** Join a room (creating it). Resolves with `joined`; its entries are also
+   *  delivered through the `message` / `edit` / `delete` / `react` events (once).
+   *  With `persist` the room becomes one of the user's rooms on every device
+   *  (listed by myRooms() after the next hello). */
+  async join(room, { history, persist } = {}) {
     const r = this._rooms.get(room);
     const since = r && r.epoch ? { seq: r.seq, epoch: r.epoch } : null;
-    return this._joinCmd(room, since, history);
+    const joined = await this._joinCmd(room, since, history, persist);
+    const key = `r:${room}`;
+    if (persist && !this._unread.has(key)) {
+      this._unread.set(key, { room, seq: joined.seq, read: 0, unread: 0 });
+      this._recount(key);
+    }
+    return joined;
   }
 
-  async leave(room) {
-    const left = await this._request({ type: "leave", room });
+  /** Leave a room; with `persist` it is no longer one of the user's rooms. */
+  async leave(room, { persist } = {}) {
+    const cmd = { type: "leave", room };
+    if (persist) cmd.persist = true;
+    const left = await this._request(cmd);
     this._rooms.delete(room);
+    if (persist) this._unread.delete(`r:${room}`);
     return left;
+  }
+
+  /** The user's rooms (joined with persist on any device), from `welcome`. */
+  myRooms() {
+    return [...this._unread.values()].filter((u) => u.room !== undefined).map((u) => u.room);
+  }
+
+  /** The user's rooms and DMs: [{ key, room | dm, seq, read, unread, peer_read }]. */
+  unreadState() {
+    return [...this._unread.entries()].map(([key, u]) => ({ key, ...u }));
+  }
+
+  /** Fetch exact unread counts from the server; resolves with `unread`. */
+  async refreshUnread() {
+    const u = await this._request({ type: "unread" });
+    this._setUnread(u);
+    return u;
+  }
+
+  /** Mark `{ room }` or `{ dm }` read up to `seq` (default: its latest seq seen).
+   *  The server never moves it backwards; every device of the user (and a DM
+   *  peer) hears of it. Resolves with the `read` event. */
+  async markRead({ room, dm }, seq) {
+    const key = room !== undefined ? `r:${room}` : `d:${dm}`;
+    const last = room !== undefined ? this._rooms.get(room)?.seq : this._dms.get(dm);
+    const cmd = { type: "read", seq: seq ?? last ?? this._unread.get(key)?.seq ?? 0 };
+    if (room !== undefined) cmd.room = room;
+    else cmd.dm = dm;
+    const ev = await this._request(cmd);
+    this._onRead({ ...ev, id: undefined });
+    return ev;
+  }
+
+  /** The messages held for `{ room }` or `{ dm }`, ascending, in their current
+   *  state (edits, deletes and reactions applied). */
+  messages({ room, dm }) {
+    const held = this._held.get(room !== undefined ? `r:${room}` : `d:${dm}`);
+    return held ? [...held.values()].sort((a, b) => a.seq - b.seq) : [];
+  }
+
+  _where({ room, dm }, cmd) {
+    if (room !== undefined) cmd.room = room;
+    else cmd.dm = dm;
+    return cmd;
+  }
+
+  /** Edit one's own message at `target` in `{ room }` or `{ dm }`. Resolves with
+   *  `ack`; queued and retried like a send. */
+  edit(where, target, text, { clientId } = {}) {
+    const cmd = this._where(where, { type: "edit", target, text });
+    if (clientId) cmd.client_id = clientId;
+    return this._enqueueSend(cmd);
+  }
+
+  /** Delete one's own message at `target`. Resolves with `ack`. */
+  deleteMessage(where, target, { clientId } = {}) {
+    const cmd = this._where(where, { type: "delete", target });
+    if (clientId) cmd.client_id = clientId;
+    return this._enqueueSend(cmd);
+  }
+
+  /** Add (`on` true) or take back a reaction `emoji` to the message at `target`. */
+  react(where, target, emoji, on = true, { clientId } = {}) {
+    const cmd = this._where(where, { type: "react", target, emoji, on });
+    if (clientId) cmd.client_id = clientId;
+    return this._enqueueSend(cmd);
   }
 
   /** The rooms this client is in (rejoined automatically after a reconnect). */
@@ -462,9 +688,11 @@ export class Hubbub {
     return this._enqueueSend(cmd);
   }
 
-  /** Older messages: { room } or { dm }, optional before (exclusive seq), limit. */
-  async history({ room, dm, before, limit } = {}) {
+  /** Older entries: { room } or { dm }, optional before (exclusive seq), limit;
+   *  with `current: true`, messages only, each in its current state. */
+  async history({ room, dm, before, limit, current } = {}) {
     const cmd = { type: "history" };
+    if (current) cmd.current = true;
     if (room !== undefined) cmd.room = room;
     if (dm !== undefined) {
       cmd.dm = dm;

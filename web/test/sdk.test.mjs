@@ -3,7 +3,7 @@
 // the same SDK against the real server is exercised by the browser tests in e2e/.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { Hubbub, HubbubError, backoffDelay, BACKOFF_MAX_MS, STABLE_MS } from "../hubbub.js";
+import { Hubbub, HubbubError, applyEntry, backoffDelay, BACKOFF_MAX_MS, STABLE_MS } from "../hubbub.js";
 
 /** A WebSocket stand-in that records what the SDK sends and lets a test play the server. */
 class FakeSocket {
@@ -80,11 +80,11 @@ function newClient(c, extra = {}) {
 }
 
 /** Answer the hello on socket `ws` and let the SDK finish its reconnect steps. */
-async function welcome(ws) {
+async function welcome(ws, extra = {}) {
   ws.open();
   await settle();
   const hello = ws.last("hello");
-  ws.push({ type: "welcome", id: hello.id, user: "alice", conn: "1", heartbeat_ms: 25000, limits: {} });
+  ws.push({ type: "welcome", id: hello.id, user: "alice", conn: "1", heartbeat_ms: 25000, limits: {}, ...extra });
   await settle();
 }
 
@@ -446,4 +446,149 @@ test("a members count event reaches its handlers", async () => {
   await welcome(ws);
   ws.push({ type: "members", room: "big", count: 1500 });
   assert.deepEqual(counts, [["big", 1500]]);
+});
+
+// ---------------------------------------------------------------- chat state (1.1)
+
+const msg = (seq, from, text) => ({ type: "message", room: "r", seq, ts: seq, from, name: from, text });
+
+test("applyEntry: an edit replaces the text and sets edited_ts", () => {
+  const m = msg(1, "bob", "helo");
+  applyEntry(m, { type: "edit", room: "r", seq: 2, target: 1, ts: 20, from: "bob", text: "hello" });
+  assert.equal(m.text, "hello");
+  assert.equal(m.edited_ts, 20);
+});
+
+test("applyEntry: a delete leaves a tombstone without text", () => {
+  const m = { ...msg(1, "bob", "oops"), meta: { a: 1 } };
+  applyEntry(m, { type: "delete", room: "r", seq: 2, target: 1, ts: 20, from: "bob" });
+  assert.equal(m.deleted, true);
+  assert.equal(m.text, undefined);
+  assert.equal(m.meta, undefined);
+});
+
+test("applyEntry: reactions add and take back per user, dropping empty emoji", () => {
+  const m = msg(1, "bob", "party");
+  const r = (user, emoji, on) => ({ type: "react", room: "r", seq: 9, target: 1, user, emoji, on });
+  applyEntry(m, r("bob", "🎉", true));
+  applyEntry(m, r("carol", "🎉", true));
+  applyEntry(m, r("carol", "🎉", true)); // twice is once
+  applyEntry(m, r("bob", "👍", true));
+  applyEntry(m, r("bob", "👍", false));
+  assert.deepEqual(m.reactions, { "🎉": ["bob", "carol"] });
+});
+
+test("applyEntry: an entry for another message changes nothing", () => {
+  const m = msg(1, "bob", "x");
+  applyEntry(m, { type: "edit", room: "r", seq: 5, target: 4, ts: 1, from: "bob", text: "y" });
+  assert.equal(m.text, "x");
+});
+
+test("live edit, delete and react entries are applied to held messages and emitted", async () => {
+  const c = clock();
+  const hub = newClient(c);
+  const p = hub.connect();
+  await welcome(FakeSocket.all[0]);
+  await p;
+  const ws = FakeSocket.all[0];
+  const j = hub.join("r");
+  await answerJoin(ws, "r", { seq: 1, messages: [msg(1, "bob", "first")] });
+  await j;
+  const seen = [];
+  for (const t of ["edit", "delete", "react"]) hub.on(t, (e) => seen.push([t, e.seq, e.message?.text, e.message?.deleted]));
+  ws.push(
+    { type: "edit", room: "r", seq: 2, target: 1, ts: 2, from: "bob", name: "bob", text: "second" },
+    { type: "react", room: "r", seq: 3, target: 1, ts: 3, user: "alice", name: "alice", emoji: "👍", on: true },
+    { type: "delete", room: "r", seq: 4, target: 1, ts: 4, from: "bob", name: "bob" },
+    { type: "edit", room: "r", seq: 2, target: 1, ts: 2, from: "bob", name: "bob", text: "again" }, // a duplicate
+  );
+  await settle();
+  assert.deepEqual(seen, [
+    ["edit", 2, "second", undefined],
+    ["react", 3, "second", undefined],
+    ["delete", 4, undefined, true],
+  ]);
+  const [held] = hub.messages({ room: "r" });
+  assert.equal(held.deleted, true);
+  assert.deepEqual(held.reactions, { "👍": ["alice"] });
+});
+
+test("welcome's rooms are myRooms, and messages from others count as unread", async () => {
+  const c = clock();
+  const hub = newClient(c);
+  const p = hub.connect();
+  await welcome(FakeSocket.all[0], { rooms: [{ room: "team", seq: 4, read: 2, unread: 2 }], dms: [] });
+  await p;
+  assert.deepEqual(hub.myRooms(), ["team"]);
+  const ws = FakeSocket.all[0];
+  const j = hub.join("team");
+  await answerJoin(ws, "team", { seq: 4, messages: [] });
+  await j;
+  const events = [];
+  hub.on("unread", (u) => events.push(u.unread));
+  ws.push({ ...msg(5, "bob", "new"), room: "team" }, { ...msg(6, "alice", "mine"), room: "team" });
+  await settle();
+  assert.deepEqual(events, [3, 3], "one more for bob's message, none for the user's own");
+  assert.equal(hub.unreadState()[0].seq, 6);
+});
+
+test("a read from another device clears the badge; a DM peer's read is a receipt", async () => {
+  const c = clock();
+  const hub = newClient(c);
+  const p = hub.connect();
+  await welcome(FakeSocket.all[0], {
+    rooms: [{ room: "team", seq: 4, read: 2, unread: 2 }],
+    dms: [{ dm: "bob", seq: 3, read: 3, unread: 0, peer_read: 1 }],
+  });
+  await p;
+  const ws = FakeSocket.all[0];
+  const reads = [];
+  hub.on("read", (r) => reads.push(r.user));
+  ws.push(
+    { type: "read", room: "team", seq: 4, user: "alice" },
+    { type: "read", dm: "bob", seq: 3, user: "bob" },
+  );
+  await settle();
+  const state = Object.fromEntries(hub.unreadState().map((u) => [u.key, u]));
+  assert.equal(state["r:team"].unread, 0);
+  assert.equal(state["r:team"].read, 4);
+  assert.equal(state["d:bob"].peer_read, 3);
+  assert.deepEqual(reads, ["alice", "bob"]);
+});
+
+test("markRead sends read with the latest seq seen and applies the answer", async () => {
+  const c = clock();
+  const hub = newClient(c);
+  const p = hub.connect();
+  await welcome(FakeSocket.all[0], { rooms: [{ room: "team", seq: 2, read: 0, unread: 2 }] });
+  await p;
+  const ws = FakeSocket.all[0];
+  const j = hub.join("team");
+  await answerJoin(ws, "team", { seq: 2, messages: [{ ...msg(1, "bob", "a"), room: "team" }, { ...msg(2, "bob", "b"), room: "team" }] });
+  await j;
+  const done = hub.markRead({ room: "team" });
+  await settle();
+  const cmd = ws.last("read");
+  assert.deepEqual([cmd.room, cmd.seq], ["team", 2]);
+  ws.push({ type: "read", id: cmd.id, room: "team", seq: 2, user: "alice" });
+  await done;
+  assert.equal(hub.unreadState()[0].unread, 0);
+});
+
+test("edit, deleteMessage and react go out like sends, each with a client_id", async () => {
+  const c = clock();
+  const hub = newClient(c);
+  const p = hub.connect();
+  await welcome(FakeSocket.all[0]);
+  await p;
+  const ws = FakeSocket.all[0];
+  hub.edit({ room: "r" }, 1, "fixed");
+  hub.deleteMessage({ dm: "bob" }, 2);
+  hub.react({ room: "r" }, 1, "👍", false);
+  await settle();
+  const [e, d, r] = [ws.last("edit"), ws.last("delete"), ws.last("react")];
+  assert.deepEqual([e.room, e.target, e.text], ["r", 1, "fixed"]);
+  assert.deepEqual([d.dm, d.target], ["bob", 2]);
+  assert.deepEqual([r.emoji, r.on], ["👍", false]);
+  for (const cmd of [e, d, r]) assert.ok(cmd.client_id, `${cmd.type} has a client_id`);
 });
