@@ -95,6 +95,33 @@ test("live figures change while a client chats; a room shows its members and mes
   }
 });
 
+test("deleting a message in the console takes it off a chat page open beside it", async () => {
+  const server = await new Server(["--api-key", KEY]).start();
+  try {
+    const alice = await userPage(browser, server, "alice");
+    await joinRoom(alice, "lobby");
+    await send(alice, "an unfortunate remark");
+    await waitForText(alice, "an unfortunate remark");
+    const page = await consolePage(server);
+    await logIn(page);
+    await page.click("#rooms-first");
+    await page.click('button[aria-label="Open room lobby"]');
+    await page.waitForFunction(() => document.getElementById("messages").textContent.includes("an unfortunate remark"));
+    await page.click('button[aria-label="Delete message 1"]');
+    await page.waitForFunction(() => document.getElementById("action-ok").textContent.startsWith("Deleted message #1"));
+    await alice.waitForFunction(
+      () => document.querySelector('#message-list .msg[data-seq="1"]')?.textContent.includes("This message was deleted."),
+      null,
+      { timeout: 5000 },
+    );
+    assert.ok(!(await alice.content()).includes("an unfortunate remark"), "the text is gone from the chat page");
+    await page.waitForFunction(() => !document.getElementById("messages").textContent.includes("an unfortunate remark"));
+    await shot(page, "admin-04-deleted");
+  } finally {
+    await server.stop();
+  }
+});
+
 test("a banned user's page says why and does not reconnect; an error from the API is shown", async () => {
   const server = await new Server(["--api-key", KEY]).start();
   try {

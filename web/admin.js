@@ -293,13 +293,32 @@ $("members-more").addEventListener("click", () => loadMembers(membersNext));
 async function loadMessages() {
   const room = currentRoom;
   try {
-    const h = await api("GET", `/rooms/${encodeURIComponent(room)}/messages?limit=50`);
+    // Messages in their current state (edits applied, deletes as tombstones).
+    const h = await api("GET", `/rooms/${encodeURIComponent(room)}/messages?limit=50&current=true`);
     $("messages").replaceChildren(
       ...h.messages.map((m) => {
         const li = document.createElement("li");
-        const meta = cell("div", `#${m.seq} · ${m.from} · ${new Date(m.ts).toLocaleString()}`);
+        li.dataset.seq = String(m.seq);
+        const edited = m.edited_ts ? " · edited" : "";
+        const meta = cell("div", `#${m.seq} · ${m.from} · ${new Date(m.ts).toLocaleString()}${edited}`);
         meta.className = "meta";
-        li.append(meta, cell("div", m.text));
+        if (m.deleted) {
+          const gone = cell("div", "(deleted)");
+          gone.className = "muted";
+          li.append(meta, gone);
+          return li;
+        }
+        const del = cell("button", "Delete");
+        del.type = "button";
+        del.setAttribute("aria-label", `Delete message ${m.seq}`);
+        del.addEventListener("click", () =>
+          confirmed(`Delete message #${m.seq} from ${m.from} for everyone?\n\n${m.text}`, async () => {
+            const r = await api("DELETE", `/rooms/${encodeURIComponent(room)}/messages/${m.seq}`);
+            await loadMessages();
+            return `Deleted message #${r.target} of ${room}.`;
+          }),
+        );
+        li.append(meta, cell("div", m.text), del);
         return li;
       }),
     );

@@ -1,7 +1,16 @@
 // The Hubbub chat page: rooms, DMs, presence, typing, scrollback, unread counts and a
 // visible connection status, on top of the SDK in /hubbub.js. Every piece of user text
 // is put on the page with textContent, never as HTML.
-import { Hubbub } from "/hubbub.js";
+//
+// Chat state (protocol 1.1): rooms joined here are the user's rooms on every device
+// (`persist`), rejoined at login; badges are the server's unread counts, cleared on
+// every tab and device when read; one's own messages can be edited (Up arrow edits
+// the last one) and deleted (after a confirmation); anyone can react; a DM shows
+// "Seen" under the last message the other person has read.
+import { Hubbub, applyEntry, channelKey } from "/hubbub.js";
+
+/** The reactions offered on every message. */
+const EMOJI = ["👍", "❤️", "😂", "🎉", "😮"];
 
 const $ = (id) => document.getElementById(id);
 const el = (tag, cls, text) => {
@@ -23,11 +32,12 @@ let lastTypingSent = 0;
 const ERROR_TEXT = {
   rate_limited: "You're sending too fast — wait a moment.",
   too_large: "That's too long.",
-  forbidden: "You're not allowed in that room.",
+  forbidden: "You're not allowed to do that.",
   not_joined: "Join the room first.",
   bad_request: "The server didn't accept that.",
   unavailable: "The server is busy — try again shortly.",
   unauthorized: "Not authorized.",
+  not_found: "That message is gone.",
   timeout: "No answer from the server.",
   closed: "Not connected.",
 };
@@ -78,6 +88,8 @@ function start(identity) {
   hub = new Hubbub({ url: `${proto}://${location.host}/ws`, ...identity });
   hub.on("state", showState);
   hub.on("message", onMessage);
+  for (const t of ["edit", "delete", "react"]) hub.on(t, onEntry);
+  hub.on("unread", onUnread);
   hub.on("member", onMember);
   hub.on("members", onMembers);
   hub.on("typing", onTyping);
@@ -93,8 +105,18 @@ function start(identity) {
       $("login").hidden = true;
       $("app").hidden = false;
       $("join-room").focus();
+      // The user's rooms (from any device) and this browser's, then the DMs.
       const last = localStorage.getItem("hubbub.rooms");
-      for (const room of last ? JSON.parse(last) : []) joinRoom(room, false);
+      const rooms = new Set([...hub.myRooms(), ...(last ? JSON.parse(last) : [])]);
+      for (const room of rooms) joinRoom(room, false);
+      for (const u of hub.unreadState()) {
+        if (u.dm !== undefined) {
+          const c = conv(u.key);
+          c.unread = u.unread;
+          c.peerRead = u.peer_read || 0;
+        }
+      }
+      renderLists();
     })
     .catch((e) => {
       $("login-submit").disabled = false;
@@ -152,7 +174,7 @@ function joinRoom(room, open) {
   $("join-error").textContent = "";
   const c = conv(`r:${room}`);
   hub
-    .join(room, { history: 50 })
+    .join(room, { history: 50, persist: true })
     .then((j) => {
       c.members = new Map(j.members.map((m) => [m.user, m.name]));
       c.memberCount = j.member_count ?? j.members.length;
@@ -176,7 +198,7 @@ $("leave").addEventListener("click", () => {
   const key = current;
   const room = conv(key).id;
   hub
-    .leave(room)
+    .leave(room, { persist: true })
     .then(() => {
       convs.delete(key);
       saveRooms();
@@ -197,7 +219,7 @@ function openDm(user) {
   if (!c.loaded) {
     c.loaded = true;
     hub
-      .history({ dm: user, limit: 50 })
+      .history({ dm: user, limit: 50, current: true })
       .then((h) => {
         for (const m of h.messages) c.messages.set(m.seq, m);
         if (h.messages.length) c.oldest = h.messages[0].seq;
@@ -211,7 +233,7 @@ function openDm(user) {
 function openConv(key) {
   current = key;
   const c = conv(key);
-  c.unread = 0;
+  markRead(key);
   $("chat-title").textContent = c.kind === "room" ? `# ${c.id}` : `@ ${c.id}`;
   $("leave").hidden = c.kind !== "room";
   $("composer-text").disabled = false;
@@ -293,18 +315,152 @@ function timeOf(ts) {
   return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
 }
 
-function messageNode(m, state) {
+function messageNode(m, state, seen) {
   const mine = m.from === me || state === "pending" || state === "failed";
-  const li = el("li", "msg" + (mine ? " mine" : "") + (state ? ` ${state}` : ""));
+  const li = el("li", "msg" + (mine ? " mine" : "") + (state ? ` ${state}` : "") + (m.deleted ? " deleted" : ""));
   if (m.seq !== undefined) li.dataset.seq = String(m.seq);
   if (m.client_id) li.dataset.clientId = m.client_id;
   const head = el("div", "msg-head");
   head.append(el("span", "msg-from", mine ? "You" : m.name || m.from));
   head.append(el("time", "msg-time", state === "pending" ? "sending…" : m.ts ? timeOf(m.ts) : ""));
-  const body = el("div", "msg-text", m.text);
-  li.append(head, body);
+  if (m.edited_ts && !m.deleted) head.append(el("span", "msg-edited muted", "(edited)"));
+  li.append(head);
+  if (m.deleted) {
+    li.append(el("div", "msg-text msg-deleted muted", "This message was deleted."));
+    return li;
+  }
+  if (editing && editing.seq === m.seq && editing.key === current) li.append(editBox(m));
+  else li.append(el("div", "msg-text", m.text));
   if (state === "failed") li.append(el("div", "msg-error error", m.error));
+  if (m.seq !== undefined && !state) {
+    li.append(reactionsRow(m));
+    li.append(actions(m, mine));
+  }
+  if (seen) li.append(el("div", "msg-seen muted small", "Seen"));
   return li;
+}
+
+/** The message's reactions: one toggle button per emoji with its count. */
+function reactionsRow(m) {
+  const row = el("div", "reactions");
+  for (const [emoji, users] of Object.entries(m.reactions || {})) {
+    const mineToo = users.includes(me);
+    const b = el("button", "reaction" + (mineToo ? " on" : ""), `${emoji} ${users.length}`);
+    b.type = "button";
+    b.title = users.join(", ");
+    b.setAttribute("aria-pressed", String(mineToo));
+    b.setAttribute("aria-label", `${emoji} ${users.length}: ${users.join(", ")}`);
+    b.addEventListener("click", () => react(m, emoji, !mineToo));
+    row.append(b);
+  }
+  return row;
+}
+
+/** React, and for one's own messages edit and delete. */
+function actions(m, mine) {
+  const bar = el("div", "msg-actions");
+  const pick = el("details", "react-pick");
+  const summary = el("summary", "link-button small", "React");
+  summary.setAttribute("aria-label", `React to message ${m.seq}`);
+  pick.append(summary);
+  for (const emoji of EMOJI) {
+    const b = el("button", "link-button", emoji);
+    b.type = "button";
+    b.setAttribute("aria-label", `React ${emoji}`);
+    b.addEventListener("click", () => {
+      pick.open = false;
+      react(m, emoji, !(m.reactions?.[emoji] || []).includes(me));
+    });
+    pick.append(b);
+  }
+  bar.append(pick);
+  if (mine) {
+    const edit = el("button", "link-button small msg-edit", "Edit");
+    edit.type = "button";
+    edit.addEventListener("click", () => startEdit(m));
+    const del = el("button", "link-button small danger msg-delete", "Delete");
+    del.type = "button";
+    del.addEventListener("click", () => deleteMessage(m));
+    bar.append(edit, del);
+  }
+  return bar;
+}
+
+function whereOf(key) {
+  const c = conv(key);
+  return c.kind === "room" ? { room: c.id } : { dm: c.id };
+}
+
+function react(m, emoji, on) {
+  hub.react(whereOf(current), m.seq, emoji, on).catch((e) => ($("composer-error").textContent = explain(e)));
+}
+
+// ---------- editing and deleting one's own messages ----------
+
+let editing = null; // { key, seq }
+
+function startEdit(m) {
+  editing = { key: current, seq: m.seq };
+  renderMessages(false);
+  const box = document.querySelector(".edit-box textarea");
+  if (box) {
+    box.focus();
+    box.setSelectionRange(box.value.length, box.value.length);
+  }
+}
+
+function editBox(m) {
+  const form = el("form", "edit-box");
+  const label = el("label", "visually-hidden", "Edit message");
+  const area = el("textarea");
+  area.id = "edit-text";
+  label.htmlFor = "edit-text";
+  area.value = m.text || "";
+  area.rows = 2;
+  const save = el("button", "primary small", "Save");
+  save.type = "submit";
+  const cancel = el("button", "link-button small", "Cancel");
+  cancel.type = "button";
+  const done = () => {
+    editing = null;
+    renderMessages(false);
+    $("composer-text").focus();
+  };
+  cancel.addEventListener("click", done);
+  area.addEventListener("keydown", (ev) => {
+    if (ev.key === "Escape") done();
+    else if (ev.key === "Enter" && !ev.shiftKey) {
+      ev.preventDefault();
+      form.requestSubmit();
+    }
+  });
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const text = area.value;
+    if (!text.trim() || text === m.text) return done();
+    const key = editing.key;
+    hub
+      .edit(whereOf(key), m.seq, text)
+      .then(done)
+      .catch((e) => ($("composer-error").textContent = explain(e)));
+  });
+  form.append(label, area, save, cancel);
+  return form;
+}
+
+function deleteMessage(m) {
+  if (!confirm("Delete this message for everyone?")) return;
+  hub.deleteMessage(whereOf(current), m.seq).catch((e) => ($("composer-error").textContent = explain(e)));
+}
+
+/** Up arrow in an empty composer edits one's last message. */
+function editLast() {
+  if (!current) return false;
+  const c = conv(current);
+  const mine = [...c.messages.values()].filter((m) => m.from === me && !m.deleted).sort((a, b) => b.seq - a.seq);
+  if (!mine.length) return false;
+  startEdit(mine[0]);
+  return true;
 }
 
 function renderMessages(toBottom) {
@@ -314,7 +470,12 @@ function renderMessages(toBottom) {
   if (!current) return;
   const c = conv(current);
   const sorted = [...c.messages.values()].sort((a, b) => a.seq - b.seq);
-  for (const m of sorted) list.append(messageNode(m));
+  // In a DM, "Seen" under the last of one's messages the other person has read.
+  const seenSeq =
+    c.kind === "dm" && c.peerRead
+      ? Math.max(0, ...sorted.filter((m) => m.from === me && m.seq <= c.peerRead).map((m) => m.seq))
+      : 0;
+  for (const m of sorted) list.append(messageNode(m, undefined, m.seq === seenSeq));
   for (const p of c.pending.values()) list.append(messageNode(p, p.state));
   $("empty").hidden = sorted.length + c.pending.size > 0;
   $("empty").textContent = "No messages yet. Say hello!";
@@ -337,11 +498,52 @@ function onMessage(m) {
     const stick = nearBottom() || m.from === me;
     renderMessages(stick);
     if (m.from !== undefined) clearTyping(m.from);
+    if (m.from !== me) markRead(key);
   } else {
-    if (m.from !== me) c.unread += 1;
     renderLists();
   }
 }
+
+/** An edit, delete or reaction: applied to the message this page shows. */
+function onEntry(e) {
+  const key = channelKey(e);
+  const c = conv(key);
+  const shown = c.messages.get(e.target);
+  if (shown && shown !== e.message) applyEntry(shown, e);
+  if (editing && e.type === "delete" && editing.seq === e.target) editing = null;
+  if (key === current) renderMessages(nearBottom());
+}
+
+/** The server's unread count (and a DM peer's read receipt) for a conversation. */
+function onUnread(u) {
+  const c = conv(u.key);
+  c.unread = u.key === current && document.visibilityState === "visible" ? 0 : u.unread;
+  if (u.peer_read !== undefined && u.peer_read !== c.peerRead) {
+    c.peerRead = u.peer_read;
+    if (u.key === current) renderMessages(nearBottom());
+  }
+  renderLists();
+}
+
+/** Tell the server (and so every tab and device) that `key` is read up to its
+ *  latest message, at most a few times a second. */
+const readTimers = new Map();
+function markRead(key) {
+  const c = conv(key);
+  c.unread = 0;
+  if (readTimers.has(key)) return;
+  readTimers.set(
+    key,
+    setTimeout(() => {
+      readTimers.delete(key);
+      const newest = Math.max(0, ...[...c.messages.keys()]);
+      hub.markRead(whereOf(key), newest || undefined).catch(() => {});
+    }, 150),
+  );
+}
+document.addEventListener("visibilitychange", () => {
+  if (document.visibilityState === "visible" && current) markRead(current);
+});
 
 async function loadOlder() {
   if (!current) return;
@@ -353,7 +555,7 @@ async function loadOlder() {
   const fromBottom = box.scrollHeight - box.scrollTop;
   try {
     const q = c.kind === "room" ? { room: c.id } : { dm: c.id };
-    const h = await hub.history({ ...q, before: c.oldest, limit: 50 });
+    const h = await hub.history({ ...q, before: c.oldest, limit: 50, current: true });
     for (const m of h.messages) c.messages.set(m.seq, m);
     if (h.messages.length) c.oldest = h.messages[0].seq;
     if (h.messages.length < 50 || c.oldest === 1) c.complete = true;
@@ -384,6 +586,8 @@ $("composer-text").addEventListener("keydown", (ev) => {
   if (ev.key === "Enter" && !ev.shiftKey) {
     ev.preventDefault();
     sendCurrent();
+  } else if (ev.key === "ArrowUp" && ev.target.value === "" && editLast()) {
+    ev.preventDefault();
   }
 });
 $("composer-text").addEventListener("input", () => {

@@ -596,7 +596,8 @@ export class Hubbub {
   async markRead({ room, dm }, seq) {
     const key = room !== undefined ? `r:${room}` : `d:${dm}`;
     const last = room !== undefined ? this._rooms.get(room)?.seq : this._dms.get(dm);
-    const cmd = { type: "read", seq: seq ?? last ?? this._unread.get(key)?.seq ?? 0 };
+    const latest = Math.max(last || 0, this._unread.get(key)?.seq || 0);
+    const cmd = { type: "read", seq: seq ?? latest };
     if (room !== undefined) cmd.room = room;
     else cmd.dm = dm;
     const ev = await this._request(cmd);
