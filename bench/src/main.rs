@@ -7,6 +7,7 @@
 //!   hubbub-bench fanout ... --ramp            # step the rate up until a step fails
 //!   hubbub-bench acks   --url ws://127.0.0.1:8080/ws --rate 1000
 //!   hubbub-bench bigroom --url ws://127.0.0.1:8080/ws --conns 19000 --senders 5 --rate 20
+//!   hubbub-bench hello  --url ws://127.0.0.1:8080/ws --rooms 500 --messages 20
 //!
 //! Without `--pid`, the server's RSS and CPU come from its `/metrics`.
 //! The server must allow the senders' rate (`hubbub --rate-limit`). Progress goes to
@@ -15,6 +16,7 @@
 mod client;
 mod fanout;
 mod floor;
+mod hello;
 mod probe;
 
 use anyhow::Context;
@@ -53,6 +55,25 @@ enum Mode {
     /// then S senders at a fixed total rate fan out to everyone in it. With several
     /// URLs the room is spread over the nodes.
     Bigroom(BigroomArgs),
+    /// What `hello` costs a user with many rooms (welcome lists them with unread
+    /// counts), against a new user without rooms. Needs a server that lets one
+    /// connection send fast (`hubbub --rate-limit 100000`).
+    Hello(HelloArgs),
+}
+
+#[derive(Args)]
+struct HelloArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Rooms the user has (joined with `persist`).
+    #[arg(long, default_value_t = 500)]
+    rooms: usize,
+    /// Messages sent into each room by another user (the reader reads half).
+    #[arg(long, default_value_t = 20)]
+    messages: usize,
+    /// Hellos measured, for each of the two users.
+    #[arg(long, default_value_t = 50)]
+    repeat: usize,
 }
 
 #[derive(Args)]
@@ -163,6 +184,38 @@ struct AcksArgs {
     duration: u64,
 }
 
+async fn hello_mode(a: HelloArgs) -> anyhow::Result<()> {
+    let targets = a.common.targets()?;
+    let target = targets.first().context("a --url")?;
+    let r = hello::run(target, a.rooms, a.messages, a.repeat).await?;
+    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    if a.common.json {
+        println!(
+            "{}",
+            json!({"mode": "hello", "rooms": a.rooms, "messages": a.messages, "repeat": a.repeat,
+                   "rooms_listed": r.rooms_listed, "welcome_bytes": r.welcome_bytes,
+                   "with_rooms_p50_ms": ms(&r.with_rooms, 0.5), "with_rooms_p99_ms": ms(&r.with_rooms, 0.99),
+                   "new_user_p50_ms": ms(&r.without, 0.5), "new_user_p99_ms": ms(&r.without, 0.99)})
+        );
+    } else {
+        println!(
+            "hello of a user with {} rooms ({} listed, welcome {} bytes) vs a new user, {} each:",
+            a.rooms, r.rooms_listed, r.welcome_bytes, a.repeat
+        );
+        println!(
+            "  with rooms: p50 {:.2} ms  p99 {:.2} ms",
+            ms(&r.with_rooms, 0.5),
+            ms(&r.with_rooms, 0.99)
+        );
+        println!(
+            "  new user:   p50 {:.2} ms  p99 {:.2} ms",
+            ms(&r.without, 0.5),
+            ms(&r.without, 0.99)
+        );
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -175,6 +228,7 @@ fn main() -> anyhow::Result<()> {
             Mode::Fanout(a) => fanout_mode(a).await,
             Mode::Acks(a) => acks(a).await,
             Mode::Bigroom(a) => bigroom(a).await,
+            Mode::Hello(a) => hello_mode(a).await,
         }
     })
 }
