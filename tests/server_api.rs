@@ -516,6 +516,44 @@ async fn a_user_is_online_with_their_connections_and_rooms() {
 }
 
 #[tokio::test]
+async fn on_a_cluster_every_node_gives_the_same_user_status() {
+    let (_db, _redis, nodes) = api_cluster(&[]).await;
+    let _a = nodes[0].member("ann", "r1").await;
+    let _b = nodes[1].member("ann", "r2").await;
+    let _c = nodes[1].guest("ann").await;
+    for node in &nodes {
+        let (st, v) = get(node, "/api/v1/users/ann").await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(
+            (&v["online"], &v["connections"], &v["rooms"]),
+            (&json!(true), &json!(3), &json!(["r1", "r2"])),
+            "{v}"
+        );
+    }
+    let (_, v) = get(&nodes[0], "/api/v1/users/nobody").await;
+    assert_eq!(
+        (&v["online"], &v["connections"]),
+        (&json!(false), &json!(0))
+    );
+}
+
+#[tokio::test]
+async fn on_a_cluster_every_node_lists_a_room_live_only_on_another() {
+    let (_db, _redis, nodes) = api_cluster(&[]).await;
+    let _a = nodes[1].member("ann", "live-x").await;
+    let _b = nodes[1].member("bob", "live-x").await;
+    for node in &nodes {
+        let (st, v) = get(node, "/api/v1/rooms?prefix=live-").await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(
+            v["rooms"],
+            json!([{"room": "live-x", "seq": 0, "member_count": 2}]),
+            "{v}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn rooms_lists_stored_and_live_rooms_by_prefix_in_pages() {
     let s = api_server(&[]).await;
     for room in ["team-a", "team-b", "other"] {

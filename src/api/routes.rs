@@ -400,7 +400,7 @@ async fn user_status(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let user = user_of(path)?;
-    let (connections, rooms) = api.state.hub.user_status(&user);
+    let (connections, rooms) = api.state.hub.user_status_everywhere(&user).await?;
     let body = UserStatus {
         user: &user,
         online: connections > 0 || !rooms.is_empty(),

@@ -73,6 +73,8 @@ pub enum Inbound {
         key: String,
         issued_before: Option<i64>,
     },
+    /// Another node asks a question: answer with [`Broker::answer`] under `id`.
+    Ask { id: String, question: Question },
     /// `user` read `channel` up to `seq`: tell `to`'s connections here (the
     /// reader's own, or a DM peer's as a read receipt).
     Read {
@@ -86,6 +88,35 @@ pub enum Inbound {
         user: String,
         ban: Option<(Option<i64>, String)>,
     },
+}
+
+/// A question the server API asks every node ([`Broker::ask`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Question {
+    /// Where is this user? Answered with a [`UserHere`].
+    User(String),
+    /// Which rooms whose name starts with `prefix` and sorts after `after` have
+    /// live members (the first `limit` by name)? Answered with a [`RoomsHere`].
+    Rooms {
+        prefix: String,
+        after: String,
+        limit: usize,
+    },
+}
+
+/// One node's answer to [`Question::User`]: its connections of the user and the
+/// rooms it sees them in.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserHere {
+    pub connections: usize,
+    pub rooms: Vec<String>,
+}
+
+/// One node's answer to [`Question::Rooms`]: (room, last seq, cluster-wide member
+/// count) of the rooms it has live members in.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomsHere {
+    pub rooms: Vec<(String, u64, usize)>,
 }
 
 /// The other live node instances' presence in one room: user -> (display name,
@@ -221,6 +252,23 @@ impl Broker {
     pub fn read(&self, channel: &ChannelKey, user: &str, seq: u64, to: &str) {
         if let Broker::Redis(r) = self {
             r.read(channel, user, seq, to);
+        }
+    }
+
+    /// Ask every other node `question`; their answers (none on one node), as
+    /// the JSON they sent. Waits at most about a second for nodes that do not
+    /// answer.
+    pub async fn ask(&self, question: &Question) -> Result<Vec<String>, BrokerError> {
+        match self {
+            Broker::Local => Ok(Vec::new()),
+            Broker::Redis(r) => r.ask(question).await,
+        }
+    }
+
+    /// Answer another node's [`Inbound::Ask`] (best effort).
+    pub fn answer<T: Serialize>(&self, id: &str, answer: &T) {
+        if let Broker::Redis(r) = self {
+            r.answer(id, &to_json(answer));
         }
     }
 
@@ -396,6 +444,10 @@ pub enum Kind {
     /// `from` read channel `c` up to `seq`; for user `name`'s connections.
     #[serde(rename = "rd")]
     Read,
+    /// A question (`name`: "user" about user `from`, or "rooms" with prefix
+    /// `from` after `text`, at most `seq`); answer under request id `c`.
+    #[serde(rename = "q")]
+    Ask,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -509,6 +561,18 @@ impl Envelope {
             Kind::Revoke => Some(Inbound::Revoke {
                 key: self.c,
                 issued_before: (self.ts > 0).then_some(self.ts),
+            }),
+            Kind::Ask => Some(Inbound::Ask {
+                id: self.c,
+                question: match self.name.as_str() {
+                    "user" => Question::User(self.from),
+                    "rooms" => Question::Rooms {
+                        prefix: self.from,
+                        after: self.text,
+                        limit: usize::try_from(self.seq).unwrap_or(usize::MAX),
+                    },
+                    _ => return None,
+                },
             }),
             Kind::Read => Some(Inbound::Read {
                 channel: ChannelKey::from_storage_key(&self.c)?,

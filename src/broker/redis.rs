@@ -12,6 +12,8 @@
 //! - `hubbub:u:<user>`: channel of a user's direct messages.
 //! - `hubbub:presence:<room>`: hash `<instance>|<user>` -> display name, one field
 //!   per user per node instance that has the user in the room.
+//! - `hubbub:ans:<request>`: list of the nodes' answers to a question on the
+//!   control channel (where is a user?), deleted when read, expiring after 5 s.
 //! - `hubbub:node:<instance>`: a node instance's heartbeat, expiring after
 //!   `--node-timeout`; presence fields of an instance without one are dead.
 //!
@@ -23,7 +25,8 @@
 //! Redis restart needs nothing from the operator.
 
 use super::{
-    Envelope, Inbound, Kind, RemotePresence, room_channel, to_json as encode, user_channel,
+    Envelope, Inbound, Kind, Question, RemotePresence, room_channel, to_json as encode,
+    user_channel,
 };
 use crate::message::{ChannelKey, StoredMessage};
 use crate::metrics::Metrics;
@@ -107,6 +110,16 @@ enum PresenceOp {
         name: String,
     },
     Flush(oneshot::Sender<()>),
+}
+
+/// How long [`RedisBroker::ask_user`] waits for the other nodes' answers.
+const ASK_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long an answer list outlives its question (if the asker never deletes it).
+const ANSWER_TTL_MS: u64 = 5000;
+
+/// The list the answers to question `id` are pushed onto.
+fn answers_key(id: &str) -> String {
+    format!("hubbub:ans:{id}")
 }
 
 /// The hash of every node instance's figures (`GET /api/v1/stats`).
@@ -462,6 +475,75 @@ impl RedisBroker {
         let conn = self.conn.clone();
         tokio::spawn(async move {
             let _ = conn.query::<i64>(&cmd).await;
+        });
+    }
+
+    /// Ask every node a question (on the control channel). PUBLISH answers how
+    /// many subscribers got the question, so the answers to wait for are known: each
+    /// node pushes its answer onto a list of this request, read until all are in or
+    /// [`ASK_TIMEOUT`] has passed (a node that died meanwhile is not waited for
+    /// longer).
+    pub async fn ask(&self, question: &Question) -> Result<Vec<String>, BrokerError> {
+        let id = format!("{}.{:016x}", self.inbound.inst, rand::random::<u64>());
+        let env = match question {
+            Question::User(user) => {
+                Envelope::event(Kind::Ask, &self.inbound.inst, &id, user, "user")
+            }
+            Question::Rooms {
+                prefix,
+                after,
+                limit,
+            } => {
+                let mut env = Envelope::event(Kind::Ask, &self.inbound.inst, &id, prefix, "rooms");
+                env.text = after.clone();
+                env.seq = u64::try_from(*limit).unwrap_or(u64::MAX);
+                env
+            }
+        };
+        let receivers: i64 = self
+            .conn
+            .query(&self.publish_cmd(super::CONTROL_CHANNEL, &encode(&env)))
+            .await?;
+        // This node is subscribed too, and does not answer itself.
+        let expected = usize::try_from(receivers.saturating_sub(1)).unwrap_or(0);
+        let key = answers_key(&id);
+        let deadline = Instant::now() + ASK_TIMEOUT;
+        let mut got: Vec<String> = Vec::new();
+        while expected > 0 {
+            let mut cmd = redis::cmd("LRANGE");
+            cmd.arg(&key).arg(0).arg(-1);
+            got = self.conn.query(&cmd).await?;
+            if got.len() >= expected || Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut del = redis::cmd("DEL");
+        del.arg(&key);
+        let _ = self.conn.query::<i64>(&del).await;
+        if got.len() < expected {
+            tracing::warn!(
+                expected,
+                got = got.len(),
+                "not every node answered a question"
+            );
+        }
+        Ok(got)
+    }
+
+    /// Push this node's answer (JSON) to an [`Inbound::Ask`] (kept briefly, then
+    /// expired).
+    pub fn answer(&self, id: &str, json: &str) {
+        let key = answers_key(id);
+        let mut push = redis::cmd("RPUSH");
+        push.arg(&key).arg(json);
+        let mut expire = redis::cmd("PEXPIRE");
+        expire.arg(&key).arg(ANSWER_TTL_MS);
+        let conn = self.conn.clone();
+        tokio::spawn(async move {
+            if conn.query::<i64>(&push).await.is_ok() {
+                let _ = conn.query::<i64>(&expire).await;
+            }
         });
     }
 

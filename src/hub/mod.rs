@@ -472,6 +472,7 @@ impl Hub {
                 on,
             } => self.on_remote_presence(&room, &user, &name, &inst, on),
             Inbound::Typing { room, user, name } => self.typing_local(&room, &user, &name),
+            Inbound::Ask { id, question } => self.answer(&id, question),
             Inbound::Read {
                 channel,
                 user,

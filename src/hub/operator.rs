@@ -6,7 +6,7 @@
 //! module does), or change a channel other than through the hub's own paths.
 
 use super::{Conn, Hub, lock};
-use crate::broker::Inbound;
+use crate::broker::{Inbound, Question, RoomsHere, UserHere};
 use crate::message::ChannelKey;
 use crate::protocol::{CommandError, ErrorCode, Member, close};
 use crate::stats::{ClusterStats, NodeStats};
@@ -26,8 +26,8 @@ pub struct PresencePage {
 }
 
 impl Hub {
-    /// Rooms with live members on this node or with stored messages, whose name
-    /// starts with `prefix` and sorts after `after`.
+    /// Rooms with live members on any node or with stored messages, whose name
+    /// starts with `prefix` and sorts after `after` (the same answer on any node).
     pub async fn rooms_page(
         &self,
         prefix: &str,
@@ -46,6 +46,36 @@ impl Hub {
             .into_iter()
             .map(|(room, seq)| (room, (seq, 0)))
             .collect();
+        // Each source's first limit + 1 rooms: enough to fill the page and tell
+        // whether another follows.
+        let mut live = self.live_rooms(prefix, after, limit + 1);
+        let question = Question::Rooms {
+            prefix: prefix.to_owned(),
+            after: after.to_owned(),
+            limit: limit + 1,
+        };
+        for here in self.ask::<RoomsHere>(question).await? {
+            live.extend(here.rooms);
+        }
+        // A node with members in a room holds its cluster-wide count: any such
+        // node's figure is the room's.
+        for (room, seq, count) in live {
+            let e = merged.entry(room).or_insert((0, 0));
+            e.0 = e.0.max(seq);
+            e.1 = e.1.max(count);
+        }
+        let mut rooms: Vec<(String, u64, usize)> = merged
+            .into_iter()
+            .map(|(room, (seq, n))| (room, seq, n))
+            .collect();
+        let next = page(&mut rooms, limit, |r| r.0.clone());
+        Ok(RoomsPage { rooms, next })
+    }
+
+    /// (room, last seq, members on every node) of the first `limit` rooms by name
+    /// this node has loaded with members or messages, starting with `prefix`,
+    /// after `after`.
+    fn live_rooms(&self, prefix: &str, after: &str, limit: usize) -> Vec<(String, u64, usize)> {
         let live: Vec<_> = lock(&self.channels)
             .iter()
             .filter_map(|(k, ch)| match k {
@@ -55,24 +85,18 @@ impl Hub {
                 _ => None,
             })
             .collect();
-        for (room, ch) in live {
-            let g = lock(&ch.inner);
-            let count = g.presence.len();
-            let seq = g.committed.max(g.next_seq.saturating_sub(1));
-            drop(g);
-            if count == 0 && seq == 0 {
-                continue;
-            }
-            let e = merged.entry(room).or_insert((0, 0));
-            e.0 = e.0.max(seq);
-            e.1 = count;
-        }
-        let mut rooms: Vec<(String, u64, usize)> = merged
+        let mut rooms: Vec<(String, u64, usize)> = live
             .into_iter()
-            .map(|(room, (seq, n))| (room, seq, n))
+            .filter_map(|(room, ch)| {
+                let g = lock(&ch.inner);
+                let count = g.presence.len();
+                let seq = g.committed.max(g.next_seq.saturating_sub(1));
+                (count > 0 || seq > 0).then_some((room, seq, count))
+            })
             .collect();
-        let next = page(&mut rooms, limit, |r| r.0.clone());
-        Ok(RoomsPage { rooms, next })
+        rooms.sort();
+        rooms.truncate(limit);
+        rooms
     }
 
     /// Keep this node's figures where the other nodes read them (best effort: a
@@ -174,6 +198,58 @@ impl Hub {
             .collect();
         rooms.sort();
         (connections, rooms)
+    }
+
+    /// Ask every other node `question`; their answers that parse.
+    async fn ask<T: serde::de::DeserializeOwned>(
+        &self,
+        question: Question,
+    ) -> Result<Vec<T>, CommandError> {
+        let answers = self.broker.ask(&question).await.map_err(|e| {
+            tracing::warn!(error = %e, "asking the other nodes failed");
+            CommandError::new(ErrorCode::Unavailable, "message broker unreachable")
+        })?;
+        Ok(answers
+            .iter()
+            .filter_map(|a| serde_json::from_str(a).ok())
+            .collect())
+    }
+
+    /// Answer another node's question from what this node has.
+    pub(super) fn answer(&self, id: &str, question: Question) {
+        match question {
+            Question::User(user) => {
+                let (connections, rooms) = self.user_status(&user);
+                self.broker.answer(id, &UserHere { connections, rooms });
+            }
+            Question::Rooms {
+                prefix,
+                after,
+                limit,
+            } => {
+                let rooms = self.live_rooms(&prefix, &after, limit);
+                self.broker.answer(id, &RoomsHere { rooms });
+            }
+        }
+    }
+
+    /// `user`'s connections and rooms on every node: this node's, and every other
+    /// node's answer through the broker (the same answer whichever node is asked).
+    pub async fn user_status_everywhere(
+        &self,
+        user: &str,
+    ) -> Result<(usize, Vec<String>), CommandError> {
+        let (mut connections, mut rooms) = self.user_status(user);
+        for here in self
+            .ask::<UserHere>(Question::User(user.to_owned()))
+            .await?
+        {
+            connections += here.connections;
+            rooms.extend(here.rooms);
+        }
+        rooms.sort();
+        rooms.dedup();
+        Ok((connections, rooms))
     }
 
     /// Take `user` out of `room` here and, through the broker, on every node: each
