@@ -509,14 +509,16 @@ impl RedisBroker {
         let key = answers_key(&id);
         let deadline = Instant::now() + ASK_TIMEOUT;
         let mut got: Vec<String> = Vec::new();
-        while expected > 0 {
-            let mut cmd = redis::cmd("LRANGE");
-            cmd.arg(&key).arg(0).arg(-1);
-            got = self.conn.query(&cmd).await?;
-            if got.len() >= expected || Instant::now() >= deadline {
-                break;
+        if expected > 0 {
+            loop {
+                let mut cmd = redis::cmd("LRANGE");
+                cmd.arg(&key).arg(0).arg(-1);
+                got = self.conn.query(&cmd).await?;
+                if got.len() >= expected || Instant::now() >= deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let mut del = redis::cmd("DEL");
         del.arg(&key);
