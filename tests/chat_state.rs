@@ -703,7 +703,7 @@ async fn three_nodes() -> (Database, Redis, Vec<Server>) {
 
 #[tokio::test]
 async fn across_three_nodes_edits_deletes_and_reactions_reach_every_member_in_order() {
-    let (_db, _redis, nodes) = three_nodes().await;
+    let (db, _redis, nodes) = three_nodes().await;
     let mut alice = nodes[0].member("alice", "r").await;
     let mut bob = nodes[1].member("bob", "r").await;
     let mut carol = nodes[2].member("carol", "r").await;
@@ -748,6 +748,8 @@ async fn across_three_nodes_edits_deletes_and_reactions_reach_every_member_in_or
         .request(json!({"type": "edit", "room": "r", "target": seq, "text": "again"}))
         .await;
     expect_error(&r, "not_found");
+    let left = db.query("SELECT count(*) FROM messages WHERE text LIKE 'hi%'");
+    assert_eq!(left.trim(), "0", "the deleted text is gone from PostgreSQL too");
 }
 
 #[tokio::test]

@@ -313,3 +313,23 @@ fn an_open_file_limit_below_n_caps_the_connections_and_says_so() {
         "{stderr}"
     );
 }
+
+#[test]
+fn hello_times_a_user_with_rooms_beside_a_new_user() {
+    let (_server, url, _dir) = hubbub(&[]);
+    let r = bench(&[
+        "hello",
+        "--url",
+        &url,
+        "--rooms",
+        "20",
+        "--messages",
+        "4",
+        "--repeat",
+        "5",
+    ]);
+    assert_eq!(r["rooms_listed"], 20, "welcome lists every room: {r}");
+    for k in ["with_rooms_p50_ms", "new_user_p50_ms"] {
+        assert!(r[k].as_f64().is_some_and(|v| v > 0.0), "{k}: {r}");
+    }
+}
