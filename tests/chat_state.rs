@@ -749,7 +749,11 @@ async fn across_three_nodes_edits_deletes_and_reactions_reach_every_member_in_or
         .await;
     expect_error(&r, "not_found");
     let left = db.query("SELECT count(*) FROM messages WHERE text LIKE 'hi%'");
-    assert_eq!(left.trim(), "0", "the deleted text is gone from PostgreSQL too");
+    assert_eq!(
+        left.trim(),
+        "0",
+        "the deleted text is gone from PostgreSQL too"
+    );
 }
 
 #[tokio::test]
