@@ -69,11 +69,13 @@ pub struct Identity {
     pub token: Option<TokenId>,
 }
 
-/// What a revocation can name of a token: its `jti`, or its user and `iat`.
+/// What a revocation can name of a token (its `jti`, or its user and `iat`), and
+/// when it expires (for `token_expiring`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenId {
     pub jti: Option<String>,
     pub iat: Option<u64>,
+    pub exp: Option<u64>,
 }
 
 /// Which rooms a user may join, from the JWT `rooms` claim.
@@ -207,6 +209,7 @@ impl Authenticator {
                         token: Some(TokenId {
                             jti: c.jti,
                             iat: c.iat,
+                            exp: c.exp,
                         }),
                     });
                 }

@@ -792,6 +792,8 @@ settings! {
         "time for a connection's first HTTP request line and headers (at most 16 KiB, else 431) to arrive; slower clients are dropped";
     hello_timeout: Duration = "10"; Value "SECS";
         "time to say `hello` before close 4000";
+    token_expiring_notice: Duration = "30"; Value "SECS";
+        "a token connection gets `token_expiring` this long before the token's `exp`; a `refresh` in time keeps it open";
     max_message: usize = "65536"; Value "BYTES";
         "largest WebSocket message; larger closes with 1009";
     max_text: usize = "4000"; Value "CHARS";

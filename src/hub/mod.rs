@@ -64,12 +64,22 @@ pub struct Conn {
     pub user: Arc<str>,
     pub name: Arc<str>,
     pub outbox: Arc<Outbox>,
-    /// The token it said hello with (None for guests), for revocations; boxed so
-    /// a guest's connection pays one word for it.
-    pub token: Option<Box<crate::auth::TokenId>>,
+    /// The token it said hello with, or last refreshed to (None for guests), for
+    /// revocations; boxed so a guest's connection pays little for it.
+    pub token: Mutex<Option<Box<crate::auth::TokenId>>>,
 }
 
 impl Conn {
+    /// The token this connection holds now (None for guests).
+    pub fn token(&self) -> Option<crate::auth::TokenId> {
+        lock(&self.token).as_deref().cloned()
+    }
+
+    /// Hold `token` from now on (a live refresh).
+    pub fn set_token(&self, token: crate::auth::TokenId) {
+        *lock(&self.token) = Some(Box::new(token));
+    }
+
     /// Queue a frame for this connection; false if its queue has overflowed.
     pub fn send(&self, frame: Text) -> bool {
         self.outbox.push(frame)

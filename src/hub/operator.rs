@@ -361,18 +361,21 @@ impl Hub {
         }
     }
 
-    /// Does a revocation name the token `conn` said hello with?
+    /// Does a revocation name the token `conn` holds?
     pub fn revoked(&self, conn: &Conn) -> bool {
-        let Some(token) = conn.token.as_deref() else {
-            return false;
-        };
+        conn.token()
+            .is_some_and(|token| self.token_revoked(&conn.user, &token))
+    }
+
+    /// Does a revocation name `user`'s token `token`?
+    pub fn token_revoked(&self, user: &str, token: &crate::auth::TokenId) -> bool {
         let revocations = lock(&self.revocations);
         if let Some(jti) = &token.jti
             && revocations.contains_key(&format!("j:{jti}"))
         {
             return true;
         }
-        match revocations.get(&format!("u:{}", conn.user)) {
+        match revocations.get(&format!("u:{user}")) {
             None => false,
             // A token without `iat` cannot show it is newer: it is revoked.
             Some(before) => {
@@ -421,7 +424,7 @@ impl Hub {
         }
         let named = match key.split_once(':') {
             Some(("u", user)) => self.registry.conns(user),
-            Some(("j", _)) => self.registry.matching(|c| c.token.is_some()),
+            Some(("j", _)) => self.registry.matching(|c| lock(&c.token).is_some()),
             _ => Vec::new(),
         };
         let mut n = 0;

@@ -27,7 +27,7 @@ fn conn(id: u64, user: &str) -> Arc<Conn> {
         user: user.into(),
         name: user.into(),
         outbox: Arc::new(Outbox::new(1 << 20, 1 << 30)),
-        token: None,
+        token: std::sync::Mutex::new(None),
     })
 }
 

@@ -93,6 +93,10 @@ pub enum Command {
     },
     /// The user's channels with unread counts (1.1).
     Unread,
+    /// Swap the connection's token without reconnecting (1.1).
+    Refresh {
+        token: String,
+    },
     Presence {
         room: String,
         /// Only members whose user id sorts after this one (the previous page's
@@ -122,6 +126,7 @@ impl Command {
             Command::React { .. } => "react",
             Command::Read { .. } => "read",
             Command::Unread => "unread",
+            Command::Refresh { .. } => "refresh",
             Command::Presence { .. } => "presence",
             Command::Typing { .. } => "typing",
             Command::Ping => "ping",
@@ -397,6 +402,9 @@ impl Fields<'_> {
                     .ok_or_else(|| CommandError::bad_request("missing field: seq"))?,
             },
             "unread" => Command::Unread,
+            "refresh" => Command::Refresh {
+                token: self.req_str("token")?.to_owned(),
+            },
             "presence" => Command::Presence {
                 room: self.room("room")?,
                 after: match self.obj.get("after") {

@@ -120,6 +120,30 @@ pub fn members_event(room: &str, count: usize) -> String {
     })
 }
 
+/// `refreshed`: the reply to `refresh`; the new token's `exp` (absent if it has
+/// none).
+#[derive(Serialize)]
+pub struct Refreshed {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exp: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct TokenExpiring {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    exp: u64,
+}
+
+/// `{"type":"token_expiring","exp":...}`: the connection's token expires soon;
+/// `refresh` keeps it open.
+pub fn token_expiring_event(exp: u64) -> String {
+    encode(&TokenExpiring {
+        kind: "token_expiring",
+        exp,
+    })
+}
+
 /// `pong`: the reply to `ping`.
 #[derive(Serialize)]
 pub struct Pong {}

@@ -19,7 +19,8 @@ use crate::message::ChannelKey;
 use crate::message::EntryKind;
 use crate::metrics::ConnState;
 use crate::protocol::events::{
-    CurrentHistory, CurrentRef, History, Left, Limits, Pong, Presence, Welcome, message_refs,
+    CurrentHistory, CurrentRef, History, Left, Limits, Pong, Presence, Refreshed, Welcome,
+    message_refs,
 };
 use crate::protocol::{
     self, Command, CommandError, CommandId, ErrorCode, HistoryTarget, ParseLimits, close,
@@ -178,13 +179,14 @@ impl Session {
             user: user.into(),
             name: name.into(),
             outbox: self.outbox.clone(),
-            token: token.map(Box::new),
+            token: std::sync::Mutex::new(token.map(Box::new)),
         });
         self.deadline = exp.map(|exp| {
             let left = (exp + EXP_LEEWAY_SECS).saturating_sub(now_secs());
             Instant::now() + Duration::from_secs(left)
         });
         self.batch = batch;
+        self.warned = false;
         // Reachable for direct messages (on every node) before `welcome` goes out.
         self.state.hub.register(&conn).await;
         // Checked once registered: a ban that lands meanwhile either is seen here or
@@ -273,6 +275,81 @@ impl Session {
                 format!("join room {room:?} first"),
             ))
         }
+    }
+
+    /// `refresh`: hold a new token of the same user from now on. Subscriptions and
+    /// presence stay; rooms the new token no longer allows are left (`left` with
+    /// `reason: forbidden`) before the `refreshed` reply. A refusal keeps the
+    /// connection on its old token.
+    fn refresh(
+        &mut self,
+        conn: &Arc<Conn>,
+        id: Option<&CommandId>,
+        token: &str,
+    ) -> Result<(), CommandError> {
+        if conn.token().is_none() {
+            return Err(CommandError::bad_request(
+                "a guest connection has no token to refresh; say hello with a token",
+            ));
+        }
+        let identity = self
+            .state
+            .auth
+            .authenticate(None, Some(token))
+            .map_err(|e| CommandError::new(ErrorCode::Unauthorized, e.to_string()))?;
+        if identity.user != *conn.user {
+            return Err(CommandError::new(
+                ErrorCode::Forbidden,
+                "the new token is for another user (its sub differs); the connection keeps its token",
+            ));
+        }
+        let new = identity.token.unwrap_or(crate::auth::TokenId {
+            jti: None,
+            iat: None,
+            exp: identity.exp,
+        });
+        if self.state.hub.token_revoked(&conn.user, &new) {
+            return Err(CommandError::new(
+                ErrorCode::Unauthorized,
+                "that token is revoked; the connection keeps its token",
+            ));
+        }
+        conn.set_token(new);
+        self.deadline = identity.exp.map(|exp| {
+            let left = (exp + EXP_LEEWAY_SECS).saturating_sub(now_secs());
+            Instant::now() + Duration::from_secs(left)
+        });
+        self.warned = false;
+        let access = identity.rooms;
+        let gone: Vec<Box<str>> = self
+            .rooms
+            .iter()
+            .filter(|r| !access.allows(r))
+            .cloned()
+            .collect();
+        for room in gone {
+            self.state.hub.leave(conn, &room);
+            self.rooms.retain(|r| *r != room);
+            self.state.metrics.out("left", 1);
+            self.outbox.push(
+                protocol::reply(
+                    "left",
+                    None,
+                    Left {
+                        room: &room,
+                        reason: Some("forbidden"),
+                    },
+                )
+                .into(),
+            );
+        }
+        self.access = Some(access);
+        self.reply(protocol::reply(
+            "refreshed",
+            id,
+            Refreshed { exp: identity.exp },
+        ));
+        Ok(())
     }
 
     /// The channel a reading command names (`history`, `read`): a room the user may
@@ -466,6 +543,7 @@ impl Session {
                 let key = self.readable(&conn, &channel)?;
                 chat::mark_read(&hub, &conn, id, &key, seq).await
             }
+            Command::Refresh { token } => self.refresh(&conn, id, &token),
             Command::Unread => {
                 let states = chat::channel_states(&hub, &conn.user).await?;
                 self.reply(protocol::reply(

@@ -11,7 +11,7 @@
 mod commands;
 
 use crate::app::AppState;
-use crate::auth::RoomAccess;
+use crate::auth::{EXP_LEEWAY_SECS, RoomAccess};
 use crate::hub::outbox::{Alarm, CloseOrder, Overflowed, Taken};
 use crate::hub::{Conn, Outbox};
 use crate::limits::TokenBucket;
@@ -94,6 +94,8 @@ pub struct Session {
     bucket: TokenBucket,
     /// `hello` asked for newline-batched frames.
     batch: bool,
+    /// `token_expiring` was sent for the token held now.
+    warned: bool,
     last_rx: Instant,
     /// Hello deadline before `hello`, token expiry after it.
     deadline: Option<Instant>,
@@ -130,6 +132,7 @@ pub fn run(
         access: None,
         rooms: SmallVec::new(),
         batch: false,
+        warned: false,
         last_rx: now,
     };
     state.metrics.connections_total.increment(1);
@@ -152,7 +155,7 @@ impl Session {
             // armed for whichever comes first, reset in place rather than created anew
             // on every pass of the loop.
             let mut next_ping = Instant::now() + hb;
-            let mut armed_deadline = self.deadline;
+            let mut armed_deadline = self.next_deadline();
             let timer = tokio::time::sleep_until(earliest(next_ping, armed_deadline));
             tokio::pin!(timer);
 
@@ -167,8 +170,8 @@ impl Session {
                         Ok(None) => {}
                     }
                 }
-                if self.deadline != armed_deadline {
-                    armed_deadline = self.deadline;
+                if self.next_deadline() != armed_deadline {
+                    armed_deadline = self.next_deadline();
                     timer.as_mut().reset(earliest(next_ping, armed_deadline));
                 }
                 // `ws.next()` writes what is queued and then reads, every time it is
@@ -182,6 +185,7 @@ impl Session {
                     // put off its deadline (it is ready only once per expiry).
                     () = &mut timer => {
                         let now = Instant::now();
+                        self.warn_of_expiry(now);
                         if self.deadline.is_some_and(|d| now >= d) {
                             break if self.conn.is_none() {
                                 Exit::close(close::NO_HELLO, "no hello in time")
@@ -197,6 +201,7 @@ impl Session {
                             ws.push_ping();
                             next_ping = now + hb;
                         }
+                        armed_deadline = self.next_deadline();
                         timer.as_mut().reset(earliest(next_ping, armed_deadline));
                     }
                     // A wake-up from the outbox. With the socket idle, the take at the
@@ -377,6 +382,34 @@ impl Session {
             .metrics
             .conn_state(Some(ConnState::Closing), None);
         self.state.unregister_session(self.id);
+    }
+}
+
+impl Session {
+    /// When the timer must next look at the deadline: the token's `token_expiring`
+    /// notice while it is still to be sent, else the deadline itself (hello, then
+    /// token expiry).
+    fn next_deadline(&self) -> Option<Instant> {
+        let deadline = self.deadline?;
+        if self.conn.is_none() || self.warned {
+            return Some(deadline);
+        }
+        let before = Duration::from_secs(EXP_LEEWAY_SECS) + self.state.config.token_expiring_notice;
+        Some(deadline.checked_sub(before).unwrap_or(deadline))
+    }
+
+    /// Send `token_expiring` once when the notice time of the token has come.
+    fn warn_of_expiry(&mut self, now: Instant) {
+        let Some(conn) = &self.conn else { return };
+        if self.warned || self.next_deadline().is_none_or(|at| now < at) {
+            return;
+        }
+        if let Some(exp) = conn.token().and_then(|t| t.exp) {
+            self.warned = true;
+            self.state.metrics.out("token_expiring", 1);
+            self.outbox
+                .push(protocol::events::token_expiring_event(exp).into());
+        }
     }
 }
 
