@@ -12,6 +12,7 @@ async fn guest_hello_gets_welcome_with_user_conn_heartbeat_and_limits() {
     let mut c = s.client().await;
     let w = c.request(json!({"type": "hello", "name": "alice"})).await;
     assert_eq!(w["type"], "welcome");
+    assert_eq!(w["protocol"], "1.1");
     assert_eq!(w["user"], "alice");
     assert!(w["conn"].is_string());
     assert_eq!(w["heartbeat_ms"], 7000);

@@ -83,9 +83,55 @@ $("login-form").addEventListener("submit", (ev) => {
   start(token ? { token } : { name });
 });
 
+// ---------- live tokens ----------
+
+// Logged in with a token, the page asks for a new one when the server says it is
+// expiring (the SDK then refreshes the live connection with it), and again if it
+// did expire (the SDK reconnects with the new one).
+let tokenWaiter = null;
+function askForToken() {
+  if (!tokenWaiter) {
+    let resolve;
+    const promise = new Promise((r) => (resolve = r));
+    tokenWaiter = { promise, resolve };
+  }
+  $("token-form").hidden = false;
+  $("token-new").focus();
+  return tokenWaiter.promise;
+}
+
+$("token-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const token = $("token-new").value.trim();
+  if (!token) return;
+  $("token-error").textContent = "";
+  if (tokenWaiter) {
+    const w = tokenWaiter;
+    tokenWaiter = null;
+    w.resolve(token);
+  } else {
+    // A retry after a refused refresh.
+    hub.refresh(token).catch((e) => ($("token-error").textContent = explain(e)));
+  }
+});
+
+function tokenAccepted() {
+  $("token-form").hidden = true;
+  $("token-new").value = "";
+  $("token-error").textContent = "";
+}
+
 function start(identity) {
   const proto = location.protocol === "https:" ? "wss" : "ws";
-  hub = new Hubbub({ url: `${proto}://${location.host}/ws`, ...identity });
+  const getToken = identity.token ? askForToken : undefined;
+  hub = new Hubbub({ url: `${proto}://${location.host}/ws`, ...identity, getToken });
+  hub.on("refreshed", tokenAccepted);
+  hub.on("error", (e) => {
+    if (e.command?.type === "refresh") {
+      $("token-form").hidden = false;
+      $("token-error").textContent = explain(e);
+    }
+  });
   hub.on("state", showState);
   hub.on("message", onMessage);
   for (const t of ["edit", "delete", "react"]) hub.on(t, onEntry);
@@ -95,6 +141,7 @@ function start(identity) {
   hub.on("typing", onTyping);
   hub.on("closing", (c) => setStatus("closing", `Server: ${c.reason || "closing"}`));
   hub.on("welcome", (w) => {
+    if (identity.token && !$("token-form").hidden && !tokenWaiter) tokenAccepted();
     me = w.user;
     $("me").textContent = w.name === w.user ? w.user : `${w.name} (${w.user})`;
   });

@@ -25,7 +25,12 @@
 //   cannot store or publish right now), they are resent with the same `client_id`
 //   after 0.25, 0.5, 1, 2, 4, 4 s before the promise is rejected. Either way the
 //   server stores them once.
-// - After close 4001 (unauthorized / token expired) it does not reconnect.
+// - After close 4001 (unauthorized / token expired) it does not reconnect, unless
+//   it was given `getToken` and the token expired: then it asks for a new token
+//   and reconnects with it. With `getToken` it also answers the server's
+//   `token_expiring` with a `refresh` (a new token on the live connection: rooms
+//   and presence stay), so a connection whose app keeps tokens fresh is never
+//   closed for expiry.
 // - When a draining server's `closing` suggests `reconnect_ms`, the next reconnect
 //   waits that long instead of the backoff step (the server spreads it with jitter).
 // - Chat state (protocol 1.1): edits, deletes and reactions are entries of a room's
@@ -120,6 +125,9 @@ export class Hubbub {
    * @param {boolean} [opts.batch]   ask the server to batch frames (default true)
    * @param {number} [opts.timeout]  reply timeout in ms (default 10000)
    * @param {boolean} [opts.reconnect] reconnect after unexpected closes (default true)
+   * @param {Function} [opts.getToken] async () => a new JWT; called on
+   *   `token_expiring` (the SDK refreshes the live connection with it) and before
+   *   reconnecting after the token expired (close 4001)
    * @param {Function} [opts.WebSocket] WebSocket constructor (default globalThis.WebSocket)
    * @param {object} [opts.timers]   { setTimeout, clearTimeout, random } for tests
    */
@@ -127,6 +135,7 @@ export class Hubbub {
     this.url = opts.url;
     this.name = opts.name;
     this.token = opts.token;
+    this.getToken = opts.getToken;
     this.batch = opts.batch !== false;
     this.timeout = opts.timeout ?? 10000;
     this.autoReconnect = opts.reconnect !== false;
@@ -339,6 +348,16 @@ export class Hubbub {
       case "read":
         this._onRead(msg);
         break;
+      case "token_expiring":
+        this._emit("token_expiring", msg);
+        this._refreshToken();
+        break;
+      case "left":
+        // The server took this connection out of a room (a narrower token, the
+        // server API): it is not rejoined.
+        this._rooms.delete(msg.room);
+        this._emit("left", msg);
+        break;
       case "member":
       case "members":
       case "typing":
@@ -467,6 +486,30 @@ export class Hubbub {
     for (const m of messages || []) this._deliver(m);
   }
 
+  /** Ask the app for a new token and swap it in on the live connection. */
+  async _refreshToken() {
+    if (!this.getToken || this._refreshing) return;
+    this._refreshing = true;
+    try {
+      const token = await this.getToken();
+      if (!token) return;
+      await this.refresh(token);
+    } catch (e) {
+      this._emit("error", e instanceof HubbubError ? e : new HubbubError("refresh_failed", String(e?.message || e)));
+    } finally {
+      this._refreshing = false;
+    }
+  }
+
+  /** Swap the connection's token for `token` (same user); resolves with
+   *  `refreshed`. Rooms the new token does not allow are left (`left` events). */
+  async refresh(token) {
+    const r = await this._request({ type: "refresh", token });
+    this.token = token;
+    this._emit("refreshed", r);
+    return r;
+  }
+
   _onClose(ws, code, reason) {
     if (ws && ws !== this._ws) return;
     this._ws = null;
@@ -486,6 +529,24 @@ export class Hubbub {
     }
     this._pending.clear();
     if (this._closedByUser) return;
+    if (code === 4001 && this.getToken && this.autoReconnect && /expired/.test(reason || "")) {
+      // The token ran out: ask for a new one, then reconnect with it.
+      this._setState("reconnecting", { delay: 0, attempt: this._attempt, code, reason });
+      Promise.resolve()
+        .then(() => this.getToken())
+        .then((token) => {
+          if (!token) throw new Error("no new token");
+          this.token = token;
+          if (!this._closedByUser) this._open("connecting");
+        })
+        .catch((e) => {
+          this._failPending(new HubbubError("unauthorized", reason || "unauthorized"));
+          for (const s of this._sendQueue.splice(0)) s.reject(new HubbubError("closed", reason || "closed"));
+          for (const w of this._connectWaiters.splice(0)) w.reject(new HubbubError("unauthorized", reason));
+          this._setState("closed", { code, reason: `${reason}; no new token (${e?.message || e})` });
+        });
+      return;
+    }
     if (code === 4001 || !this.autoReconnect) {
       this._failPending(new HubbubError("unauthorized", reason || "unauthorized"));
       for (const s of this._sendQueue.splice(0)) s.reject(new HubbubError("closed", reason || "closed"));

@@ -21,6 +21,8 @@ pub struct Member {
 /// `welcome`: the reply to a successful `hello`.
 #[derive(Serialize)]
 pub struct Welcome<'a> {
+    /// The protocol version this server speaks.
+    pub protocol: &'static str,
     pub user: &'a str,
     pub name: &'a str,
     pub conn: String,

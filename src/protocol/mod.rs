@@ -20,6 +20,9 @@ pub use events::{Member, closing_event, error_event};
 use serde::Serialize;
 use std::fmt;
 
+/// The protocol version `welcome` announces (docs/PROTOCOL.md).
+pub const VERSION: &str = "1.1";
+
 /// Largest `history` / `limit` a client may ask for; larger counts are clamped.
 pub const MAX_HISTORY: u64 = 500;
 /// Default `history` / `limit` when the client gives none.

@@ -226,6 +226,7 @@ impl Session {
             "welcome",
             id,
             Welcome {
+                protocol: protocol::VERSION,
                 user: &conn.user,
                 name: &conn.name,
                 conn: self.id.to_string(),

@@ -592,3 +592,75 @@ test("edit, deleteMessage and react go out like sends, each with a client_id", a
   assert.deepEqual([r.emoji, r.on], ["👍", false]);
   for (const cmd of [e, d, r]) assert.ok(cmd.client_id, `${cmd.type} has a client_id`);
 });
+
+// ---------------------------------------------------------------- live tokens (1.1)
+
+test("token_expiring: getToken is asked and the live connection is refreshed with it", async () => {
+  const c = clock();
+  let asked = 0;
+  const hub = newClient(c, { token: "t1", name: undefined, getToken: async () => `t${++asked + 1}` });
+  const p = hub.connect();
+  await welcome(FakeSocket.all[0]);
+  await p;
+  const ws = FakeSocket.all[0];
+  assert.equal(ws.last("hello").token, "t1");
+  const refreshed = [];
+  hub.on("refreshed", (r) => refreshed.push(r.exp));
+  ws.push({ type: "token_expiring", exp: 100 });
+  await settle();
+  const cmd = ws.last("refresh");
+  assert.equal(cmd.token, "t2");
+  ws.push({ type: "refreshed", id: cmd.id, exp: 200 });
+  await settle();
+  assert.deepEqual(refreshed, [200]);
+  assert.equal(hub.token, "t2");
+  assert.equal(asked, 1);
+});
+
+test("after close 4001 for an expired token, getToken is asked and the SDK reconnects with it", async () => {
+  const c = clock();
+  const hub = newClient(c, { token: "old", name: undefined, getToken: async () => "new" });
+  const p = hub.connect();
+  await welcome(FakeSocket.all[0]);
+  await p;
+  FakeSocket.all[0].drop(4001, "token expired");
+  await settle();
+  await settle();
+  assert.equal(FakeSocket.all.length, 2, "a new connection is opened");
+  FakeSocket.all[1].open();
+  await settle();
+  assert.equal(FakeSocket.all[1].last("hello").token, "new");
+});
+
+test("after close 4001 for another reason the SDK stays closed even with getToken", async () => {
+  const c = clock();
+  const hub = newClient(c, { token: "old", name: undefined, getToken: async () => "new" });
+  const p = hub.connect();
+  await welcome(FakeSocket.all[0]);
+  await p;
+  const states = [];
+  hub.on("state", (s) => states.push(s.state));
+  FakeSocket.all[0].drop(4001, "token revoked");
+  await settle();
+  await c.advance(60000);
+  assert.equal(FakeSocket.all.length, 1, "no reconnect");
+  assert.deepEqual(states, ["closed"]);
+});
+
+test("a room the server takes the connection out of is not rejoined", async () => {
+  const c = clock();
+  const hub = newClient(c);
+  const p = hub.connect();
+  await welcome(FakeSocket.all[0]);
+  await p;
+  const ws = FakeSocket.all[0];
+  const j = hub.join("other");
+  await answerJoin(ws, "other", { seq: 0, messages: [] });
+  await j;
+  const left = [];
+  hub.on("left", (l) => left.push(l.reason));
+  ws.push({ type: "left", room: "other", reason: "forbidden" });
+  await settle();
+  assert.deepEqual(hub.rooms(), []);
+  assert.deepEqual(left, ["forbidden"]);
+});
