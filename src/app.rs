@@ -34,6 +34,8 @@ pub struct AppState {
     pub tls: Option<Arc<TlsCerts>>,
     /// This node's figures, sampled once a second ([`AppState::sample_stats`]).
     stats: Mutex<(crate::stats::Sampler, crate::stats::NodeStats)>,
+    /// The publish check, when `--publish-check-url` is set.
+    pub publish_check: Option<crate::hooks::PublishCheck>,
 }
 
 impl AppState {
@@ -45,8 +47,9 @@ impl AppState {
         metrics: Metrics,
         prometheus: Option<PrometheusHandle>,
         tls: Option<Arc<TlsCerts>>,
-    ) -> AppState {
-        AppState {
+    ) -> Result<AppState, crate::hooks::HookError> {
+        let publish_check = crate::hooks::PublishCheck::from_config(&config)?;
+        Ok(AppState {
             config,
             hub,
             auth,
@@ -58,6 +61,21 @@ impl AppState {
             drain_spread_ms: AtomicU64::new(0),
             tls,
             stats: Mutex::default(),
+            publish_check,
+        })
+    }
+
+    /// Run the publish check, if one is configured, on what `user` is about to
+    /// store in `key` (it may rewrite `out`).
+    pub async fn check_publish(
+        &self,
+        user: &str,
+        key: &crate::message::ChannelKey,
+        out: &mut crate::hub::Outgoing,
+    ) -> Result<(), crate::protocol::CommandError> {
+        match &self.publish_check {
+            Some(check) => check.check(user, key, out).await,
+            None => Ok(()),
         }
     }
 

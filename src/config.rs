@@ -349,6 +349,20 @@ pub enum StoreChoice {
     Memory,
 }
 
+/// `--publish-check-failure`: what a send gets when the publish check cannot answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureMode {
+    /// Store the message as sent.
+    Open,
+    /// Refuse it with `unavailable` (the SDK retries).
+    Closed,
+}
+
+impl Choice for FailureMode {
+    const WORDS: &'static [(&'static str, Self)] =
+        &[("open", FailureMode::Open), ("closed", FailureMode::Closed)];
+}
+
 /// A setting that is one of a few words.
 trait Choice: Sized + Copy + PartialEq + 'static {
     /// Every word and what it means.
@@ -740,6 +754,17 @@ impl Config {
                 format!("{:?}: 1-64 letters, digits, '.', '_' or '-'", self.node_id),
             ));
         }
+        if let Some(url) = &self.publish_check_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(invalid(
+                "publish_check_url",
+                "use an http:// or https:// URL",
+            ));
+        }
+        if self.publish_check_timeout.is_zero() {
+            return Err(invalid("publish_check_timeout", "must be more than 0"));
+        }
         if self.node_timeout < Duration::from_secs(1) {
             return Err(invalid("node_timeout", "must be at least 1 second"));
         }
@@ -753,6 +778,7 @@ impl Config {
             .map(|(key, value)| {
                 let value = match key {
                     "jwt_secret" if self.jwt_secret.is_some() => "\"********\"".to_owned(),
+                    "webhook_secret" if self.webhook_secret.is_some() => "\"********\"".to_owned(),
                     "api_keys" => format!("\"({} keys)\"", self.api_keys.len()),
                     "database_url" | "redis_url" => mask_url(&value),
                     _ => value,
@@ -836,6 +862,14 @@ settings! {
         "server API keys (`Authorization: Bearer KEY`); `HUBBUB_API_KEYS` and the file take a comma-separated list or an array";
     api_rate_limit: u32 = "1000"; Value "PER_SEC";
         "server API requests per second per key (burst 2x); beyond it 429";
+    publish_check_url: Option<String> = ""; ["off"] Value "URL";
+        "before storing a `send`, `direct`, `edit` or API post, POST it here (signed with `--webhook-secret`) and store it only if allowed (SERVER-API.md, Publish check)";
+    publish_check_timeout: Duration = "2"; Value "SECS";
+        "how long the publish check may take; beyond it `--publish-check-failure` decides";
+    publish_check_failure: FailureMode = "closed"; Value "open|closed";
+        "when the publish check times out or fails: `closed` refuses the message (`unavailable`, the SDK retries), `open` stores it";
+    webhook_secret: Option<String> = ""; Value "SECRET";
+        "HMAC-SHA256 key of the `Hubbub-Signature` header on the publish check's requests";
     frame_ancestors: String = "'none'"; Value "SOURCES";
         "who may frame the chat page and the console (CSP `frame-ancestors`, e.g. `'self' https://app.example`)";
     log_format: LogFormat = "text"; Value "text|json";

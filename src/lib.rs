@@ -15,6 +15,8 @@
 //! - [`chat`]: chat state (1.1): a user's rooms, read positions and unread
 //!   counts, and the rules of edits, deletes and reactions (submitted to the hub
 //!   as entries of a channel's stream, like messages).
+//! - [`hooks`]: calls out to the app's backend: the publish check (moderation
+//!   before a message is stored), signed.
 //! - [`auth`]: JWT and guest identities, room permissions.
 //! - [`limits`]: the per-connection rate limit.
 //! - [`hub`]: rooms, DM pairs, presence, sequencing, group commit and fan-out,
@@ -35,6 +37,7 @@ pub mod broker;
 pub mod chat;
 pub mod config;
 pub mod handshake;
+pub mod hooks;
 pub mod hub;
 pub mod limits;
 pub mod message;

@@ -165,8 +165,17 @@ impl ConnState {
 }
 
 /// Every value of the `type` label of `hubbub_messages_out_total`.
-const OUT_TYPES: [&str; 8] = [
-    "message", "member", "members", "typing", "ack", "reply", "error", "closing",
+const OUT_TYPES: [&str; 10] = [
+    "message",
+    "member",
+    "members",
+    "typing",
+    "ack",
+    "reply",
+    "error",
+    "closing",
+    "left",
+    "token_expiring",
 ];
 
 /// Handles for the hot paths (registration is a hash lookup; we do it once).
@@ -202,8 +211,25 @@ pub struct Metrics {
 }
 
 /// Every value of the `type` label of `hubbub_messages_in_total`.
-const COMMAND_TYPES: [&str; 10] = [
-    "hello", "join", "leave", "send", "direct", "history", "presence", "typing", "ping", "invalid",
+const COMMAND_TYPES: [&str; 18] = [
+    "hello",
+    "join",
+    "leave",
+    "send",
+    "direct",
+    "history",
+    "presence",
+    "typing",
+    "ping",
+    "edit",
+    "delete",
+    "react",
+    "read",
+    "unread",
+    "refresh",
+    "api_post",
+    "api_delete",
+    "invalid",
 ];
 
 impl Metrics {

@@ -52,6 +52,8 @@ pub enum ServerError {
     Key(#[from] KeyError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Hook(#[from] crate::hooks::HookError),
     #[error("cannot reach the other nodes: {0}")]
     Broker(#[from] BrokerError),
     #[error("server error: {0}")]
@@ -116,7 +118,7 @@ impl Server {
                 })?;
         let state = Arc::new(AppState::new(
             config, hub, auth, shutdown, metrics, prometheus, tls,
-        ));
+        )?);
         Ok(Server { listener, state })
     }
 

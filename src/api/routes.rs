@@ -200,7 +200,8 @@ async fn post_message(
         name: author,
         reply: tx,
     };
-    let out = Outgoing::message(post.text, post.meta, client_id);
+    let mut out = Outgoing::message(post.text, post.meta, client_id);
+    api.state.check_publish(from, &key, &mut out).await?;
     api.state.hub.submit_as(to, key.clone(), out).await?;
     api.state.metrics.command("api_post");
     let Receipt { seq, ts } = receipt(rx).await?;

@@ -13,6 +13,7 @@
 //! events), or build JSON
 //! by hand (the protocol module encodes every event).
 
+use crate::app::AppState;
 use crate::hub::{Conn, Hub, Outgoing, Submitter};
 use crate::message::{ChannelKey, Current, EntryKind};
 use crate::protocol::events::{ChannelUnread, Unread, read_event};
@@ -83,24 +84,19 @@ pub async fn check_target(
     }
 }
 
-/// Submit an edit, delete or reaction from a connection: checked, then stored and
-/// delivered like a message (the `ack` follows once stored and published).
+/// Submit an edit, delete or reaction from a connection: its target checked, an
+/// edit through the publish check, then stored and delivered like a message (the
+/// `ack` follows once stored and published).
 pub async fn act(
-    hub: &Arc<Hub>,
+    state: &AppState,
     conn: &Arc<Conn>,
     id: Option<CommandId>,
     key: ChannelKey,
-    kind: EntryKind,
-    text: String,
-    client_id: Option<String>,
+    mut out: Outgoing,
 ) -> Result<(), CommandError> {
-    check_target(hub, &key, &kind, Actor::User(&conn.user)).await?;
-    let out = Outgoing {
-        text,
-        meta: None,
-        client_id,
-        kind,
-    };
+    let hub = &state.hub;
+    check_target(hub, &key, &out.kind, Actor::User(&conn.user)).await?;
+    state.check_publish(&conn.user, &key, &mut out).await?;
     hub.submit_as(Submitter::Conn(conn.clone(), id), key, out)
         .await
 }

@@ -158,3 +158,147 @@ pub struct Revoked {
     /// When the revocation is forgotten (ms): by then the tokens it names expired.
     pub kept_until: i64,
 }
+
+/// What Hubbub POSTs to the publish check (SERVER-API.md): `{user, room|dm, text,
+/// meta}`, plus `type` (`message` or `edit`) and an edit's `target`.
+#[derive(Serialize)]
+pub struct PublishCheckRequest<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub user: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub room: Option<&'a str>,
+    /// The other party, from the sender's side.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dm: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<u64>,
+    pub text: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub meta: Option<&'a serde_json::value::RawValue>,
+}
+
+/// The publish check's answer.
+#[derive(Debug)]
+pub enum PublishVerdict {
+    /// Store it, with this `text` and/or `meta` instead when given (a `meta` of
+    /// `null` removes it).
+    Allow {
+        text: Option<String>,
+        meta: Option<Option<Box<serde_json::value::RawValue>>>,
+    },
+    /// Refuse it; the sender gets `forbidden` with the reason.
+    Deny { reason: Option<String> },
+}
+
+/// Read the publish check's answer: `{"allow": true, "text"?, "meta"?}` or
+/// `{"allow": false, "reason"?}`. A replacement `text`/`meta` must keep the limits
+/// of a `send`; anything else is an error (the check failed).
+pub fn parse_publish_verdict(
+    body: &[u8],
+    limits: super::ParseLimits,
+) -> Result<PublishVerdict, super::CommandError> {
+    use super::CommandError;
+    use serde_json::Value;
+    let obj = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(o)) => o,
+        _ => return Err(CommandError::bad_request("the answer is not a JSON object")),
+    };
+    match obj.get("allow") {
+        Some(Value::Bool(true)) => {}
+        Some(Value::Bool(false)) => {
+            let reason = obj
+                .get("reason")
+                .and_then(Value::as_str)
+                .map(|r| r.chars().take(super::commands::MAX_REASON_CHARS).collect());
+            return Ok(PublishVerdict::Deny { reason });
+        }
+        _ => return Err(CommandError::bad_request("the answer has no boolean allow")),
+    }
+    // The replacement goes through the checks a `send` gets.
+    let mut probe = serde_json::Map::new();
+    probe.insert("type".into(), Value::String("send".into()));
+    probe.insert("room".into(), Value::String("r".into()));
+    let text = obj.get("text").cloned();
+    probe.insert(
+        "text".into(),
+        text.clone().unwrap_or_else(|| Value::String("x".into())),
+    );
+    if let Some(m) = obj.get("meta") {
+        probe.insert("meta".into(), m.clone());
+    }
+    let frame = Value::Object(probe).to_string();
+    let (_, cmd) = super::parse_command(&frame, limits).map_err(|f| f.error)?;
+    let super::Command::Send {
+        text: new_text,
+        meta,
+        ..
+    } = cmd
+    else {
+        return Err(CommandError::bad_request("unexpected replacement"));
+    };
+    Ok(PublishVerdict::Allow {
+        text: text.map(|_| new_text),
+        meta: obj.get("meta").map(|_| meta),
+    })
+}
+
+#[cfg(test)]
+mod publish_tests {
+    use super::*;
+    use crate::protocol::ParseLimits;
+
+    const L: ParseLimits = ParseLimits { max_text: 10 };
+
+    #[test]
+    fn an_allow_without_replacement_changes_nothing() {
+        let v = parse_publish_verdict(br#"{"allow":true}"#, L).expect("parses");
+        assert!(
+            matches!(
+                v,
+                PublishVerdict::Allow {
+                    text: None,
+                    meta: None
+                }
+            ),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn a_denial_carries_its_reason() {
+        let v = parse_publish_verdict(br#"{"allow":false,"reason":"no spam"}"#, L).expect("parses");
+        let PublishVerdict::Deny { reason } = v else {
+            panic!("a denial: {v:?}");
+        };
+        assert_eq!(reason.as_deref(), Some("no spam"));
+    }
+
+    #[test]
+    fn a_replacement_keeps_the_limits_of_a_send() {
+        let PublishVerdict::Allow { text, meta } =
+            parse_publish_verdict(br#"{"allow":true,"text":"***","meta":{"m":1}}"#, L)
+                .expect("parses")
+        else {
+            panic!("an allow");
+        };
+        assert_eq!(text.as_deref(), Some("***"));
+        assert_eq!(
+            meta.flatten().map(|m| m.get().to_owned()).as_deref(),
+            Some(r#"{"m":1}"#)
+        );
+        for bad in [
+            &br#"{"allow":true,"text":"far too long a text"}"#[..],
+            br#"{"allow":true,"text":""}"#,
+            br#"{"allow":true,"meta":[1]}"#,
+            br#"{"allow":"yes"}"#,
+            b"not json",
+        ] {
+            assert!(
+                parse_publish_verdict(bad, L).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+}

@@ -440,9 +440,10 @@ impl Session {
                 client_id,
             } => {
                 self.joined(&room)?;
-                let out = Outgoing::message(text, meta, client_id);
-                hub.submit(&conn, id.cloned(), ChannelKey::Room(room), out)
-                    .await
+                let mut out = Outgoing::message(text, meta, client_id);
+                let key = ChannelKey::Room(room);
+                self.state.check_publish(&conn.user, &key, &mut out).await?;
+                hub.submit(&conn, id.cloned(), key, out).await
             }
             Command::Direct {
                 to,
@@ -456,7 +457,8 @@ impl Session {
                     ));
                 }
                 let key = ChannelKey::dm(&conn.user, &to);
-                let out = Outgoing::message(text, meta, client_id);
+                let mut out = Outgoing::message(text, meta, client_id);
+                self.state.check_publish(&conn.user, &key, &mut out).await?;
                 hub.submit(&conn, id.cloned(), key, out).await
             }
             Command::History {
@@ -500,7 +502,13 @@ impl Session {
             } => {
                 let key = self.writable(&conn, &channel)?;
                 let kind = EntryKind::Edit { target };
-                chat::act(&hub, &conn, id.cloned(), key, kind, text, client_id).await
+                let out = Outgoing {
+                    text,
+                    meta: None,
+                    client_id,
+                    kind,
+                };
+                chat::act(&self.state, &conn, id.cloned(), key, out).await
             }
             Command::Delete {
                 channel,
@@ -508,17 +516,13 @@ impl Session {
                 client_id,
             } => {
                 let key = self.writable(&conn, &channel)?;
-                let kind = EntryKind::Delete { target };
-                chat::act(
-                    &hub,
-                    &conn,
-                    id.cloned(),
-                    key,
-                    kind,
-                    String::new(),
+                let out = Outgoing {
+                    text: String::new(),
+                    meta: None,
                     client_id,
-                )
-                .await
+                    kind: EntryKind::Delete { target },
+                };
+                chat::act(&self.state, &conn, id.cloned(), key, out).await
             }
             Command::React {
                 channel,
@@ -528,17 +532,13 @@ impl Session {
                 client_id,
             } => {
                 let key = self.writable(&conn, &channel)?;
-                let kind = EntryKind::React { target, emoji, on };
-                chat::act(
-                    &hub,
-                    &conn,
-                    id.cloned(),
-                    key,
-                    kind,
-                    String::new(),
+                let out = Outgoing {
+                    text: String::new(),
+                    meta: None,
                     client_id,
-                )
-                .await
+                    kind: EntryKind::React { target, emoji, on },
+                };
+                chat::act(&self.state, &conn, id.cloned(), key, out).await
             }
             Command::Read { channel, seq } => {
                 let key = self.readable(&conn, &channel)?;
