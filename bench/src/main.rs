@@ -8,11 +8,13 @@
 //!   hubbub-bench acks   --url ws://127.0.0.1:8080/ws --rate 1000
 //!   hubbub-bench bigroom --url ws://127.0.0.1:8080/ws --conns 19000 --senders 5 --rate 20
 //!   hubbub-bench hello  --url ws://127.0.0.1:8080/ws --rooms 500 --messages 20
+//!   hubbub-bench allow  --listen 127.0.0.1:9100   # a publish check that allows all
 //!
 //! Without `--pid`, the server's RSS and CPU come from its `/metrics`.
 //! The server must allow the senders' rate (`hubbub --rate-limit`). Progress goes to
 //! stderr; the final table (or one JSON line with `--json`) to stdout.
 
+mod allow;
 mod client;
 mod fanout;
 mod floor;
@@ -43,6 +45,12 @@ enum Mode {
     /// Run the minimal broadcast server (the machine's floor).
     Floor {
         #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: std::net::SocketAddr,
+    },
+    /// A publish-check receiver that allows everything at once (for `hubbub
+    /// --publish-check-url`), to measure what the check costs.
+    Allow {
+        #[arg(long, default_value = "127.0.0.1:9100")]
         listen: std::net::SocketAddr,
     },
     /// Open N connections (hello + join), hold them, report server RSS per connection.
@@ -224,6 +232,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         match cli.mode {
             Mode::Floor { listen } => floor::run(listen).await,
+            Mode::Allow { listen } => allow::run(listen).await,
             Mode::Idle(a) => idle(a).await,
             Mode::Fanout(a) => fanout_mode(a).await,
             Mode::Acks(a) => acks(a).await,
