@@ -762,6 +762,17 @@ impl Config {
                 "use an http:// or https:// URL",
             ));
         }
+        if let Some(url) = &self.webhook_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(invalid("webhook_url", "use an http:// or https:// URL"));
+            }
+            if self.store_kind() == StoreKind::Memory {
+                return Err(invalid(
+                    "webhook_url",
+                    "webhooks need a durable queue: use SQLite or PostgreSQL, not --store memory",
+                ));
+            }
+        }
         if self.publish_check_timeout.is_zero() {
             return Err(invalid("publish_check_timeout", "must be more than 0"));
         }
@@ -868,8 +879,12 @@ settings! {
         "how long the publish check may take; beyond it `--publish-check-failure` decides";
     publish_check_failure: FailureMode = "closed"; Value "open|closed";
         "when the publish check times out or fails: `closed` refuses the message (`unavailable`, the SDK retries), `open` stores it";
+    webhook_url: Option<String> = ""; ["off"] Value "URL";
+        "POST every stored message, edit and delete here, in batches, at least once and in order per room or DM, from a durable queue (SERVER-API.md, Webhooks; needs SQLite or PostgreSQL)";
     webhook_secret: Option<String> = ""; Value "SECRET";
-        "HMAC-SHA256 key of the `Hubbub-Signature` header on the publish check's requests";
+        "HMAC-SHA256 key of the `Hubbub-Signature` header on webhook and publish-check requests";
+    webhook_queue_max: usize = "1000000"; Value "N";
+        "events the webhook queue holds at most; beyond it new events are dropped, counted in `hubbub_webhook_dropped_total` and logged";
     frame_ancestors: String = "'none'"; Value "SOURCES";
         "who may frame the chat page and the console (CSP `frame-ancestors`, e.g. `'self' https://app.example`)";
     log_format: LogFormat = "text"; Value "text|json";

@@ -1,5 +1,6 @@
 //! Calls out to the app's backend (SERVER-API.md): the publish check, a synchronous
-//! moderation hook asked before a message is stored, and the signature every such
+//! moderation hook asked before a message is stored; the webhooks ([`webhooks`]),
+//! every stored entry delivered from a durable queue; and the signature every such
 //! request carries.
 //!
 //! Owns: the outbound HTTP client, request signing (`Hubbub-Timestamp`,
@@ -8,6 +9,8 @@
 //! Must not: store, sequence or deliver anything (the caller submits the message
 //! it allowed), hold a lock across the request, or build JSON by hand (the
 //! protocol module has the request and answer shapes).
+
+pub mod webhooks;
 
 use crate::config::{Config, FailureMode};
 use crate::hub::Outgoing;
@@ -19,7 +22,7 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
-    #[error("cannot build the HTTP client for the publish check: {0}")]
+    #[error("cannot build the HTTP client for the app's backend: {0}")]
     Client(#[from] reqwest::Error),
 }
 

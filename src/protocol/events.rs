@@ -278,6 +278,27 @@ pub fn message_event(msg: &StoredMessage, viewer: &str) -> String {
     encode(&EntryEvent::of(msg, viewer))
 }
 
+/// One webhook event (SERVER-API.md, Webhooks): the entry's event as its author
+/// sees it (`dm` is the other party from the sender's side) with its `event_id`.
+#[derive(Serialize)]
+struct WebhookEvent<'a> {
+    event_id: i64,
+    #[serde(flatten)]
+    entry: EntryEvent<'a>,
+}
+
+/// The body of one webhook POST: a JSON array of events, in queue order.
+pub fn webhook_events<'a>(events: impl IntoIterator<Item = (i64, &'a StoredMessage)>) -> String {
+    let list: Vec<WebhookEvent<'_>> = events
+        .into_iter()
+        .map(|(event_id, m)| WebhookEvent {
+            event_id,
+            entry: EntryEvent::of(m, &m.from),
+        })
+        .collect();
+    encode(&list)
+}
+
 /// An entry embedded in a reply, serialized as its event for `viewer`.
 pub struct MessageRef<'a> {
     pub msg: &'a StoredMessage,
@@ -557,6 +578,22 @@ mod tests {
         assert_eq!(
             read_event(Some(&CommandId::Int(3)), &dm, "alice", "alice", 4),
             r#"{"type":"read","id":3,"dm":"bob","seq":4,"user":"alice"}"#
+        );
+    }
+
+    #[test]
+    fn a_webhook_event_is_the_entry_from_the_senders_side_with_its_event_id() {
+        let m = StoredMessage::message(
+            ChannelKey::dm("alice", "bob"),
+            3,
+            9,
+            "bob".into(),
+            "Bob".into(),
+            "hi".into(),
+        );
+        assert_eq!(
+            webhook_events([(42, &m)]),
+            r#"[{"event_id":42,"type":"message","dm":"alice","seq":3,"ts":9,"from":"bob","name":"Bob","text":"hi"}]"#
         );
     }
 

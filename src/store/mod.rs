@@ -410,6 +410,82 @@ impl Store {
         Ok(out)
     }
 
+    fn gate(&self) -> Option<&WebhookGate> {
+        match self {
+            Store::Local(LocalStore::Sqlite(s)) => Some(&s.webhooks),
+            Store::Local(LocalStore::Memory(_)) => None,
+            Store::Shared(s) => Some(&s.webhooks),
+        }
+    }
+
+    /// Queue every stored message, edit and delete for the webhooks from now on.
+    pub fn enable_webhooks(&self) {
+        if let Some(g) = self.gate() {
+            g.enabled.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Say whether the webhook queue is at its bound (new events are dropped).
+    pub fn set_webhook_queue_full(&self, full: bool) {
+        if let Some(g) = self.gate() {
+            g.full.store(full, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Events dropped because the queue was full, since start.
+    pub fn webhook_dropped(&self) -> u64 {
+        self.gate()
+            .map_or(0, |g| g.dropped.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// The oldest `limit` queued webhook events, in queue order.
+    pub async fn webhook_batch(&self, limit: usize) -> Result<Vec<QueuedEvent>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        match self {
+            Store::Local(LocalStore::Sqlite(s)) => s.webhook_batch(limit).await,
+            Store::Local(LocalStore::Memory(_)) => Ok(Vec::new()),
+            Store::Shared(s) => s.webhook_batch(limit).await,
+        }
+    }
+
+    /// Forget delivered events.
+    pub async fn webhook_done(&self, ids: &[i64]) -> Result<(), StoreError> {
+        match self {
+            Store::Local(LocalStore::Sqlite(s)) => s.webhook_done(ids).await,
+            Store::Local(LocalStore::Memory(_)) => Ok(()),
+            Store::Shared(s) => s.webhook_done(ids).await,
+        }
+    }
+
+    /// How many events wait in the queue.
+    pub async fn webhook_len(&self) -> Result<u64, StoreError> {
+        let n = match self {
+            Store::Local(LocalStore::Sqlite(s)) => s.webhook_len().await?,
+            Store::Local(LocalStore::Memory(_)) => 0,
+            Store::Shared(s) => s.webhook_len().await?,
+        };
+        to_seq(n)
+    }
+
+    /// Become the node that delivers webhooks, if no other node is (None: another
+    /// one is; try again later). Hold the result while delivering.
+    pub async fn webhook_leader(&self) -> Result<Option<WebhookLeader>, StoreError> {
+        match self {
+            Store::Shared(s) => s.webhook_leader().await,
+            _ => Ok(Some(WebhookLeader::Single)),
+        }
+    }
+
+    /// Is `leader` still the delivering node (its lock's connection alive)?
+    pub async fn still_leader(&self, leader: &mut WebhookLeader) -> bool {
+        match leader {
+            WebhookLeader::Single => true,
+            WebhookLeader::Shared(conn) => {
+                sqlx::query("SELECT 1").execute(&mut **conn).await.is_ok()
+            }
+        }
+    }
+
     /// Is the store usable? (`/readyz`)
     pub async fn check(&self) -> Result<(), StoreError> {
         match self {
@@ -439,6 +515,44 @@ pub(crate) fn ensure_dir(dir: &Path) -> Result<(), StoreError> {
     })
 }
 
+/// The webhook queue's switches, held by each durable store: whether entries are
+/// queued at all (`--webhook-url`), whether the queue is full (its bound reached:
+/// new events are dropped and counted).
+#[derive(Default)]
+pub(crate) struct WebhookGate {
+    enabled: std::sync::atomic::AtomicBool,
+    full: std::sync::atomic::AtomicBool,
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+impl WebhookGate {
+    /// Should `m` be queued now? Counts it as dropped when the queue is full.
+    pub(crate) fn admits(&self, m: &StoredMessage) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        if !self.enabled.load(Relaxed) || matches!(m.kind, EntryKind::React { .. }) {
+            return false;
+        }
+        if self.full.load(Relaxed) {
+            self.dropped.fetch_add(1, Relaxed);
+            return false;
+        }
+        true
+    }
+}
+
+/// One queued webhook event: its id (the `event_id`), when it was queued, and the
+/// entry it names (as stored now: a message deleted meanwhile is a tombstone).
+pub type QueuedEvent = (i64, i64, Arc<StoredMessage>);
+
+/// Who may deliver webhooks: one node at a time. SQLite has one node; with
+/// PostgreSQL the holder of a session advisory lock, on a connection kept for it.
+pub enum WebhookLeader {
+    Single,
+    /// The connection holding the lock, out of the pool: closing it (or this
+    /// node dying) frees the lock for another node.
+    Shared(Box<sqlx::PgConnection>),
+}
+
 /// An entry row as both SQL stores return it (see `select_entries!`).
 #[derive(sqlx::FromRow)]
 pub(crate) struct Row {
@@ -454,6 +568,22 @@ pub(crate) struct Row {
     pub emoji: Option<String>,
     pub react_on: Option<i16>,
     pub deleted: i16,
+}
+
+/// A queued webhook event joined with its entry.
+#[derive(sqlx::FromRow)]
+pub(crate) struct QueuedRow {
+    qid: i64,
+    qcreated: i64,
+    qchannel: String,
+    #[sqlx(flatten)]
+    row: Row,
+}
+
+pub(crate) fn queued(r: QueuedRow) -> Result<QueuedEvent, StoreError> {
+    let key = ChannelKey::from_storage_key(&r.qchannel)
+        .ok_or_else(|| StoreError::Corrupt(format!("channel key {:?}", r.qchannel)))?;
+    Ok((r.qid, r.qcreated, to_message(&key, r.row)?))
 }
 
 pub(crate) fn to_seq(v: i64) -> Result<u64, StoreError> {

@@ -41,7 +41,11 @@ struct DupRow {
 pub struct PgStore {
     pool: PgPool,
     epoch: String,
+    pub(crate) webhooks: super::WebhookGate,
 }
+
+/// The advisory lock whose holder delivers webhooks ("hubbub webhooks").
+const WEBHOOK_LOCK: i64 = 0x6875_6262_7562_7768;
 
 impl PgStore {
     pub async fn open(url: &str) -> Result<Self, StoreError> {
@@ -58,7 +62,11 @@ impl PgStore {
         let epoch: String = sqlx::query_scalar("SELECT value FROM meta WHERE key = 'epoch'")
             .fetch_one(&pool)
             .await?;
-        Ok(PgStore { pool, epoch })
+        Ok(PgStore {
+            pool,
+            epoch,
+            webhooks: super::WebhookGate::default(),
+        })
     }
 
     pub fn epoch(&self) -> &str {
@@ -268,6 +276,24 @@ impl PgStore {
                 )
                 .bind(&dc)
                 .bind(&dt)
+                .execute(&mut *tx)
+                .await?;
+            }
+            // Webhook events, in the same transaction as their entries.
+            let (wc, (ws, wt)): (Vec<&str>, (Vec<i64>, Vec<i64>)) = c
+                .iter()
+                .zip(&fresh)
+                .filter(|(_, m)| self.webhooks.admits(m))
+                .map(|(k, m)| (k.as_str(), (i64::try_from(m.seq).unwrap_or(i64::MAX), m.ts)))
+                .unzip();
+            if !wc.is_empty() {
+                sqlx::query(
+                    "INSERT INTO webhook_queue (channel, seq, created_ms) \
+                     SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[])",
+                )
+                .bind(&wc)
+                .bind(&ws)
+                .bind(&wt)
                 .execute(&mut *tx)
                 .await?;
             }
@@ -531,6 +557,47 @@ impl PgStore {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// The oldest `limit` queued webhook events with their entries.
+    pub async fn webhook_batch(&self, limit: i64) -> Result<Vec<super::QueuedEvent>, StoreError> {
+        let rows: Vec<super::QueuedRow> = sqlx::query_as(
+            "SELECT q.id AS qid, q.created_ms AS qcreated, q.channel AS qchannel, \
+             m.seq, m.ts, m.sender, m.name, m.text, m.meta, m.client_id, m.kind, m.target, \
+             m.emoji, m.react_on, m.deleted \
+             FROM webhook_queue q JOIN messages m ON m.channel = q.channel AND m.seq = q.seq \
+             ORDER BY q.id LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(super::queued).collect()
+    }
+
+    pub async fn webhook_done(&self, ids: &[i64]) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM webhook_queue WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn webhook_len(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM webhook_queue")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Take the webhook lock on a connection of its own, if no other node holds it.
+    pub async fn webhook_leader(&self) -> Result<Option<super::WebhookLeader>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(WEBHOOK_LOCK)
+            .fetch_one(&mut *conn)
+            .await?;
+        // A connection without the lock goes back to the pool; one with it is
+        // detached, so the lock ends with it (or with this node).
+        Ok(got.then(|| super::WebhookLeader::Shared(Box::new(conn.detach()))))
     }
 
     pub async fn check(&self) -> Result<(), StoreError> {

@@ -31,6 +31,7 @@ pub struct SqliteStore {
     /// so those hand-offs were most of a delivery's latency in one big room.
     writer: Mutex<rusqlite::Connection>,
     epoch: String,
+    pub(crate) webhooks: super::WebhookGate,
 }
 
 impl SqliteStore {
@@ -66,6 +67,7 @@ impl SqliteStore {
             pool,
             writer: Mutex::new(writer),
             epoch,
+            webhooks: super::WebhookGate::default(),
         })
     }
 
@@ -140,6 +142,16 @@ impl SqliteStore {
                     emoji,
                     on,
                 ])?;
+                if self.webhooks.admits(m) {
+                    tx.prepare_cached(
+                        "INSERT INTO webhook_queue (channel, seq, created_ms) VALUES (?1, ?2, ?3)",
+                    )?
+                    .execute(rusqlite::params![
+                        key,
+                        i64::try_from(m.seq).unwrap_or(i64::MAX),
+                        m.ts
+                    ])?;
+                }
                 if let EntryKind::Delete { .. } = m.kind {
                     tx.prepare_cached(
                         "UPDATE messages SET text = '', meta = NULL, deleted = 1 \
@@ -384,6 +396,39 @@ impl SqliteStore {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// The oldest `limit` queued webhook events with their entries.
+    pub async fn webhook_batch(&self, limit: i64) -> Result<Vec<super::QueuedEvent>, StoreError> {
+        let rows: Vec<super::QueuedRow> = sqlx::query_as(
+            "SELECT q.id AS qid, q.created_ms AS qcreated, q.channel AS qchannel, \
+             m.seq, m.ts, m.sender, m.name, m.text, m.meta, m.client_id, m.kind, m.target, \
+             m.emoji, m.react_on, m.deleted \
+             FROM webhook_queue q JOIN messages m ON m.channel = q.channel AND m.seq = q.seq \
+             ORDER BY q.id LIMIT ?1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(super::queued).collect()
+    }
+
+    pub async fn webhook_done(&self, ids: &[i64]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for id in ids {
+            sqlx::query("DELETE FROM webhook_queue WHERE id = ?1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn webhook_len(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM webhook_queue")
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     pub async fn check(&self) -> Result<(), StoreError> {
