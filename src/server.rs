@@ -108,7 +108,7 @@ impl Server {
             presence_events_max: config.presence_events_max,
         };
         let hub = Hub::start(store, broker, metrics.clone(), options);
-        crate::hooks::webhooks::Webhooks::start(&config, hub.store().clone(), shutdown.clone())?;
+        crate::hooks::webhooks::Webhooks::start(&config, &hub, shutdown.clone())?;
         hub.load_bans().await?;
         let listener =
             TcpListener::bind(config.listen)

@@ -185,7 +185,7 @@ async fn messages_edits_and_deletes_arrive_once_in_order_and_signed() {
     assert_eq!(*r.bad_signatures.lock().expect("lock"), 0);
     let types: Vec<&str> = events
         .iter()
-        .filter(|e| e["room"] == "r")
+        .filter(|e| e["room"] == "r" && e["seq"].is_u64())
         .map(|e| e["type"].as_str().unwrap_or(""))
         .collect();
     assert_eq!(
@@ -297,12 +297,8 @@ async fn on_two_nodes_each_event_is_sent_once() {
     send_many(&mut on_b, "r", 50).await;
     let events = r.until_room_has("r", 100, Duration::from_secs(20)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        r.events().len(),
-        100,
-        "each event once: {} received",
-        r.events().len()
-    );
+    let entries = r.events().iter().filter(|e| e["seq"].is_u64()).count();
+    assert_eq!(entries, 100, "each entry's event once");
     assert_eq!(seqs_of(&events, "r"), (1..=100).collect::<Vec<_>>());
 }
 
@@ -337,4 +333,92 @@ async fn a_full_queue_drops_new_events_and_counts_them() {
     r.listen(port).await;
     let events = r.until_room_has("r", 20, Duration::from_secs(20)).await;
     assert_eq!(seqs_of(&events, "r"), (1..=20).collect::<Vec<_>>());
+}
+
+/// The presence events (`member`, `user`) about `user`, as (type, event).
+fn presence_of(events: &[Value], user: &str) -> Vec<(String, String)> {
+    events
+        .iter()
+        .filter(|e| (e["type"] == "member" || e["type"] == "user") && e["user"] == user)
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap_or_default().to_owned(),
+                e["event"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+async fn until_presence(r: &Receiver, user: &str, n: usize) -> Vec<(String, String)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let p = presence_of(&r.events(), user);
+        if p.len() >= n {
+            return p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "presence events of {user}: {p:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_user_with_two_tabs_on_two_nodes_is_online_once_and_joins_once() {
+    let port = free_port();
+    let r = Receiver::default();
+    r.listen(port).await;
+    let db = Database::create();
+    let redis = Redis::start();
+    let mut nodes = Vec::new();
+    for id in ["a", "b"] {
+        let (url, redis_url) = (db.url(), redis.url());
+        nodes.push(
+            start(
+                port,
+                &[
+                    "--database-url",
+                    &url,
+                    "--redis-url",
+                    &redis_url,
+                    "--node-id",
+                    id,
+                ],
+            )
+            .await,
+        );
+    }
+    let tab1 = nodes[0].member("ann", "r").await;
+    let p = until_presence(&r, "ann", 2).await;
+    assert_eq!(
+        p,
+        [
+            ("user".into(), "online".into()),
+            ("member".into(), "join".into())
+        ]
+    );
+    let tab2 = nodes[1].member("ann", "r").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        presence_of(&r.events(), "ann").len(),
+        2,
+        "the second tab changes nothing"
+    );
+    tab1.close().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        presence_of(&r.events(), "ann").len(),
+        2,
+        "one tab is still open"
+    );
+    tab2.close().await;
+    let p = until_presence(&r, "ann", 4).await;
+    assert_eq!(
+        p[2..],
+        [
+            ("member".into(), "leave".into()),
+            ("user".into(), "offline".into())
+        ]
+    );
 }

@@ -5,5 +5,6 @@ CREATE TABLE IF NOT EXISTS webhook_queue (
     id         BIGSERIAL PRIMARY KEY,
     channel    TEXT   NOT NULL,
     seq        BIGINT NOT NULL,
+    body       TEXT,
     created_ms BIGINT NOT NULL
 );

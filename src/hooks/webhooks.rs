@@ -14,8 +14,10 @@
 
 use super::Signer;
 use crate::config::Config;
+use crate::hub::{Activity, Hub};
 use crate::protocol;
-use crate::store::{Store, WebhookLeader};
+use crate::protocol::events::WebhookItem;
+use crate::store::{Queued, Store, WebhookLeader};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -31,6 +33,8 @@ const IDLE_POLL: Duration = Duration::from_millis(100);
 const BOUND_CHECK: Duration = Duration::from_secs(2);
 /// How often a node that does not deliver tries to become the one that does.
 const LEADER_RETRY: Duration = Duration::from_secs(2);
+/// Presence changes waiting to be queued; beyond it they are dropped (counted).
+const ACTIVITY_QUEUE: usize = 10_000;
 /// How long one POST may take.
 const POST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -47,12 +51,22 @@ impl Webhooks {
     /// `stop` is cancelled.
     pub fn start(
         config: &Config,
-        store: Arc<Store>,
+        hub: &Arc<Hub>,
         stop: CancellationToken,
     ) -> Result<Option<tokio::task::JoinHandle<()>>, super::HookError> {
         let Some(url) = &config.webhook_url else {
             return Ok(None);
         };
+        let store = hub.store().clone();
+        // Presence events: handed over under the hub's locks, queued by a task.
+        let (tx, rx) = tokio::sync::mpsc::channel(ACTIVITY_QUEUE);
+        let counted = store.clone();
+        hub.on_activity(move |a| {
+            if tx.try_send(a).is_err() {
+                counted.note_webhook_dropped();
+            }
+        });
+        tokio::spawn(queue_presence(Arc::downgrade(hub), rx));
         if config.webhook_secret.is_none() {
             tracing::warn!("--webhook-url without --webhook-secret: webhooks are not signed");
         }
@@ -127,7 +141,13 @@ impl Webhooks {
                 continue;
             };
             lag.set((crate::hub::now_ms() - oldest).max(0) as f64 / 1000.0);
-            let body = protocol::events::webhook_events(batch.iter().map(|(id, _, m)| (*id, &**m)));
+            let body = protocol::events::webhook_events(batch.iter().map(|(id, _, q)| {
+                let item = match q {
+                    Queued::Entry(m) => WebhookItem::Entry(m),
+                    Queued::Event(json) => WebhookItem::Raw(json),
+                };
+                (*id, item)
+            }));
             match self.post(body).await {
                 Ok(()) => {
                     let ids: Vec<i64> = batch.iter().map(|(id, _, _)| *id).collect();
@@ -208,6 +228,56 @@ async fn watch_bound(store: Arc<Store>, max: u64, stop: CancellationToken) {
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(BOUND_CHECK) => {}
+        }
+    }
+}
+
+/// Queue the hub's presence changes as webhook events: `member` join/leave as the
+/// hub saw them (first or last connection of the user in the room, on any node),
+/// and `user` online/offline when the user's first connection anywhere opened or
+/// the last one closed: a user's first (last) connection on this node counts only
+/// if no other node has one (asked through the broker, as `GET /users/{user}`).
+async fn queue_presence(hub: std::sync::Weak<Hub>, mut rx: tokio::sync::mpsc::Receiver<Activity>) {
+    while let Some(a) = rx.recv().await {
+        let Some(hub) = hub.upgrade() else { return };
+        let now = crate::hub::now_ms();
+        let (channel, body) = match a {
+            Activity::Member {
+                room,
+                user,
+                name,
+                join,
+            } => (
+                format!("#{room}"),
+                protocol::events::webhook_member_event(&room, &user, &name, join, now),
+            ),
+            Activity::UserHere { user, name, online } => {
+                let here = hub.user_status(&user).0;
+                let everywhere = match hub.user_status_everywhere(&user).await {
+                    Ok((n, _)) => n,
+                    Err(e) => {
+                        tracing::warn!(error = %e.message, "cannot tell whether a user is online elsewhere; assuming not");
+                        here
+                    }
+                };
+                // Online: this node's connections are all there are; offline: none
+                // are left anywhere.
+                let first_or_last = if online {
+                    everywhere <= here && here > 0
+                } else {
+                    everywhere == 0
+                };
+                if !first_or_last {
+                    continue;
+                }
+                (
+                    String::new(),
+                    protocol::events::webhook_user_event(&user, &name, online, now),
+                )
+            }
+        };
+        if let Err(e) = hub.store().queue_webhook_event(&channel, &body).await {
+            tracing::warn!(error = %e, "queueing a presence webhook event failed");
         }
     }
 }

@@ -86,6 +86,27 @@ impl Conn {
     }
 }
 
+/// Something that happened in the hub that the app's backend may hear of (the
+/// webhooks): given to the listener set with [`Hub::on_activity`].
+#[derive(Debug, Clone)]
+pub enum Activity {
+    /// `user` arrived in (`join`) or left `room`: their first or last connection in
+    /// it on any node, as this node knows it, caused by a connection here.
+    Member {
+        room: String,
+        user: String,
+        name: String,
+        join: bool,
+    },
+    /// `user`'s first connection on this node said hello (`online`), or their last
+    /// one here closed.
+    UserHere {
+        user: String,
+        name: String,
+        online: bool,
+    },
+}
+
 /// Who hears how a submitted message ended: an `ack` means stored and published.
 pub enum Submitter {
     /// A WebSocket connection: `ack` or `error`, carrying its command's `id`.
@@ -195,6 +216,8 @@ pub struct Hub {
     bans: Mutex<HashMap<String, (Option<i64>, String)>>,
     /// Token revocations in force: `j:<jti>` or `u:<user>` -> issued-before (s).
     revocations: Mutex<HashMap<String, Option<i64>>>,
+    /// Who hears of [`Activity`] (set once; none: nobody, and it costs nothing).
+    activity: std::sync::OnceLock<Box<dyn Fn(Activity) + Send + Sync>>,
 }
 
 impl Hub {
@@ -220,6 +243,7 @@ impl Hub {
             tasks: Mutex::new(None),
             bans: Mutex::new(HashMap::new()),
             revocations: Mutex::new(HashMap::new()),
+            activity: std::sync::OnceLock::new(),
         });
         let weak = Arc::downgrade(&hub);
         hub.broker.set_sink(move |event| {
@@ -288,6 +312,19 @@ impl Hub {
         self.store_failing.store(failing, Ordering::Relaxed);
     }
 
+    /// Hear of every [`Activity`] from now on. `f` runs under the hub's locks: it
+    /// must only hand the activity on (e.g. `try_send` into a bounded queue).
+    pub fn on_activity(&self, f: impl Fn(Activity) + Send + Sync + 'static) {
+        let _ = self.activity.set(Box::new(f));
+    }
+
+    /// Tell the listener, if there is one (`make` runs only then).
+    pub(crate) fn tell(&self, make: impl FnOnce() -> Activity) {
+        if let Some(f) = self.activity.get() {
+            f(make());
+        }
+    }
+
     /// Make `conn` reachable for direct messages (on every node: the user's broker
     /// subscription is in place before this returns).
     pub async fn register(&self, conn: &Arc<Conn>) {
@@ -296,6 +333,11 @@ impl Hub {
             .await;
         if self.registry.add(conn) {
             self.metrics.users.increment(1.0);
+            self.tell(|| Activity::UserHere {
+                user: conn.user.to_string(),
+                name: conn.name.to_string(),
+                online: true,
+            });
         }
     }
 
@@ -307,6 +349,11 @@ impl Hub {
         }
         if self.registry.remove(conn) {
             self.metrics.users.decrement(1.0);
+            self.tell(|| Activity::UserHere {
+                user: conn.user.to_string(),
+                name: conn.name.to_string(),
+                online: false,
+            });
         }
         self.broker
             .unsubscribe(crate::broker::Topic::User(&conn.user));

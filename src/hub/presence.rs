@@ -152,6 +152,12 @@ impl Hub {
             self.broker
                 .announce_presence(room, &conn.user, &conn.name, true);
             if !was_present {
+                self.tell(|| super::Activity::Member {
+                    room: room.to_owned(),
+                    user: conn.user.to_string(),
+                    name: conn.name.to_string(),
+                    join: true,
+                });
                 self.member_changed(
                     ch,
                     room,
@@ -269,6 +275,12 @@ impl Hub {
         }
         if gone {
             g.presence.remove(&conn.user);
+            self.tell(|| super::Activity::Member {
+                room: room.to_owned(),
+                user: conn.user.to_string(),
+                name: conn.name.to_string(),
+                join: false,
+            });
             self.member_changed(
                 ch,
                 room,

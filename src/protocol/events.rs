@@ -278,25 +278,102 @@ pub fn message_event(msg: &StoredMessage, viewer: &str) -> String {
     encode(&EntryEvent::of(msg, viewer))
 }
 
-/// One webhook event (SERVER-API.md, Webhooks): the entry's event as its author
-/// sees it (`dm` is the other party from the sender's side) with its `event_id`.
-#[derive(Serialize)]
+/// What one webhook event is made of: a stored entry, or the JSON of an event
+/// queued as is (presence, see [`webhook_member_event`], [`webhook_user_event`]).
+pub enum WebhookItem<'a> {
+    Entry(&'a StoredMessage),
+    Raw(&'a str),
+}
+
+/// One webhook event (SERVER-API.md, Webhooks) with its `event_id`: an entry's
+/// event as its author sees it (`dm` is the other party from the sender's side),
+/// or a queued event's fields.
 struct WebhookEvent<'a> {
     event_id: i64,
-    #[serde(flatten)]
-    entry: EntryEvent<'a>,
+    item: WebhookItem<'a>,
+}
+
+impl Serialize for WebhookEvent<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct WithId<T: Serialize> {
+            event_id: i64,
+            #[serde(flatten)]
+            rest: T,
+        }
+        match &self.item {
+            WebhookItem::Entry(m) => WithId {
+                event_id: self.event_id,
+                rest: EntryEvent::of(m, &m.from),
+            }
+            .serialize(s),
+            WebhookItem::Raw(json) => {
+                // Queued by us as a non-empty object: `event_id` goes in front of
+                // its fields as written (their order kept). Anything else (never
+                // written by us) is carried as a string in `body`.
+                let spliced = json
+                    .strip_prefix('{')
+                    .filter(|rest| rest.trim_start().starts_with('"'))
+                    .map(|rest| format!("{{\"event_id\":{},{rest}", self.event_id))
+                    .and_then(|j| serde_json::value::RawValue::from_string(j).ok());
+                match spliced {
+                    Some(raw) => raw.serialize(s),
+                    None => WithId {
+                        event_id: self.event_id,
+                        rest: serde_json::json!({ "body": json }),
+                    }
+                    .serialize(s),
+                }
+            }
+        }
+    }
 }
 
 /// The body of one webhook POST: a JSON array of events, in queue order.
-pub fn webhook_events<'a>(events: impl IntoIterator<Item = (i64, &'a StoredMessage)>) -> String {
+pub fn webhook_events<'a>(events: impl IntoIterator<Item = (i64, WebhookItem<'a>)>) -> String {
     let list: Vec<WebhookEvent<'_>> = events
         .into_iter()
-        .map(|(event_id, m)| WebhookEvent {
-            event_id,
-            entry: EntryEvent::of(m, &m.from),
-        })
+        .map(|(event_id, item)| WebhookEvent { event_id, item })
         .collect();
     encode(&list)
+}
+
+#[derive(Serialize)]
+struct PresenceHook<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    room: Option<&'a str>,
+    user: &'a str,
+    name: &'a str,
+    event: &'static str,
+    ts: i64,
+}
+
+/// A webhook `member` event: `user` joined or left `room` (first or last
+/// connection in the cluster).
+pub fn webhook_member_event(room: &str, user: &str, name: &str, join: bool, ts: i64) -> String {
+    encode(&PresenceHook {
+        kind: "member",
+        room: Some(room),
+        user,
+        name,
+        event: if join { "join" } else { "leave" },
+        ts,
+    })
+}
+
+/// A webhook `user` event: `user` came online (first connection in the cluster)
+/// or went offline (last one closed).
+pub fn webhook_user_event(user: &str, name: &str, online: bool, ts: i64) -> String {
+    encode(&PresenceHook {
+        kind: "user",
+        room: None,
+        user,
+        name,
+        event: if online { "online" } else { "offline" },
+        ts,
+    })
 }
 
 /// An entry embedded in a reply, serialized as its event for `viewer`.
@@ -592,8 +669,17 @@ mod tests {
             "hi".into(),
         );
         assert_eq!(
-            webhook_events([(42, &m)]),
+            webhook_events([(42, WebhookItem::Entry(&m))]),
             r#"[{"event_id":42,"type":"message","dm":"alice","seq":3,"ts":9,"from":"bob","name":"Bob","text":"hi"}]"#
+        );
+    }
+
+    #[test]
+    fn a_queued_presence_event_gets_its_event_id_in_front() {
+        let body = webhook_user_event("alice", "Alice", true, 5);
+        assert_eq!(
+            webhook_events([(7, WebhookItem::Raw(&body))]),
+            r#"[{"event_id":7,"type":"user","user":"alice","name":"Alice","event":"online","ts":5}]"#
         );
     }
 

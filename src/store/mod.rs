@@ -432,6 +432,13 @@ impl Store {
         }
     }
 
+    /// Count one webhook event dropped before it reached the queue.
+    pub fn note_webhook_dropped(&self) {
+        if let Some(g) = self.gate() {
+            g.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     /// Events dropped because the queue was full, since start.
     pub fn webhook_dropped(&self) -> u64 {
         self.gate()
@@ -441,10 +448,47 @@ impl Store {
     /// The oldest `limit` queued webhook events, in queue order.
     pub async fn webhook_batch(&self, limit: usize) -> Result<Vec<QueuedEvent>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let (heads, entries) = match self {
+            Store::Local(LocalStore::Sqlite(s)) => s.webhook_batch(limit).await?,
+            Store::Local(LocalStore::Memory(_)) => return Ok(Vec::new()),
+            Store::Shared(s) => s.webhook_batch(limit).await?,
+        };
+        let mut entries: std::collections::HashMap<i64, QueuedRow> =
+            entries.into_iter().map(|r| (r.qid, r)).collect();
+        let mut out = Vec::with_capacity(heads.len());
+        for (id, created, body) in heads {
+            match (body, entries.remove(&id)) {
+                (Some(body), _) => out.push((id, created, Queued::Event(body))),
+                (None, Some(row)) => {
+                    let (id, created, m) = queued(row)?;
+                    out.push((id, created, Queued::Entry(m)));
+                }
+                // The entry is gone (cannot happen: entries are never removed);
+                // nothing to send for it.
+                (None, None) => tracing::warn!(id, "a queued webhook event names no entry"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Queue an event that is not a stored entry (presence): `channel` orders it
+    /// with its room's entries, `body` is its JSON without `event_id`. Dropped
+    /// (and counted) while the queue is full; a no-op without webhooks.
+    pub async fn queue_webhook_event(&self, channel: &str, body: &str) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(g) = self.gate() else { return Ok(()) };
+        if !g.enabled.load(Relaxed) {
+            return Ok(());
+        }
+        if g.full.load(Relaxed) {
+            g.dropped.fetch_add(1, Relaxed);
+            return Ok(());
+        }
+        let now = crate::hub::now_ms();
         match self {
-            Store::Local(LocalStore::Sqlite(s)) => s.webhook_batch(limit).await,
-            Store::Local(LocalStore::Memory(_)) => Ok(Vec::new()),
-            Store::Shared(s) => s.webhook_batch(limit).await,
+            Store::Local(LocalStore::Sqlite(s)) => s.queue_webhook_event(channel, body, now).await,
+            Store::Local(LocalStore::Memory(_)) => Ok(()),
+            Store::Shared(s) => s.queue_webhook_event(channel, body, now).await,
         }
     }
 
@@ -540,9 +584,17 @@ impl WebhookGate {
     }
 }
 
-/// One queued webhook event: its id (the `event_id`), when it was queued, and the
-/// entry it names (as stored now: a message deleted meanwhile is a tombstone).
-pub type QueuedEvent = (i64, i64, Arc<StoredMessage>);
+/// What a queued webhook event is: a stored entry (as stored now: a message
+/// deleted meanwhile is a tombstone), or an event whose JSON was queued as is.
+#[derive(Debug)]
+pub enum Queued {
+    Entry(Arc<StoredMessage>),
+    Event(String),
+}
+
+/// One queued webhook event: its id (the `event_id`), when it was queued, and what
+/// it is.
+pub type QueuedEvent = (i64, i64, Queued);
 
 /// Who may deliver webhooks: one node at a time. SQLite has one node; with
 /// PostgreSQL the holder of a session advisory lock, on a connection kept for it.
@@ -571,6 +623,9 @@ pub(crate) struct Row {
 }
 
 /// A queued webhook event joined with its entry.
+/// A queue row's head: (id, created_ms, body of a non-entry event).
+pub(crate) type QueueHead = (i64, i64, Option<String>);
+
 #[derive(sqlx::FromRow)]
 pub(crate) struct QueuedRow {
     qid: i64,
@@ -580,7 +635,7 @@ pub(crate) struct QueuedRow {
     row: Row,
 }
 
-pub(crate) fn queued(r: QueuedRow) -> Result<QueuedEvent, StoreError> {
+pub(crate) fn queued(r: QueuedRow) -> Result<(i64, i64, Arc<StoredMessage>), StoreError> {
     let key = ChannelKey::from_storage_key(&r.qchannel)
         .ok_or_else(|| StoreError::Corrupt(format!("channel key {:?}", r.qchannel)))?;
     Ok((r.qid, r.qcreated, to_message(&key, r.row)?))

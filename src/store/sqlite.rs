@@ -398,19 +398,49 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// The oldest `limit` queued webhook events with their entries.
-    pub async fn webhook_batch(&self, limit: i64) -> Result<Vec<super::QueuedEvent>, StoreError> {
-        let rows: Vec<super::QueuedRow> = sqlx::query_as(
+    /// The oldest `limit` queue rows, and the entries those of them name.
+    pub(crate) async fn webhook_batch(
+        &self,
+        limit: i64,
+    ) -> Result<(Vec<super::QueueHead>, Vec<super::QueuedRow>), StoreError> {
+        let heads: Vec<super::QueueHead> =
+            sqlx::query_as("SELECT id, created_ms, body FROM webhook_queue ORDER BY id LIMIT ?1")
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+        let (Some(first), Some(last)) = (heads.first(), heads.last()) else {
+            return Ok((heads, Vec::new()));
+        };
+        let entries: Vec<super::QueuedRow> = sqlx::query_as(
             "SELECT q.id AS qid, q.created_ms AS qcreated, q.channel AS qchannel, \
              m.seq, m.ts, m.sender, m.name, m.text, m.meta, m.client_id, m.kind, m.target, \
              m.emoji, m.react_on, m.deleted \
              FROM webhook_queue q JOIN messages m ON m.channel = q.channel AND m.seq = q.seq \
-             ORDER BY q.id LIMIT ?1",
+             WHERE q.id >= ?1 AND q.id <= ?2 AND q.body IS NULL",
         )
-        .bind(limit)
+        .bind(first.0)
+        .bind(last.0)
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter().map(super::queued).collect()
+        Ok((heads, entries))
+    }
+
+    /// Queue a non-entry event (its own transaction).
+    pub async fn queue_webhook_event(
+        &self,
+        channel: &str,
+        body: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO webhook_queue (channel, seq, body, created_ms) VALUES (?1, 0, ?2, ?3)",
+        )
+        .bind(channel)
+        .bind(body)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     pub async fn webhook_done(&self, ids: &[i64]) -> Result<(), StoreError> {
