@@ -636,6 +636,7 @@ async fn a_disconnect_reason_over_200_characters_is_413() {
 async fn on_a_cluster_a_disconnect_on_one_node_closes_the_user_on_another_within_2_s() {
     let (_db, _redis, nodes) = api_cluster(&[]).await;
     let mut ann = nodes[1].member("ann", "r").await;
+    let _here = nodes[0].guest("ann").await;
     let (st, v) = post(
         &nodes[0],
         "/api/v1/users/ann/disconnect",
@@ -643,6 +644,7 @@ async fn on_a_cluster_a_disconnect_on_one_node_closes_the_user_on_another_within
     )
     .await;
     assert_eq!(st, 200, "{v}");
+    assert_eq!(v["closed"], 2, "counted on every node: {v}");
     let (closed, seen) = ann.expect_close(Duration::from_secs(2)).await;
     assert_eq!(closed, Closed::Code(4003));
     assert!(
@@ -855,6 +857,7 @@ async fn on_a_cluster_a_remove_on_one_node_takes_the_user_out_on_another() {
     )
     .await;
     assert_eq!(st, 200, "{v}");
+    assert_eq!(v["removed"], 1, "counted on every node: {v}");
     let left = ann.recv_type("left").await;
     assert_eq!(left["reason"], "x");
 }

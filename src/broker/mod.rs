@@ -102,6 +102,23 @@ pub enum Question {
         after: String,
         limit: usize,
     },
+    /// Close every connection of `user` (`closing` with `reason`, 4003) and say
+    /// how many: a [`Closed`].
+    Disconnect { user: String, reason: String },
+    /// Take `user`'s connections out of `room` (`left` with `reason`) and say how
+    /// many: a [`Closed`].
+    Remove {
+        room: String,
+        user: String,
+        reason: String,
+    },
+}
+
+/// One node's answer to [`Question::Disconnect`] or [`Question::Remove`]: how many
+/// of its connections it closed or took out of the room.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Closed {
+    pub n: usize,
 }
 
 /// One node's answer to [`Question::User`]: its connections of the user and the
@@ -272,15 +289,6 @@ impl Broker {
         }
     }
 
-    /// Tell the other nodes to close `user`'s connections there (nothing to do on
-    /// one node). An error: they could not be told.
-    pub async fn disconnect(&self, user: &str, reason: &str) -> Result<(), BrokerError> {
-        match self {
-            Broker::Local => Ok(()),
-            Broker::Redis(r) => r.disconnect(user, reason).await,
-        }
-    }
-
     /// Tell every node about a token revocation (see [`Inbound::Revoke`]).
     pub async fn revoke(&self, key: &str, issued_before: Option<i64>) -> Result<(), BrokerError> {
         match self {
@@ -302,19 +310,6 @@ impl Broker {
         match self {
             Broker::Local => Ok(Vec::new()),
             Broker::Redis(r) => r.all_stats().await,
-        }
-    }
-
-    /// Tell the other nodes to take `user` out of `room` (nothing to do on one node).
-    pub async fn remove_member(
-        &self,
-        room: &str,
-        user: &str,
-        reason: &str,
-    ) -> Result<(), BrokerError> {
-        match self {
-            Broker::Local => Ok(()),
-            Broker::Redis(r) => r.remove_member(room, user, reason).await,
         }
     }
 
@@ -427,6 +422,8 @@ pub enum Kind {
     #[serde(rename = "t")]
     Typing,
     /// Close a user's connections (`c` and `from`: the user, `text`: the reason).
+    /// Sent by earlier releases (now a [`Question::Disconnect`]); still obeyed so
+    /// that a cluster can be upgraded node by node.
     #[serde(rename = "x")]
     Disconnect,
     /// A ban of `from` until `ts` (0: until lifted), `text` the reason.
@@ -435,7 +432,8 @@ pub enum Kind {
     /// `from`'s ban is lifted.
     #[serde(rename = "ub")]
     Unban,
-    /// Take `from`'s connections out of room `c` (`text`: the reason).
+    /// Take `from`'s connections out of room `c` (`text`: the reason). Sent by
+    /// earlier releases (now a [`Question::Remove`]); still obeyed.
     #[serde(rename = "rm")]
     Remove,
     /// Tokens revoked: `c` the key, `ts` the issued-before time (0: none).
@@ -444,8 +442,10 @@ pub enum Kind {
     /// `from` read channel `c` up to `seq`; for user `name`'s connections.
     #[serde(rename = "rd")]
     Read,
-    /// A question (`name`: "user" about user `from`, or "rooms" with prefix
-    /// `from` after `text`, at most `seq`); answer under request id `c`.
+    /// A question (`name`: "user" about user `from`; "rooms" with prefix `from`
+    /// after `text`, at most `seq`; "disconnect" user `from` with reason `text`;
+    /// "remove" user `from` from room `em` with reason `text`); answer under
+    /// request id `c`.
     #[serde(rename = "q")]
     Ask,
 }
@@ -570,6 +570,15 @@ impl Envelope {
                         prefix: self.from,
                         after: self.text,
                         limit: usize::try_from(self.seq).unwrap_or(usize::MAX),
+                    },
+                    "disconnect" => Question::Disconnect {
+                        user: self.from,
+                        reason: self.text,
+                    },
+                    "remove" => Question::Remove {
+                        room: self.em?,
+                        user: self.from,
+                        reason: self.text,
                     },
                     _ => return None,
                 },

@@ -499,6 +499,18 @@ impl RedisBroker {
                 env.seq = u64::try_from(*limit).unwrap_or(u64::MAX);
                 env
             }
+            Question::Disconnect { user, reason } => {
+                let mut env =
+                    Envelope::event(Kind::Ask, &self.inbound.inst, &id, user, "disconnect");
+                env.text = reason.clone();
+                env
+            }
+            Question::Remove { room, user, reason } => {
+                let mut env = Envelope::event(Kind::Ask, &self.inbound.inst, &id, user, "remove");
+                env.text = reason.clone();
+                env.em = Some(room.clone());
+                env
+            }
         };
         let receivers: i64 = self
             .conn
@@ -568,32 +580,6 @@ impl RedisBroker {
         tokio::spawn(async move {
             let _ = conn.query::<i64>(&cmd).await;
         });
-    }
-
-    /// Tell every node holding a connection of `user` (all are subscribed to the
-    /// user's channel) to close them with `reason`. Unlike typing, the caller needs
-    /// to know it went out: an error means the other nodes were not told.
-    pub async fn disconnect(&self, user: &str, reason: &str) -> Result<(), BrokerError> {
-        let mut env = Envelope::event(Kind::Disconnect, &self.inbound.inst, user, user, "");
-        env.text = reason.to_owned();
-        let cmd = self.publish_cmd(&user_channel(user), &encode(&env));
-        let conn = self.conn.clone();
-        conn.query::<i64>(&cmd).await?;
-        Ok(())
-    }
-
-    /// Tell every node holding a connection of `user` to take it out of `room`.
-    pub async fn remove_member(
-        &self,
-        room: &str,
-        user: &str,
-        reason: &str,
-    ) -> Result<(), BrokerError> {
-        let mut env = Envelope::event(Kind::Remove, &self.inbound.inst, room, user, "");
-        env.text = reason.to_owned();
-        let cmd = self.publish_cmd(&user_channel(user), &encode(&env));
-        self.conn.clone().query::<i64>(&cmd).await?;
-        Ok(())
     }
 
     /// Tell every node about a token revocation (on the control channel).

@@ -6,7 +6,7 @@
 //! module does), or change a channel other than through the hub's own paths.
 
 use super::{Conn, Hub, lock};
-use crate::broker::{Inbound, Question, RoomsHere, UserHere};
+use crate::broker::{Closed, Inbound, Question, RoomsHere, UserHere};
 use crate::message::ChannelKey;
 use crate::protocol::{CommandError, ErrorCode, Member, close};
 use crate::stats::{ClusterStats, NodeStats};
@@ -230,6 +230,19 @@ impl Hub {
                 let rooms = self.live_rooms(&prefix, &after, limit);
                 self.broker.answer(id, &RoomsHere { rooms });
             }
+            Question::Disconnect { user, reason } => {
+                let n = self.disconnect_here(&user, &reason);
+                tracing::info!(
+                    user,
+                    closed = n,
+                    "disconnected by the server API on another node"
+                );
+                self.broker.answer(id, &Closed { n });
+            }
+            Question::Remove { room, user, reason } => {
+                let n = self.remove_here(&room, &user, &reason);
+                self.broker.answer(id, &Closed { n });
+            }
         }
     }
 
@@ -262,11 +275,17 @@ impl Hub {
         reason: &str,
     ) -> Result<usize, CommandError> {
         let here = self.remove_here(room, user, reason);
-        self.broker
-            .remove_member(room, user, reason)
+        let question = Question::Remove {
+            room: room.to_owned(),
+            user: user.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let others = self
+            .broker
+            .ask(&question)
             .await
             .map_err(|e| untold(&e, &format!("removed {here} connection(s) on this node")))?;
-        Ok(here)
+        Ok(here + Self::closed_of(&others))
     }
 
     fn remove_here(&self, room: &str, user: &str, reason: &str) -> usize {
@@ -286,6 +305,15 @@ impl Hub {
             }
         }
         n
+    }
+
+    /// The sum of the other nodes' [`Closed`] answers (JSON).
+    fn closed_of(answers: &[String]) -> usize {
+        answers
+            .iter()
+            .filter_map(|a| serde_json::from_str::<Closed>(a).ok())
+            .map(|c| c.n)
+            .sum()
     }
 
     /// Keep `user` within `max` connections on this node: close the oldest ones
@@ -315,11 +343,16 @@ impl Hub {
     /// closed here.
     pub async fn disconnect_user(&self, user: &str, reason: &str) -> Result<usize, CommandError> {
         let here = self.disconnect_here(user, reason);
-        self.broker
-            .disconnect(user, reason)
+        let question = Question::Disconnect {
+            user: user.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let others = self
+            .broker
+            .ask(&question)
             .await
             .map_err(|e| untold(&e, &format!("closed {here} connection(s) on this node")))?;
-        Ok(here)
+        Ok(here + Self::closed_of(&others))
     }
 
     pub(super) fn disconnect_here(&self, user: &str, reason: &str) -> usize {
