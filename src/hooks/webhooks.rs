@@ -5,9 +5,11 @@
 //! Owns: the delivery loop — one node of a cluster delivers (the store says which:
 //! on PostgreSQL, the holder of an advisory lock), in queue order, in batches of at
 //! most [`BATCH`], signed, each batch retried with exponential backoff (1 s doubling
-//! to 5 min) until a 2xx, then forgotten — and the queue's bound and metrics. Must
-//! not: write to the queue (the store does, with the entries), or skip a batch (the
-//! order per room or DM is the queue's order, so a failing batch holds the rest).
+//! to 5 min) until a 2xx, then forgotten — the queue's bound and metrics, and
+//! turning the hub's presence activity into queued events.
+//! Must not: write entries to the queue (the store does, in their own transaction),
+//! or skip a batch (the order per room or DM is the queue's order, so a failing
+//! batch holds the rest back).
 //!
 //! At least once: a batch is forgotten only after the backend's 2xx, so a crash
 //! between the POST and the delete sends it again (same `event_id`s).

@@ -484,7 +484,10 @@ impl Store {
             g.dropped.fetch_add(1, Relaxed);
             return Ok(());
         }
-        let now = crate::hub::now_ms();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
         match self {
             Store::Local(LocalStore::Sqlite(s)) => s.queue_webhook_event(channel, body, now).await,
             Store::Local(LocalStore::Memory(_)) => Ok(()),
