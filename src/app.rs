@@ -34,8 +34,29 @@ pub struct AppState {
     pub tls: Option<Arc<TlsCerts>>,
     /// This node's figures, sampled once a second ([`AppState::sample_stats`]).
     stats: Mutex<(crate::stats::Sampler, crate::stats::NodeStats)>,
+    /// WebSocket connections held (or being upgraded) per client address, for
+    /// `--max-connections-per-ip`.
+    per_ip: Mutex<HashMap<std::net::IpAddr, usize>>,
     /// The publish check, when `--publish-check-url` is set.
     pub publish_check: Option<crate::hooks::PublishCheck>,
+}
+
+/// One connection's place in its address's count (see [`AppState::take_ip_slot`]).
+pub struct IpSlot {
+    state: Arc<AppState>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut m = self.state.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
 }
 
 impl AppState {
@@ -61,6 +82,7 @@ impl AppState {
             drain_spread_ms: AtomicU64::new(0),
             tls,
             stats: Mutex::default(),
+            per_ip: Mutex::default(),
             publish_check,
         })
     }
@@ -77,6 +99,22 @@ impl AppState {
             Some(check) => check.check(user, key, out).await,
             None => Ok(()),
         }
+    }
+
+    /// Take one of `ip`'s connection slots, if it has one left under
+    /// `--max-connections-per-ip`; the slot is given back when dropped.
+    pub fn take_ip_slot(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<IpSlot> {
+        let max = self.config.max_connections_per_ip;
+        let mut m = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if max > 0 && *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            state: Arc::clone(self),
+            ip,
+        })
     }
 
     pub fn next_conn_id(&self) -> u64 {

@@ -839,6 +839,8 @@ settings! {
         "per-connection token bucket (burst 2x)";
     max_connections: usize = "0"; ["the open-file limit less 256"] Value "N";
         "WebSocket connections this node holds at most; beyond it a handshake gets 503 with `Retry-After` (counted in `hubbub_connections_refused_total`)";
+    max_connections_per_ip: usize = "5000"; Value "N";
+        "WebSocket connections one client address may hold on this node (behind `--trusted-proxies`, the forwarded address); beyond it a handshake gets 429 with `Retry-After`; 0: no limit";
     max_connections_per_user: usize = "100"; Value "N";
         "connections one user may hold on this node; a `hello` beyond it closes the user's oldest connection (`closing`, then 1008); 0: no limit";
     max_rooms_per_conn: usize = "100"; Value "N";

@@ -425,6 +425,18 @@ async fn ws_handler(
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         return resp;
     }
+    let Some(slot) = state.take_ip_slot(remote.ip()) else {
+        Metrics::refused("max_connections_per_ip");
+        tracing::info!(%remote, "refused WebSocket handshake: --max-connections-per-ip reached");
+        let mut resp = (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many connections from this address (--max-connections-per-ip)\n",
+        )
+            .into_response();
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        return resp;
+    };
     let upgrade = hyper::upgrade::on(&mut req);
     let max = state.config.max_message;
     // Two tasks: one that waits for the upgrade and ends, and the session. Spawning
@@ -437,6 +449,11 @@ async fn ws_handler(
         match upgrade.await {
             Ok(io) => {
                 let session = session::run(WsStream::new(TokioIo::new(io), max), state, remote);
+                // The address's slot is held for the session's life.
+                let session = async move {
+                    let _slot = slot;
+                    session.await;
+                };
                 tokio::spawn(session_tracker.track_future(session));
             }
             Err(e) => tracing::debug!(%remote, error = %e, "WebSocket upgrade failed"),

@@ -556,3 +556,73 @@ async fn a_hello_beyond_max_connections_per_user_closes_the_users_oldest_with_10
         assert_eq!(c.request(json!({"type": "ping"})).await["type"], "pong");
     }
 }
+
+/// Open a WebSocket to `s`, as if forwarded for `xff` (None: no header); the
+/// handshake's status.
+async fn handshake_status(
+    s: &Server,
+    xff: Option<&str>,
+) -> (u16, Option<String>, Option<common::Client>) {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = s.url().into_client_request().expect("request");
+    if let Some(ip) = xff {
+        req.headers_mut()
+            .insert("x-forwarded-for", ip.parse().expect("header value"));
+    }
+    match tokio_tungstenite::connect_async(req).await {
+        Ok((ws, resp)) => (resp.status().as_u16(), None, Some(Client::from_ws(ws))),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => (
+            resp.status().as_u16(),
+            resp.headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            None,
+        ),
+        Err(e) => panic!("handshake failed: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn beyond_max_connections_per_ip_a_handshake_gets_429_and_a_closed_one_frees_its_slot() {
+    let s = Server::start(&["--max-connections-per-ip", "2"]).await;
+    let (st, _, a) = handshake_status(&s, None).await;
+    assert_eq!(st, 101);
+    let (st, _, _b) = handshake_status(&s, None).await;
+    assert_eq!(st, 101);
+    let (st, retry, none) = handshake_status(&s, None).await;
+    assert_eq!((st, retry.as_deref()), (429, Some("5")));
+    assert!(none.is_none());
+    let (_, metrics) = s.http_get("/metrics").await;
+    assert!(
+        metrics.contains("hubbub_connections_refused_total{reason=\"max_connections_per_ip\"} 1"),
+        "{metrics}"
+    );
+    a.expect("connected").close().await;
+    let mut ok = false;
+    for _ in 0..20 {
+        if handshake_status(&s, None).await.0 == 101 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "a closed connection gives its slot back");
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_forwarded_address_is_what_is_counted() {
+    let s = Server::start(&[
+        "--max-connections-per-ip",
+        "1",
+        "--trusted-proxies",
+        "127.0.0.1",
+    ])
+    .await;
+    let (st, _, _a) = handshake_status(&s, Some("203.0.113.1")).await;
+    assert_eq!(st, 101);
+    let (st, _, _b) = handshake_status(&s, Some("203.0.113.2")).await;
+    assert_eq!(st, 101, "another client behind the same proxy");
+    let (st, _, _) = handshake_status(&s, Some("203.0.113.1")).await;
+    assert_eq!(st, 429, "the first client again");
+}

@@ -180,7 +180,10 @@ pub fn parse_command(
             });
         }
     };
-    let fields = Fields { obj: &obj };
+    let fields = Fields {
+        obj: &obj,
+        raw: frame.as_bytes(),
+    };
     match fields.parse(limits) {
         Ok(cmd) => Ok((id, cmd)),
         Err(error) => Err(ParseFailure { id, error }),
@@ -200,7 +203,10 @@ pub struct ApiPost {
 /// Parse an API message body (a JSON object).
 pub fn parse_api_post(body: &[u8], limits: ParseLimits) -> Result<ApiPost, CommandError> {
     let obj = api_object(body)?;
-    let f = Fields { obj: &obj };
+    let f = Fields {
+        obj: &obj,
+        raw: body,
+    };
     let from = match obj.get("from") {
         None | Some(Value::Null) => None,
         Some(_) => Some(f.user_id("from")?),
@@ -219,7 +225,10 @@ pub fn parse_api_reason(body: &[u8]) -> Result<Option<String>, CommandError> {
         return Ok(None);
     }
     let obj = api_object(body)?;
-    let f = Fields { obj: &obj };
+    let f = Fields {
+        obj: &obj,
+        raw: body,
+    };
     let reason = f.opt_str("reason")?.map(str::to_owned);
     if reason
         .as_ref()
@@ -270,7 +279,10 @@ pub enum Revocation {
 /// Parse `{jti}` or `{user, issued_before}` (exactly one of the two forms).
 pub fn parse_api_revoke(body: &[u8]) -> Result<Revocation, CommandError> {
     let obj = api_object(body)?;
-    let f = Fields { obj: &obj };
+    let f = Fields {
+        obj: &obj,
+        raw: body,
+    };
     match (obj.get("jti"), obj.get("user")) {
         (Some(_), Some(_)) => Err(CommandError::bad_request(
             "give either jti, or user and issued_before, not both",
@@ -331,6 +343,9 @@ pub fn valid_user_id(user: &str) -> bool {
 }
 
 struct Fields<'a> {
+    /// The JSON text the fields came from: `meta` is kept as written (a number
+    /// too large for an f64 keeps its digits).
+    raw: &'a [u8],
     obj: &'a Map<String, Value>,
 }
 
@@ -561,6 +576,21 @@ impl Fields<'_> {
     fn meta(&self) -> Result<Option<Box<RawValue>>, CommandError> {
         match self.obj.get("meta") {
             None | Some(Value::Null) => Ok(None),
+            Some(Value::Object(_)) if self.meta_as_written().is_some() => {
+                let raw = self.meta_as_written().unwrap_or_default();
+                if raw.len() > MAX_META_BYTES {
+                    return Err(CommandError::new(
+                        ErrorCode::TooLarge,
+                        format!(
+                            "meta is {} bytes as sent; the limit is {MAX_META_BYTES}",
+                            raw.len()
+                        ),
+                    ));
+                }
+                RawValue::from_string(raw.to_owned())
+                    .map(Some)
+                    .map_err(|_| CommandError::bad_request("meta must be a JSON object"))
+            }
             Some(v @ Value::Object(_)) => {
                 let s = serde_json::to_string(v)
                     .map_err(|e| CommandError::bad_request(format!("meta: {e}")))?;
@@ -579,6 +609,19 @@ impl Fields<'_> {
             }
             Some(_) => Err(CommandError::bad_request("meta must be a JSON object")),
         }
+    }
+
+    /// `meta`'s text exactly as it appears in the frame (None if it cannot be
+    /// told apart, e.g. the key appears twice: the parsed value is used then).
+    fn meta_as_written(&self) -> Option<&str> {
+        #[derive(serde::Deserialize)]
+        struct MetaOnly<'b> {
+            #[serde(borrow)]
+            meta: Option<&'b RawValue>,
+        }
+        let text = std::str::from_utf8(self.raw).ok()?;
+        let m: MetaOnly<'_> = serde_json::from_str(text).ok()?;
+        m.meta.map(RawValue::get)
     }
 
     fn client_id(&self) -> Result<Option<String>, CommandError> {
@@ -699,6 +742,19 @@ mod tests {
             "a".repeat(1100)
         );
         assert_eq!(err_of(&big).error.code, ErrorCode::TooLarge);
+    }
+
+    #[test]
+    fn meta_keeps_numbers_as_written() {
+        let frame = r#"{"type":"send","room":"r","text":"x","meta":{"id":123456789012345678901234567890,"f":1.50}}"#;
+        let (_, cmd) = parse_command(frame, LIMITS).expect("parses");
+        let Command::Send { meta, .. } = cmd else {
+            panic!("a send");
+        };
+        assert_eq!(
+            meta.expect("meta").get(),
+            r#"{"id":123456789012345678901234567890,"f":1.50}"#
+        );
     }
 
     #[test]
