@@ -99,6 +99,28 @@ impl RoomAccess {
     }
 }
 
+/// What is wrong with a token, said for the person holding it rather than in the
+/// JWT library's terms.
+fn in_our_words(kind: &jsonwebtoken::errors::ErrorKind) -> &'static str {
+    use jsonwebtoken::errors::ErrorKind as K;
+    match kind {
+        K::InvalidToken | K::Base64(_) | K::Json(_) | K::Utf8(_) => {
+            "not a JWT (three base64url parts: header.claims.signature)"
+        }
+        K::InvalidSignature => "the signature does not match this server's key",
+        K::ImmatureSignature => "not valid yet (nbf is in the future)",
+        K::ExpiredSignature => "expired",
+        K::InvalidAlgorithm | K::InvalidAlgorithmName => {
+            "signed with an algorithm this server does not accept"
+        }
+        K::MissingRequiredClaim(_) => "a required claim is missing (sub)",
+        K::InvalidIssuer | K::InvalidAudience | K::InvalidSubject => {
+            "a claim does not match what this server expects"
+        }
+        _ => "the token cannot be verified",
+    }
+}
+
 /// Verifies `hello` credentials.
 /// The user-id prefix of guests on a server that accepts tokens as well.
 pub const GUEST_PREFIX: &str = "guest:";
@@ -174,7 +196,7 @@ impl Authenticator {
             return Err(AuthError::NoKey);
         }
         let header = jsonwebtoken::decode_header(token)
-            .map_err(|e| AuthError::InvalidToken(e.to_string()))?;
+            .map_err(|e| AuthError::InvalidToken(in_our_words(e.kind()).to_owned()))?;
         let mut last_err =
             AuthError::InvalidToken(format!("algorithm {:?} not accepted", header.alg));
         for (key, validation) in &self.keys {
@@ -216,7 +238,7 @@ impl Authenticator {
                 Err(e) => {
                     last_err = match e.kind() {
                         jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
-                        _ => AuthError::InvalidToken(e.to_string()),
+                        kind => AuthError::InvalidToken(in_our_words(kind).to_owned()),
                     };
                 }
             }

@@ -415,3 +415,23 @@ async fn a_short_jwt_secret_is_accepted_with_a_warning_and_a_long_one_without() 
     assert!(short.log().contains("under 32 bytes"), "{}", short.log());
     assert!(!long.log().contains("under 32 bytes"), "{}", long.log());
 }
+
+#[tokio::test]
+async fn a_refused_token_is_explained_in_plain_words() {
+    let s = Server::start(&["--jwt-secret", "the-right-secret-of-32-bytes-or-so"]).await;
+    let forged = jwt_hs256(
+        "another-secret-of-32-bytes-or-more",
+        json!({"sub": "alice", "exp": now_secs() + 60}),
+    );
+    for (token, words) in [
+        (forged.as_str(), "signature does not match"),
+        ("not-a-token", "not a JWT"),
+    ] {
+        let mut c = s.client().await;
+        let r = c.request(json!({"type": "hello", "token": token})).await;
+        assert_eq!(r["type"], "error", "{r}");
+        assert_eq!(r["code"], "unauthorized");
+        let message = r["message"].as_str().unwrap_or_default();
+        assert!(message.contains(words), "{message}");
+    }
+}
