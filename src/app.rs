@@ -16,6 +16,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 
+/// A live session in the registry: its outbox, and the client address whose
+/// connection slot it holds.
+type Registered = (Arc<Outbox>, Option<std::net::IpAddr>);
+
 /// What every session and handler shares.
 pub struct AppState {
     pub config: Config,
@@ -28,7 +32,9 @@ pub struct AppState {
     /// Live sessions, by the outbox through which each is asked to close (a
     /// per-session token would cost every idle connection ~180 bytes); the drain
     /// walks this.
-    sessions: Mutex<HashMap<u64, Arc<Outbox>>>,
+    /// With each, the client address whose `--max-connections-per-ip` slot it
+    /// holds (given back when it is unregistered).
+    sessions: Mutex<HashMap<u64, Registered>>,
     /// Set when a drain starts: the spread (ms) of suggested reconnect delays.
     drain_spread_ms: AtomicU64,
     pub tls: Option<Arc<TlsCerts>>,
@@ -41,20 +47,27 @@ pub struct AppState {
     pub publish_check: Option<crate::hooks::PublishCheck>,
 }
 
-/// One connection's place in its address's count (see [`AppState::take_ip_slot`]).
+/// One connection's place in its address's count (see [`AppState::take_ip_slot`]):
+/// given back when dropped, unless handed over to a registered session.
 pub struct IpSlot {
     state: Arc<AppState>,
     ip: std::net::IpAddr,
+    held: bool,
+}
+
+impl IpSlot {
+    /// The session registry keeps the slot from now on (see
+    /// [`AppState::register_session`]).
+    fn hand_over(mut self) -> std::net::IpAddr {
+        self.held = false;
+        self.ip
+    }
 }
 
 impl Drop for IpSlot {
     fn drop(&mut self) {
-        let mut m = self.state.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = m.get_mut(&self.ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                m.remove(&self.ip);
-            }
+        if self.held {
+            self.state.release_ip(self.ip);
         }
     }
 }
@@ -114,6 +127,7 @@ impl AppState {
         Some(IpSlot {
             state: Arc::clone(self),
             ip,
+            held: true,
         })
     }
 
@@ -123,21 +137,40 @@ impl AppState {
 
     /// Register a session; its outbox is closed when the drain reaches it (at once
     /// if the drain has already begun).
-    pub fn register_session(&self, id: u64, outbox: &Arc<Outbox>) {
+    /// The session takes over `slot` (its address's connection count): it is
+    /// given back when the session is unregistered. Kept here rather than in the
+    /// session's task, whose state every idle connection pays for.
+    pub fn register_session(&self, id: u64, outbox: &Arc<Outbox>, slot: Option<IpSlot>) {
         if self.shutdown.is_cancelled() {
             outbox.close();
         }
+        let ip = slot.map(IpSlot::hand_over);
         self.sessions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id, outbox.clone());
+            .insert(id, (outbox.clone(), ip));
     }
 
     pub fn unregister_session(&self, id: u64) {
-        self.sessions
+        let gone = self
+            .sessions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
+        if let Some((_, Some(ip))) = gone {
+            self.release_ip(ip);
+        }
+    }
+
+    /// Give back one of `ip`'s connection slots.
+    fn release_ip(&self, ip: std::net::IpAddr) {
+        let mut m = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&ip);
+            }
+        }
     }
 
     /// A reconnect delay to suggest in `closing`: random within the drain's spread,
@@ -153,7 +186,7 @@ impl AppState {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
-            .cloned()
+            .map(|(o, _)| o.clone())
             .collect()
     }
 

@@ -448,12 +448,9 @@ async fn ws_handler(
     tokio::spawn(tracker.track_future(async move {
         match upgrade.await {
             Ok(io) => {
-                let session = session::run(WsStream::new(TokioIo::new(io), max), state, remote);
-                // The address's slot is held for the session's life.
-                let session = async move {
-                    let _slot = slot;
-                    session.await;
-                };
+                // The session's registration holds the address's slot from here.
+                let io = WsStream::new(TokioIo::new(io), max);
+                let session = session::run(io, state, remote, Some(slot));
                 tokio::spawn(session_tracker.track_future(session));
             }
             Err(e) => tracing::debug!(%remote, error = %e, "WebSocket upgrade failed"),

@@ -109,6 +109,7 @@ pub fn run(
     socket: Socket,
     state: Arc<AppState>,
     remote: SocketAddr,
+    slot: Option<crate::app::IpSlot>,
 ) -> tracing::instrument::Instrumented<impl Future<Output = ()>> {
     let id = state.next_conn_id();
     // `remote` is the client (behind trusted proxies: from X-Forwarded-For).
@@ -120,7 +121,7 @@ pub fn run(
         tracing::debug_span!("conn", id, remote = %remote.ip(), user = tracing::field::Empty);
     let cfg = &state.config;
     let outbox = Arc::new(Outbox::new(cfg.send_queue, cfg.send_queue_bytes));
-    state.register_session(id, &outbox);
+    state.register_session(id, &outbox, slot);
     let now = Instant::now();
     let session = Session {
         bucket: TokenBucket::new(cfg.rate_limit, now.into_std()),
