@@ -678,6 +678,16 @@ async fn a_database_written_by_the_previous_release_opens_and_gains_chat_state()
     let dm = alice.request(json!({"type": "history", "dm": "bob"})).await;
     expect_type(&dm, "history");
     assert_eq!(seqs(&dm["messages"]), vec![1, 2]);
+    // DM pairs from before the upgrade are the users' channels, read up to date.
+    let mut bob = s.client().await;
+    let w = bob.request(json!({"type": "hello", "name": "bob"})).await;
+    expect_type(&w, "welcome");
+    let dm = entry_for(&w["dms"], "dm", "alice");
+    assert_eq!(
+        (&dm["seq"], &dm["read"], &dm["unread"]),
+        (&json!(2), &json!(2), &json!(0)),
+        "{w}"
+    );
 }
 
 // ---------------------------------------------------------------- three nodes

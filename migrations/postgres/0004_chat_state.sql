@@ -21,5 +21,16 @@ CREATE TABLE IF NOT EXISTS read_state (
     PRIMARY KEY (user_id, channel)
 );
 
+-- Direct-message pairs that exist already are both users' channels, read up to
+-- their latest message (history from before the upgrade does not show as unread).
+INSERT INTO read_state (user_id, channel, read_seq, member)
+    SELECT (substr(channel, 2)::json ->> 0), channel, MAX(seq), 1
+    FROM messages WHERE substr(channel, 1, 1) = '@' GROUP BY channel
+    ON CONFLICT DO NOTHING;
+INSERT INTO read_state (user_id, channel, read_seq, member)
+    SELECT (substr(channel, 2)::json ->> 1), channel, MAX(seq), 1
+    FROM messages WHERE substr(channel, 1, 1) = '@' GROUP BY channel
+    ON CONFLICT DO NOTHING;
+
 -- A DM peer's read position (the read receipt listed with the user's DMs).
 CREATE INDEX IF NOT EXISTS read_state_channel ON read_state (channel);

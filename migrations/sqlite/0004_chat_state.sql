@@ -24,5 +24,14 @@ CREATE TABLE IF NOT EXISTS read_state (
     PRIMARY KEY (user_id, channel)
 ) WITHOUT ROWID;
 
+-- Direct-message pairs that exist already are both users' channels, read up to
+-- their latest message (history from before the upgrade does not show as unread).
+INSERT OR IGNORE INTO read_state (user_id, channel, read_seq, member)
+    SELECT json_extract(substr(channel, 2), '$[0]'), channel, MAX(seq), 1
+    FROM messages WHERE substr(channel, 1, 1) = '@' GROUP BY channel;
+INSERT OR IGNORE INTO read_state (user_id, channel, read_seq, member)
+    SELECT json_extract(substr(channel, 2), '$[1]'), channel, MAX(seq), 1
+    FROM messages WHERE substr(channel, 1, 1) = '@' GROUP BY channel;
+
 -- A DM peer's read position (the read receipt listed with the user's DMs).
 CREATE INDEX IF NOT EXISTS read_state_channel ON read_state (channel);
