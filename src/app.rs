@@ -162,6 +162,16 @@ impl AppState {
         }
     }
 
+    /// The client address of session `id` (for logs about it: the session itself
+    /// keeps none, to stay small).
+    pub fn session_ip(&self, id: u64) -> Option<std::net::IpAddr> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .and_then(|(_, ip)| *ip)
+    }
+
     /// Give back one of `ip`'s connection slots.
     fn release_ip(&self, ip: std::net::IpAddr) {
         let mut m = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());

@@ -435,3 +435,26 @@ async fn a_refused_token_is_explained_in_plain_words() {
         assert!(message.contains(words), "{message}");
     }
 }
+
+#[tokio::test]
+async fn a_refused_hello_is_logged_with_the_clients_address() {
+    let s = Server::start(&["--jwt-secret", "the-right-secret-of-32-bytes-or-so"]).await;
+    let mut c = s.client().await;
+    let r = c
+        .request(json!({"type": "hello", "token": "not-a-token"}))
+        .await;
+    assert_eq!(r["type"], "error", "{r}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = s.log();
+        if let Some(line) = log.lines().find(|l| l.contains("hello refused")) {
+            assert!(line.contains("127.0.0.1"), "{line}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no refusal logged: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -156,7 +156,8 @@ impl Session {
                 return Some(Exit::close(close::NO_HELLO, "no valid hello"));
             }
             Err(e) => {
-                tracing::info!(conn = self.id, error = %e, "hello refused");
+                let remote = self.state.session_ip(self.id);
+                tracing::info!(conn = self.id, remote = ?remote, error = %e, "hello refused");
                 self.reply_error(
                     id,
                     &CommandError::new(ErrorCode::Unauthorized, e.to_string()),
@@ -198,7 +199,8 @@ impl Session {
                 .then(|| "token revoked".to_owned())
         }) {
             self.state.hub.unregister(&conn, std::iter::empty::<&str>());
-            tracing::info!(conn = self.id, "hello refused: banned");
+            let remote = self.state.session_ip(self.id);
+            tracing::info!(conn = self.id, remote = ?remote, "hello refused: banned");
             self.reply_error(id, &CommandError::new(ErrorCode::Unauthorized, why));
             return Some(Exit::close(close::UNAUTHORIZED, "banned"));
         }
