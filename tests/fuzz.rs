@@ -7,7 +7,7 @@
 //!
 //! Bounded for the suite (`HUBBUB_FUZZ_CASES`, default 100,000 cases per target,
 //! the frame reader a quarter of that: about 20 s in all on this machine);
-//! `scripts/fuzz` runs fifty times more. A failure is shrunk to a
+//! `scripts/fuzz` runs 200 times more, in release. A failure is shrunk to a
 //! minimal input and saved under `proptest-regressions/`, which every later run
 //! replays first: each crash found becomes a regression test.
 
