@@ -18,7 +18,7 @@ use crate::hub::{Conn, Hub, Outgoing, Submitter};
 use crate::message::{ChannelKey, Current, EntryKind};
 use crate::protocol::events::{ChannelUnread, Unread, read_event};
 use crate::protocol::{CommandError, CommandId, ErrorCode};
-use crate::store::{ChannelState, StoreError};
+use crate::store::{ChannelState, StoreError, Which};
 use crate::ws::Text;
 use std::sync::Arc;
 
@@ -179,7 +179,7 @@ pub async fn current_history(
 ) -> Result<Vec<Current>, CommandError> {
     let store = hub.store();
     let msgs = store
-        .latest_messages(key, before, limit)
+        .latest(key, before, limit, Which::Messages)
         .await
         .map_err(unavailable)?;
     let (Some(first), Some(last)) = (msgs.first(), msgs.last()) else {

@@ -15,6 +15,7 @@ use crate::protocol::events::{Joined, message_refs};
 use crate::protocol::{
     self, CommandError, CommandId, ErrorCode, MAX_JOINED_MEMBERS, MAX_RECOVERY, Since,
 };
+use crate::store::Which;
 use std::sync::Arc;
 use tokio::time::Instant;
 
@@ -47,7 +48,11 @@ impl Hub {
                 .map(|s| s.seq);
             let mut msgs = match from {
                 Some(after) => self.store.range(&key, after, s0).await,
-                None => self.store.latest(&key, Some(s0 + 1), history).await,
+                None => {
+                    self.store
+                        .latest(&key, Some(s0 + 1), history, Which::Entries)
+                        .await
+                }
             }
             .map_err(|e| {
                 tracing::error!(error = %e, "reading history for join failed");

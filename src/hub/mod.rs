@@ -39,7 +39,7 @@ use crate::broker::{Broker, Inbound};
 use crate::message::{ChannelKey, EntryKind, StoredMessage};
 use crate::metrics::Metrics;
 use crate::protocol::{CommandError, CommandId, ErrorCode};
-use crate::store::Store;
+use crate::store::{Store, Which};
 use crate::ws::Text;
 use committer::Job;
 use registry::Registry;
@@ -494,10 +494,13 @@ impl Hub {
         before: Option<u64>,
         limit: u64,
     ) -> Result<Vec<Arc<StoredMessage>>, CommandError> {
-        self.store.latest(key, before, limit).await.map_err(|e| {
-            tracing::error!(error = %e, "reading history failed");
-            CommandError::new(ErrorCode::Unavailable, "history store unavailable")
-        })
+        self.store
+            .latest(key, before, limit, Which::Entries)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "reading history failed");
+                CommandError::new(ErrorCode::Unavailable, "history store unavailable")
+            })
     }
 
     /// Something another node published. Runs on the broker connection's reader:

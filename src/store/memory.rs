@@ -170,27 +170,6 @@ impl MemoryStore {
             .collect()
     }
 
-    pub fn latest_messages(
-        &self,
-        key: &ChannelKey,
-        before: Option<u64>,
-        limit: u64,
-    ) -> Vec<Arc<StoredMessage>> {
-        let map = self.lock();
-        let Some(ring) = map.get(key) else {
-            return Vec::new();
-        };
-        let mut out: Vec<_> = ring
-            .iter()
-            .rev()
-            .filter(|m| m.is_message() && before.is_none_or(|b| m.seq < b))
-            .take(usize::try_from(limit).unwrap_or(usize::MAX))
-            .cloned()
-            .collect();
-        out.reverse();
-        out
-    }
-
     pub fn annotations(&self, key: &ChannelKey, first: u64, last: u64) -> Vec<Arc<StoredMessage>> {
         let map = self.lock();
         map.get(key).map_or_else(Vec::new, |ring| {
@@ -219,6 +198,7 @@ impl MemoryStore {
         key: &ChannelKey,
         before: Option<u64>,
         limit: u64,
+        which: super::Which,
     ) -> Vec<Arc<StoredMessage>> {
         let map = self.lock();
         let Some(ring) = map.get(key) else {
@@ -228,6 +208,7 @@ impl MemoryStore {
             .iter()
             .rev()
             .filter(|m| before.is_none_or(|b| m.seq < b))
+            .filter(|m| which == super::Which::Entries || m.is_message())
             .take(usize::try_from(limit).unwrap_or(usize::MAX))
             .cloned()
             .collect();

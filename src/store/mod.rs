@@ -281,24 +281,25 @@ impl Store {
         }
     }
 
-    /// The newest `limit` messages with `seq < before` (all if `before` is None),
-    /// ascending.
+    /// The newest `limit` entries (or, with [`Which::Messages`], messages only)
+    /// with `seq < before` (all if `before` is None), ascending.
     pub async fn latest(
         &self,
         key: &ChannelKey,
         before: Option<u64>,
         limit: u64,
+        which: Which,
     ) -> Result<Vec<Arc<StoredMessage>>, StoreError> {
         if limit == 0 || before == Some(0) {
             return Ok(Vec::new());
         }
         match self {
-            Store::Local(LocalStore::Sqlite(s)) => s.latest(key, before, limit).await,
+            Store::Local(LocalStore::Sqlite(s)) => s.latest(key, before, limit, which).await,
             Store::Local(LocalStore::Memory(s)) => {
                 tokio::task::yield_now().await;
-                Ok(s.latest(key, before, limit))
+                Ok(s.latest(key, before, limit, which))
             }
-            Store::Shared(s) => s.latest(key, before, limit).await,
+            Store::Shared(s) => s.latest(key, before, limit, which).await,
         }
     }
 
@@ -313,24 +314,6 @@ impl Store {
             .await?
             .into_iter()
             .next())
-    }
-
-    /// The newest `limit` messages (entries of kind message only) with
-    /// `seq < before`, ascending.
-    pub async fn latest_messages(
-        &self,
-        key: &ChannelKey,
-        before: Option<u64>,
-        limit: u64,
-    ) -> Result<Vec<Arc<StoredMessage>>, StoreError> {
-        if limit == 0 || before == Some(0) {
-            return Ok(Vec::new());
-        }
-        match self {
-            Store::Local(LocalStore::Sqlite(s)) => s.latest_messages(key, before, limit).await,
-            Store::Local(LocalStore::Memory(s)) => Ok(s.latest_messages(key, before, limit)),
-            Store::Shared(s) => s.latest_messages(key, before, limit).await,
-        }
     }
 
     /// The edits and reactions whose target is in `first..=last`, ascending by seq.
@@ -606,6 +589,15 @@ pub enum WebhookLeader {
     /// The connection holding the lock, out of the pool: closing it (or this
     /// node dying) frees the lock for another node.
     Shared(Box<sqlx::PgConnection>),
+}
+
+/// Which entries [`Store::latest`] counts and returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Which {
+    /// Every entry of the stream (messages, edits, deletes, reactions).
+    Entries,
+    /// Messages only (`history` with `current: true`).
+    Messages,
 }
 
 /// An entry row as both SQL stores return it (see `select_entries!`).

@@ -17,7 +17,7 @@
 
 use super::{
     ChannelInit, ChannelKey, MAX_UNREAD, Row, Sequenced, StateRow, StoreError, StoredMessage,
-    kind_columns, new_epoch, to_message, to_seq,
+    Which, kind_columns, new_epoch, to_message, to_seq,
 };
 use crate::message::EntryKind;
 use sqlx::PgPool;
@@ -359,36 +359,23 @@ impl PgStore {
         key: &ChannelKey,
         before: Option<u64>,
         limit: u64,
+        which: Which,
     ) -> Result<Vec<Arc<StoredMessage>>, StoreError> {
         let before = before.map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
-        let mut rows: Vec<Row> = sqlx::query_as(select_entries!(
-            "WHERE channel = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
-        ))
-        .bind(key.storage_key())
-        .bind(before)
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.reverse();
-        rows.into_iter().map(|r| to_message(key, r)).collect()
-    }
-
-    /// [`Self::latest`], messages only.
-    pub async fn latest_messages(
-        &self,
-        key: &ChannelKey,
-        before: Option<u64>,
-        limit: u64,
-    ) -> Result<Vec<Arc<StoredMessage>>, StoreError> {
-        let before = before.map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
-        let mut rows: Vec<Row> = sqlx::query_as(select_entries!(
-            "WHERE channel = $1 AND seq < $2 AND kind = 0 ORDER BY seq DESC LIMIT $3"
-        ))
-        .bind(key.storage_key())
-        .bind(before)
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await?;
+        let query = match which {
+            Which::Entries => {
+                select_entries!("WHERE channel = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3")
+            }
+            Which::Messages => select_entries!(
+                "WHERE channel = $1 AND seq < $2 AND kind = 0 ORDER BY seq DESC LIMIT $3"
+            ),
+        };
+        let mut rows: Vec<Row> = sqlx::query_as(query)
+            .bind(key.storage_key())
+            .bind(before)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await?;
         rows.reverse();
         rows.into_iter().map(|r| to_message(key, r)).collect()
     }

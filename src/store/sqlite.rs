@@ -9,8 +9,8 @@
 //! that arrived together), not from weakening the sync mode.
 
 use super::{
-    ChannelInit, ChannelKey, MAX_UNREAD, Row, StateRow, StoreError, StoredMessage, ensure_dir,
-    kind_columns, new_epoch, to_message, to_seq,
+    ChannelInit, ChannelKey, MAX_UNREAD, Row, StateRow, StoreError, StoredMessage, Which,
+    ensure_dir, kind_columns, new_epoch, to_message, to_seq,
 };
 use crate::message::EntryKind;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -226,36 +226,23 @@ impl SqliteStore {
         key: &ChannelKey,
         before: Option<u64>,
         limit: u64,
+        which: Which,
     ) -> Result<Vec<Arc<StoredMessage>>, StoreError> {
         let before = before.map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
-        let mut rows: Vec<Row> = sqlx::query_as(select_entries!(
-            "WHERE channel = ? AND seq < ? ORDER BY seq DESC LIMIT ?"
-        ))
-        .bind(key.storage_key())
-        .bind(before)
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.reverse();
-        rows.into_iter().map(|r| to_message(key, r)).collect()
-    }
-
-    /// [`Self::latest`], messages only (no edits, deletes or reactions).
-    pub async fn latest_messages(
-        &self,
-        key: &ChannelKey,
-        before: Option<u64>,
-        limit: u64,
-    ) -> Result<Vec<Arc<StoredMessage>>, StoreError> {
-        let before = before.map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
-        let mut rows: Vec<Row> = sqlx::query_as(select_entries!(
-            "WHERE channel = ? AND seq < ? AND kind = 0 ORDER BY seq DESC LIMIT ?"
-        ))
-        .bind(key.storage_key())
-        .bind(before)
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await?;
+        let query = match which {
+            Which::Entries => {
+                select_entries!("WHERE channel = ? AND seq < ? ORDER BY seq DESC LIMIT ?")
+            }
+            Which::Messages => select_entries!(
+                "WHERE channel = ? AND seq < ? AND kind = 0 ORDER BY seq DESC LIMIT ?"
+            ),
+        };
+        let mut rows: Vec<Row> = sqlx::query_as(query)
+            .bind(key.storage_key())
+            .bind(before)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await?;
         rows.reverse();
         rows.into_iter().map(|r| to_message(key, r)).collect()
     }
