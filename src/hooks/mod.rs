@@ -18,6 +18,7 @@ use crate::message::{ChannelKey, EntryKind};
 use crate::protocol::api::{PublishCheckRequest, PublishVerdict, parse_publish_verdict};
 use crate::protocol::{self, CommandError, ErrorCode, ParseLimits};
 use aws_lc_rs::hmac;
+use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
@@ -48,10 +49,30 @@ impl Signer {
         let mut out = String::with_capacity(7 + 64);
         out.push_str("sha256=");
         for b in tag.as_ref() {
-            out.push_str(&format!("{b:02x}"));
+            // Writing to a String cannot fail.
+            let _ = write!(out, "{b:02x}");
         }
         out
     }
+}
+
+/// A JSON POST of `body` to `url`, with `Hubbub-Timestamp` and `Hubbub-Signature`
+/// when there is a signer: the one request shape of the publish check and the
+/// webhooks.
+fn signed_post(
+    client: &reqwest::Client,
+    url: &str,
+    signer: Option<&Signer>,
+    body: String,
+) -> reqwest::RequestBuilder {
+    let mut req = client.post(url).header("content-type", "application/json");
+    if let Some(signer) = signer {
+        let ts = (crate::hub::now_ms() / 1000).to_string();
+        req = req
+            .header("hubbub-signature", signer.signature(&ts, body.as_bytes()))
+            .header("hubbub-timestamp", ts);
+    }
+    req.body(body)
 }
 
 /// The publish check (`--publish-check-url`).
@@ -185,21 +206,8 @@ impl PublishCheck {
 
     /// POST `body`, signed, and read the verdict; an error says why there is none.
     async fn ask(&self, body: String) -> Result<PublishVerdict, String> {
-        let mut req = self
-            .client
-            .post(&self.url)
-            .header("content-type", "application/json");
-        if let Some(signer) = &self.signer {
-            let ts = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0)
-                .to_string();
-            req = req
-                .header("hubbub-signature", signer.signature(&ts, body.as_bytes()))
-                .header("hubbub-timestamp", ts);
-        }
-        let res = req.body(body).send().await.map_err(|e| {
+        let req = signed_post(&self.client, &self.url, self.signer.as_ref(), body);
+        let res = req.send().await.map_err(|e| {
             if e.is_timeout() {
                 format!("no answer within {:?}", self.timeout)
             } else {

@@ -180,17 +180,8 @@ impl Webhooks {
 
     /// POST one batch, signed; Ok on a 2xx.
     async fn post(&self, body: String) -> Result<(), String> {
-        let mut req = self
-            .client
-            .post(&self.url)
-            .header("content-type", "application/json");
-        if let Some(signer) = &self.signer {
-            let ts = (crate::hub::now_ms() / 1000).to_string();
-            req = req
-                .header("hubbub-signature", signer.signature(&ts, body.as_bytes()))
-                .header("hubbub-timestamp", ts);
-        }
-        let res = req.body(body).send().await.map_err(|e| e.to_string())?;
+        let req = super::signed_post(&self.client, &self.url, self.signer.as_ref(), body);
+        let res = req.send().await.map_err(|e| e.to_string())?;
         if res.status().is_success() {
             Ok(())
         } else {
