@@ -135,6 +135,27 @@ fn hook_args(port: u16) -> Vec<String> {
     .into()
 }
 
+/// Nodes a and b on a fresh database and a private Redis, posting to `port`.
+/// Bound in this order by the caller, they are dropped nodes first.
+async fn two_nodes(port: u16) -> (Database, Redis, Vec<Server>) {
+    let db = Database::create();
+    let redis = Redis::start();
+    let mut nodes = Vec::new();
+    for id in ["a", "b"] {
+        let (url, redis_url) = (db.url(), redis.url());
+        let args = [
+            "--database-url",
+            &url,
+            "--redis-url",
+            &redis_url,
+            "--node-id",
+            id,
+        ];
+        nodes.push(start(port, &args).await);
+    }
+    (db, redis, nodes)
+}
+
 async fn start(port: u16, extra: &[&str]) -> Server {
     let mut args = hook_args(port);
     args.extend(extra.iter().map(|s| s.to_string()));
@@ -271,26 +292,7 @@ async fn on_two_nodes_each_event_is_sent_once() {
     let port = free_port();
     let r = Receiver::default();
     r.listen(port).await;
-    let db = Database::create();
-    let redis = Redis::start();
-    let mut nodes = Vec::new();
-    for id in ["a", "b"] {
-        let (url, redis_url) = (db.url(), redis.url());
-        nodes.push(
-            start(
-                port,
-                &[
-                    "--database-url",
-                    &url,
-                    "--redis-url",
-                    &redis_url,
-                    "--node-id",
-                    id,
-                ],
-            )
-            .await,
-        );
-    }
+    let (_db, _redis, nodes) = two_nodes(port).await;
     let mut on_a = nodes[0].member("alice", "r").await;
     let mut on_b = nodes[1].member("bob", "r").await;
     send_many(&mut on_a, "r", 50).await;
@@ -369,26 +371,7 @@ async fn a_user_with_two_tabs_on_two_nodes_is_online_once_and_joins_once() {
     let port = free_port();
     let r = Receiver::default();
     r.listen(port).await;
-    let db = Database::create();
-    let redis = Redis::start();
-    let mut nodes = Vec::new();
-    for id in ["a", "b"] {
-        let (url, redis_url) = (db.url(), redis.url());
-        nodes.push(
-            start(
-                port,
-                &[
-                    "--database-url",
-                    &url,
-                    "--redis-url",
-                    &redis_url,
-                    "--node-id",
-                    id,
-                ],
-            )
-            .await,
-        );
-    }
+    let (_db, _redis, nodes) = two_nodes(port).await;
     let tab1 = nodes[0].member("ann", "r").await;
     let p = until_presence(&r, "ann", 2).await;
     assert_eq!(
