@@ -689,6 +689,9 @@ impl Config {
         if self.max_message < 256 {
             return Err(invalid("max_message", "must be at least 256 bytes"));
         }
+        if self.max_reply_bytes < 1024 {
+            return Err(invalid("max_reply_bytes", "must be at least 1024 bytes"));
+        }
         if self.rate_limit == 0 {
             return Err(invalid("rate_limit", "must be at least 1"));
         }
@@ -843,6 +846,8 @@ settings! {
         "WebSocket connections one client address may hold on this node (behind `--trusted-proxies`, the forwarded address); beyond it a handshake gets 429 with `Retry-After`; 0: no limit";
     max_connections_per_user: usize = "100"; Value "N";
         "connections one user may hold on this node; a `hello` beyond it closes the user's oldest connection (`closing`, then 1008); 0: no limit";
+    max_reply_bytes: usize = "524288"; Value "BYTES";
+        "about how many bytes of messages one `history` or `joined` carries at most (the oldest are left out: `more: true` in `history`, `recovered: false` in `joined`); each 64 KiB of a reply costs one more rate-limit token";
     max_rooms_per_conn: usize = "100"; Value "N";
         "rooms one connection may join";
     send_queue: usize = "1024"; Value "N";

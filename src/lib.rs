@@ -4,6 +4,7 @@
 //!
 //! - [`server`]: the listener and HTTP surface (`/ws`, `/healthz`, `/readyz`,
 //!   `/metrics`), and graceful shutdown.
+//! - [`accept`]: accepting TCP connections, backing off at the open-file limit.
 //! - [`ws`]: RFC 6455 framing (handshake checks, client frames in, server frames
 //!   out with one vectored write per batch), written for small idle connections.
 //! - [`app`]: the state every session and handler shares.
@@ -30,6 +31,7 @@
 //! - [`web`]: the embedded chat page and JavaScript SDK.
 //! - [`tls`]: rustls termination with certificate reload.
 
+pub mod accept;
 pub mod api;
 pub mod app;
 pub mod auth;

@@ -53,6 +53,15 @@ impl TokenBucket {
         self.check_cost(now, 1.0)
     }
 
+    /// Take `tokens` for something already done (a large reply): the bucket may
+    /// go into debt down to minus its burst, and refuses until it is paid back.
+    pub fn charge(&mut self, now: Instant, tokens: f64) {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens =
+            ((self.tokens + elapsed * self.rate).min(self.burst) - tokens).max(-self.burst);
+    }
+
     /// [`TokenBucket::check`] for something that costs `cost` tokens (a fraction
     /// for the frames the protocol does not limit, so that only a flood of them
     /// empties the bucket).
@@ -92,6 +101,24 @@ mod tests {
             assert_eq!(b.check_cost(t0, 0.1), Verdict::Allowed);
         }
         assert_eq!(b.check_cost(t0, 0.1), Verdict::Refused);
+    }
+
+    #[test]
+    fn a_charge_puts_the_bucket_in_debt_until_it_refills() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(10, t0);
+        b.charge(t0, 25.0); // 20 - 25 = -5
+        assert_eq!(b.check(t0 + Duration::from_millis(500)), Verdict::Refused);
+        assert_eq!(b.check(t0 + Duration::from_millis(610)), Verdict::Allowed);
+    }
+
+    #[test]
+    fn a_charge_never_puts_the_bucket_deeper_than_its_burst() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(10, t0);
+        b.charge(t0, 1000.0); // floor: -20
+        assert_eq!(b.check(t0 + Duration::from_millis(2050)), Verdict::Refused);
+        assert_eq!(b.check(t0 + Duration::from_millis(2110)), Verdict::Allowed);
     }
 
     #[test]

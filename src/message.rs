@@ -187,6 +187,44 @@ impl StoredMessage {
     pub fn is_message(&self) -> bool {
         self.kind == EntryKind::Message
     }
+
+    /// About how many bytes this entry takes in a reply: its strings plus the
+    /// fields' names and numbers. JSON escaping can add to it; reply budgets
+    /// ([`keep_newest_within`]) leave room for that.
+    pub fn reply_size(&self) -> usize {
+        const FIXED: usize = 120;
+        FIXED
+            + self.text.len()
+            + self.from.len()
+            + self.name.len()
+            + self.meta.as_ref().map_or(0, |m| m.get().len())
+            + self.client_id.as_ref().map_or(0, String::len)
+    }
+}
+
+/// Drop the oldest of `items` (ascending) until the rest is at most `budget`
+/// bytes by `size`; the newest one is always kept, so a reply never comes back
+/// empty because of one large entry. Returns whether any were dropped.
+pub fn keep_newest_within<T>(
+    items: &mut Vec<T>,
+    budget: usize,
+    size: impl Fn(&T) -> usize,
+) -> bool {
+    let mut total = 0usize;
+    let mut keep = 0usize;
+    for item in items.iter().rev() {
+        total = total.saturating_add(size(item));
+        if keep > 0 && total > budget {
+            break;
+        }
+        keep += 1;
+    }
+    if keep < items.len() {
+        items.drain(..items.len() - keep);
+        true
+    } else {
+        false
+    }
 }
 
 /// A message in its current state: the last edit's text, who reacted with what.
@@ -198,6 +236,19 @@ pub struct Current {
     pub edited_ts: Option<i64>,
     /// Emoji -> users who reacted with it, both in the order of the first reaction.
     pub reactions: Vec<(String, Vec<String>)>,
+}
+
+impl Current {
+    /// [`StoredMessage::reply_size`] with the edited text and the reactions.
+    pub fn reply_size(&self) -> usize {
+        self.msg.reply_size()
+            + self.edited_text.as_ref().map_or(0, |t| t.len() + 40)
+            + self
+                .reactions
+                .iter()
+                .map(|(e, users)| e.len() + 8 + users.iter().map(|u| u.len() + 3).sum::<usize>())
+                .sum::<usize>()
+    }
 }
 
 /// Fold `entries` (edits and reactions, ascending by `seq`) into the current
@@ -256,6 +307,27 @@ pub fn current(messages: Vec<Arc<StoredMessage>>, entries: &[Arc<StoredMessage>]
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn keep_newest_within_drops_the_oldest_until_the_rest_fits() {
+        let mut v = vec![10, 20, 30, 40];
+        assert!(keep_newest_within(&mut v, 75, |n| *n));
+        assert_eq!(v, vec![30, 40]);
+    }
+
+    #[test]
+    fn keep_newest_within_keeps_everything_that_fits() {
+        let mut v = vec![10, 20];
+        assert!(!keep_newest_within(&mut v, 30, |n| *n));
+        assert_eq!(v, vec![10, 20]);
+    }
+
+    #[test]
+    fn keep_newest_within_keeps_the_newest_even_when_it_alone_is_over_budget() {
+        let mut v = vec![10, 500];
+        assert!(keep_newest_within(&mut v, 100, |n| *n));
+        assert_eq!(v, vec![500]);
+    }
+
     use super::*;
 
     fn entry(seq: u64, from: &str, kind: EntryKind, text: &str) -> Arc<StoredMessage> {

@@ -36,7 +36,7 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
         )?
         .install_recorder()?;
     describe();
-    metrics_process::Collector::default().describe();
+    describe_process();
     Ok(handle)
 }
 
@@ -45,7 +45,64 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
 /// `process_threads`, …) from /proc. Called on each scrape of `/metrics`, so they
 /// are as fresh as the scrape; `hubbub-bench` reads them when it has no PID.
 pub fn collect_process() {
-    metrics_process::Collector::default().collect();
+    let m = metrics_process::collector::collect();
+    let gauges = [
+        ("process_open_fds", m.open_fds),
+        ("process_max_fds", m.max_fds),
+        ("process_virtual_memory_bytes", m.virtual_memory_bytes),
+        (
+            "process_virtual_memory_max_bytes",
+            m.virtual_memory_max_bytes,
+        ),
+        ("process_resident_memory_bytes", m.resident_memory_bytes),
+        ("process_start_time_seconds", m.start_time_seconds),
+        ("process_threads", m.threads),
+    ];
+    for (name, v) in gauges {
+        if let Some(v) = v {
+            gauge!(name).set(v as f64);
+        }
+    }
+}
+
+/// `process_cpu_seconds_total` with its fraction: metrics-process hands it to
+/// the `metrics` crate as an integer counter, which cut it to whole seconds (0 on
+/// a server that has used 0.9 s), so it is rendered here, from /proc, instead.
+pub fn render_process_cpu(out: &mut String) {
+    if let Some(cpu) = metrics_process::collector::collect().cpu_seconds_total {
+        let _ = write!(
+            out,
+            "# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.\n\
+             # TYPE process_cpu_seconds_total counter\n\
+             process_cpu_seconds_total {cpu}\n"
+        );
+    }
+}
+
+/// Help texts of the process metrics [`collect_process`] sets.
+fn describe_process() {
+    describe_gauge!("process_open_fds", "Number of open file descriptors.");
+    describe_gauge!(
+        "process_max_fds",
+        "Maximum number of open file descriptors (0: unlimited)."
+    );
+    describe_gauge!(
+        "process_virtual_memory_bytes",
+        "Virtual memory size in bytes."
+    );
+    describe_gauge!(
+        "process_virtual_memory_max_bytes",
+        "Maximum amount of virtual memory available in bytes (0: unlimited)."
+    );
+    describe_gauge!(
+        "process_resident_memory_bytes",
+        "Resident memory size in bytes."
+    );
+    describe_gauge!(
+        "process_start_time_seconds",
+        "Start time of the process since unix epoch in seconds."
+    );
+    describe_gauge!("process_threads", "Number of OS threads in the process.");
 }
 
 fn describe() {
@@ -54,6 +111,14 @@ fn describe() {
         "Open WebSocket connections, by state (awaiting_hello, active, closing)"
     );
     describe_counter!("hubbub_connections_total", "WebSocket connections accepted");
+    describe_gauge!(
+        "hubbub_accept_paused",
+        "1 while accepting new connections is paused (out of file descriptors), else 0"
+    );
+    describe_counter!(
+        "hubbub_accept_errors_total",
+        "Failed accepts that paused accepting, by reason (process_open_files, system_open_files, out_of_memory, other)"
+    );
     describe_gauge!(
         "hubbub_users",
         "Distinct users with at least one active connection"
@@ -319,6 +384,7 @@ impl Metrics {
     /// exporter, to append to its render.
     pub fn render_own(&self) -> String {
         let mut out = String::new();
+        render_process_cpu(&mut out);
         self.outbox_depth.render(&mut out);
         self.batch_size.render(&mut out);
         out

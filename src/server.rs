@@ -10,6 +10,7 @@
 //! within `--shutdown-timeout`. Must not: handle protocol commands (that is
 //! `session`), or reach into the hub's parts: it only starts and stops the hub.
 
+use crate::accept::Acceptor;
 use crate::app::AppState;
 use crate::auth::{Authenticator, KeyError};
 use crate::broker::{Broker, BrokerError};
@@ -106,6 +107,7 @@ impl Server {
         let broker = Broker::connect(&config.broker(), metrics.clone()).await?;
         let options = HubOptions {
             presence_events_max: config.presence_events_max,
+            max_reply_bytes: config.max_reply_bytes,
         };
         let hub = Hub::start(store, broker, metrics.clone(), options);
         crate::hooks::webhooks::Webhooks::start(&config, &hub, shutdown.clone())?;
@@ -202,7 +204,11 @@ impl Server {
                         .await?;
                 }
                 None => {
-                    let listener = PlainListener(self.listener, state.config.handshake_timeout);
+                    let listener = PlainListener(
+                        self.listener,
+                        state.config.handshake_timeout,
+                        Acceptor::new(),
+                    );
                     axum::serve(listener, app)
                         .with_graceful_shutdown(stopped)
                         .await?;
@@ -291,15 +297,7 @@ async fn drain_sessions(state: &AppState, deadline: Instant) {
 /// `--max-connections` when not given: the process's open-file limit less 256
 /// descriptors for the store, the broker, listeners and new handshakes.
 fn default_max_connections() -> usize {
-    let soft = std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("Max open files"))
-                .and_then(|l| l.split_whitespace().nth(3).map(str::to_owned))
-        })
-        .and_then(|v| v.parse::<usize>().ok());
-    soft.map_or(10_000, |n| n.saturating_sub(256).max(16))
+    crate::accept::open_file_limit().map_or(10_000, |n| n.saturating_sub(256).max(16))
 }
 
 /// The client's address: the peer, or, when the peer is a trusted proxy, the
@@ -345,17 +343,15 @@ impl Connected<IncomingStream<'_, PlainListener>> for PeerAddr {
 
 /// A plain TCP listener that sets TCP_NODELAY on every connection (axum's does
 /// not, and small frames would otherwise wait behind Nagle's algorithm).
-pub struct PlainListener(TcpListener, Duration);
+/// At the open-file limit it backs off (`crate::accept`).
+pub struct PlainListener(TcpListener, Duration, Acceptor);
 
 impl Listener for PlainListener {
     type Io = crate::handshake::Guarded<tokio::net::TcpStream>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let (tcp, addr) = Listener::accept(&mut self.0).await;
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "set_nodelay failed");
-        }
+        let (tcp, addr) = self.2.accept(&self.0).await;
         (crate::handshake::Guarded::new(tcp, self.1), addr)
     }
 

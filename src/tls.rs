@@ -7,6 +7,7 @@
 //! others). Must not: know about HTTP or WebSockets. A reload affects new
 //! connections only; established ones keep the session they negotiated.
 
+use crate::accept::Acceptor;
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -122,32 +123,16 @@ impl TlsListener {
         let local = listener.local_addr()?;
         let (tx, ready) = mpsc::channel(READY_QUEUE);
         tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(5);
+            let mut acceptor = Acceptor::new();
             loop {
-                let accepted = tokio::select! {
+                let (tcp, addr) = tokio::select! {
                     _ = stop.cancelled() => return,
-                    r = listener.accept() => r,
+                    r = acceptor.accept(&listener) => r,
                 };
-                let (tcp, addr) = match accepted {
-                    Ok(x) => {
-                        backoff = Duration::from_millis(5);
-                        x
-                    }
-                    Err(e) => {
-                        // Out of file descriptors and the like: wait and retry.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
-                        continue;
-                    }
-                };
-                if let Err(e) = tcp.set_nodelay(true) {
-                    tracing::debug!(error = %e, "set_nodelay failed");
-                }
-                let acceptor = certs.acceptor();
+                let tls = certs.acceptor();
                 let tx = tx.clone();
                 tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
                         Ok(Ok(tls)) => {
                             let _ = tx.send((tls, addr)).await;
                         }

@@ -626,3 +626,176 @@ async fn behind_a_trusted_proxy_the_forwarded_address_is_what_is_counted() {
     let (st, _, _) = handshake_status(&s, Some("203.0.113.1")).await;
     assert_eq!(st, 429, "the first client again");
 }
+
+#[tokio::test]
+async fn at_the_open_file_limit_accepting_pauses_once_open_connections_are_served_and_it_recovers()
+{
+    // 64 descriptors: the store, the runtime and the listener take a few dozen.
+    let s = Server::start_with_nofile(
+        &["--max-connections", "1000", "--handshake-timeout", "60"],
+        64,
+    )
+    .await;
+    let mut alice = s.member("alice", "r").await;
+    let mut bob = s.member("bob", "r").await;
+
+    // Bare TCP connections until the server is out of descriptors (the rest wait
+    // in the kernel's backlog).
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        held.push(
+            tokio::net::TcpStream::connect(s.addr)
+                .await
+                .expect("the kernel takes the connection"),
+        );
+    }
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    while !s.log().contains("cannot accept new connections") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pause is logged; log:\n{}",
+            s.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The connections it has are still served.
+    let ack = alice
+        .request(json!({"type": "send", "room": "r", "text": "still here"}))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let m = bob.recv_type("message").await;
+    assert_eq!(m["text"], "still here");
+
+    // Files free up: new clients get in again.
+    drop(held);
+    let mut carol = tokio::time::timeout(common::WAIT, s.member("carol", "r"))
+        .await
+        .expect("a new client gets in once descriptors are free");
+    let p = carol.request(json!({"type": "ping"})).await;
+    assert_eq!(p["type"], "pong", "{p}");
+
+    let log = s.log();
+    assert_eq!(
+        log.matches("cannot accept new connections").count(),
+        1,
+        "said once, not once per failed accept"
+    );
+    assert!(log.contains("accepting new connections again"), "{log}");
+    let (_, metrics) = s.http_get("/metrics").await;
+    let failed: f64 = metric_value(
+        &metrics,
+        "hubbub_accept_errors_total{reason=\"process_open_files\"}",
+    );
+    assert!(failed >= 1.0, "{metrics}");
+    assert_eq!(metric_value(&metrics, "hubbub_accept_paused"), 0.0);
+}
+
+/// The value of the sample named exactly `series` in a Prometheus text.
+fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{series} in\n{text}"))
+}
+
+/// `n` messages of `chars` characters each into `room`, acked; returns the sender.
+async fn fill_room(s: &Server, room: &str, n: usize, chars: usize) -> Client {
+    let mut c = s.member("filler", room).await;
+    for i in 0..n {
+        let text = format!("{i:04}{}", "x".repeat(chars - 4));
+        let ack = c
+            .request(json!({"type": "send", "room": room, "text": text}))
+            .await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+    }
+    c
+}
+
+#[tokio::test]
+async fn a_history_over_max_reply_bytes_keeps_the_newest_and_says_more() {
+    let s = Server::start(&["--max-reply-bytes", "20000"]).await;
+    let _filler = fill_room(&s, "big", 20, 3000).await;
+    let mut c = s.member("reader", "big").await;
+
+    let first = c
+        .request(json!({"type": "history", "room": "big", "limit": 50}))
+        .await;
+    assert_eq!(first["type"], "history", "{first}");
+    assert_eq!(first["more"], true, "cut short by bytes: {first}");
+    let page1 = common::seqs(&first["messages"]);
+    assert!((1..20).contains(&page1.len()), "{page1:?}");
+    assert_eq!(*page1.last().expect("newest"), 20, "the newest are kept");
+    assert!(first.to_string().len() <= 20000 + 4000, "about the budget");
+
+    // Paging with `before` covers every message exactly once.
+    let mut all = page1.clone();
+    let mut before = page1[0];
+    while before > 1 {
+        let r = c
+            .request(json!({"type": "history", "room": "big", "before": before, "limit": 50}))
+            .await;
+        assert_eq!(r["type"], "history", "{r}");
+        let page = common::seqs(&r["messages"]);
+        assert!(!page.is_empty(), "{r}");
+        before = page[0];
+        all.splice(0..0, page);
+    }
+    assert_eq!(all, (1..=20).collect::<Vec<u64>>());
+}
+
+#[tokio::test]
+async fn a_history_within_max_reply_bytes_has_no_more_marker() {
+    let s = Server::start(&[]).await;
+    let _filler = fill_room(&s, "small", 3, 10).await;
+    let mut c = s.member("reader", "small").await;
+    let r = c.request(json!({"type": "history", "room": "small"})).await;
+    assert_eq!(r["type"], "history", "{r}");
+    assert_eq!(common::seqs(&r["messages"]), vec![1, 2, 3]);
+    assert!(r.get("more").is_none(), "{r}");
+}
+
+#[tokio::test]
+async fn a_rejoin_whose_missed_messages_exceed_max_reply_bytes_is_not_recovered() {
+    let s = Server::start(&["--max-reply-bytes", "20000"]).await;
+    let mut c = s.member("reader", "big").await;
+    let epoch = c.request(json!({"type": "join", "room": "big"})).await["epoch"].clone();
+    let _filler = fill_room(&s, "big", 20, 3000).await;
+    let j = c
+        .request(json!({"type": "join", "room": "big", "history": 500,
+                        "since": {"seq": 0, "epoch": epoch}}))
+        .await;
+    assert_eq!(j["type"], "joined", "{j}");
+    assert_eq!(j["recovered"], false, "{j}");
+    let got = common::seqs(&j["messages"]);
+    assert!((1..20).contains(&got.len()), "{got:?}");
+    assert_eq!(*got.last().expect("newest"), 20);
+}
+
+#[tokio::test]
+async fn large_replies_cost_more_rate_limit_tokens() {
+    let s = Server::start(&["--rate-limit", "10"]).await;
+    // 17 x 4,000 characters: one history of them is over 64 KiB (one more token).
+    let _filler = fill_room(&s, "big", 17, 4000).await;
+    let mut c = s.member("reader", "big").await; // one token of 20
+    for i in 0..15 {
+        c.send(json!({"type": "history", "id": i, "room": "big", "limit": 50}))
+            .await;
+    }
+    let mut served = 0;
+    let mut limited = 0;
+    for i in 0..15 {
+        let r = c.reply_to(json!(i)).await;
+        match r["type"].as_str() {
+            Some("history") => served += 1,
+            Some("error") => {
+                assert_eq!(r["code"], "rate_limited", "{r}");
+                limited += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // 19 tokens left at two each: about 10 served, where 15 small ones would be.
+    assert!((9..=11).contains(&served), "served {served}");
+    assert_eq!(served + limited, 15);
+}

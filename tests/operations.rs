@@ -597,3 +597,27 @@ async fn every_metric_the_grafana_dashboard_queries_is_exported() {
         }
     }
 }
+
+#[tokio::test]
+async fn process_cpu_seconds_keep_their_fraction_and_are_a_counter() {
+    let s = Server::start(&[]).await;
+    let _c = s.guest("someone").await;
+    let (_, body) = s.http_get("/metrics").await;
+    assert!(
+        body.contains("# TYPE process_cpu_seconds_total counter"),
+        "{body}"
+    );
+    let cpu: f64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("process_cpu_seconds_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("process_cpu_seconds_total in /metrics");
+    // Starting up took some CPU, and well under a second of it: a whole-second
+    // counter would say 0.
+    assert!(cpu > 0.0, "{cpu}");
+    assert_eq!(
+        body.matches("\nprocess_cpu_seconds_total ").count(),
+        1,
+        "exported once"
+    );
+}

@@ -8,7 +8,7 @@
 use super::{Api, ApiError, json};
 use crate::chat::{self, Actor};
 use crate::hub::{Outgoing, Receipt, Submitter};
-use crate::message::{ChannelKey, EntryKind};
+use crate::message::{ChannelKey, Current, EntryKind, keep_newest_within};
 use crate::protocol::api::{
     Banned, Closed, Deleted, Removed, Revoked, RoomEntry, RoomsPage, Unbanned, UserStatus,
 };
@@ -266,8 +266,11 @@ async fn room_history(
         }
     };
     let key = ChannelKey::Room(room.clone());
+    // Bounded in bytes as the `history` command is (`more: true` when cut).
+    let budget = api.state.config.max_reply_bytes;
     if current {
-        let cur = chat::current_history(&api.state.hub, &key, before, limit).await?;
+        let mut cur = chat::current_history(&api.state.hub, &key, before, limit).await?;
+        let more = keep_newest_within(&mut cur, budget, Current::reply_size);
         let body = CurrentHistory {
             room: Some(&room),
             dm: None,
@@ -275,14 +278,17 @@ async fn room_history(
                 .iter()
                 .map(|cur| CurrentRef { cur, viewer: "" })
                 .collect(),
+            more,
         };
         return Ok(json(StatusCode::OK, protocol::encode(&body)));
     }
-    let msgs = api.state.hub.history(&key, before, limit).await?;
+    let mut msgs = api.state.hub.history(&key, before, limit).await?;
+    let more = keep_newest_within(&mut msgs, budget, |m| m.reply_size());
     let body = History {
         room: Some(&room),
         dm: None,
         messages: message_refs(&msgs, ""),
+        more,
     };
     Ok(json(StatusCode::OK, protocol::encode(&body)))
 }

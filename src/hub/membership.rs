@@ -10,7 +10,7 @@
 //! registers the member, so the reply is queued before any later live message.
 
 use super::{Conn, Hub, lock};
-use crate::message::ChannelKey;
+use crate::message::{ChannelKey, keep_newest_within};
 use crate::protocol::events::{Joined, message_refs};
 use crate::protocol::{
     self, CommandError, CommandId, ErrorCode, MAX_JOINED_MEMBERS, MAX_RECOVERY, Since,
@@ -22,6 +22,7 @@ use tokio::time::Instant;
 impl Hub {
     /// Join `room`: register the member and queue the `joined` reply (with the
     /// missed or latest messages) ahead of any live message that follows it.
+    /// Returns about how many bytes of messages the reply carried.
     pub async fn join(
         self: &Arc<Self>,
         conn: &Arc<Conn>,
@@ -29,7 +30,7 @@ impl Hub {
         room: &str,
         since: Option<Since>,
         history: u64,
-    ) -> Result<(), CommandError> {
+    ) -> Result<usize, CommandError> {
         let key = ChannelKey::Room(room.to_owned());
         let epoch = self.store.epoch();
         loop {
@@ -75,11 +76,17 @@ impl Hub {
             // Recovered only if every message after `since` is here: not too many
             // committed meanwhile, and none missing (a bounded memory ring may have
             // dropped the oldest; claiming recovery then would lose them silently).
-            let recovered = from.is_some_and(|after| {
+            let mut recovered = from.is_some_and(|after| {
                 s1 - after <= MAX_RECOVERY
                     && msgs.len() as u64 == s1 - after
                     && msgs.first().is_none_or(|m| m.seq == after + 1)
             });
+            // A reply bounded in bytes too (a client with a 1 MiB frame limit must
+            // be able to join): missed messages over the budget are not recovered.
+            let budget = self.options.max_reply_bytes;
+            if keep_newest_within(&mut msgs, budget, |m| m.reply_size()) {
+                recovered = false;
+            }
             if !recovered {
                 let keep = usize::try_from(history).unwrap_or(usize::MAX);
                 if msgs.len() > keep {
@@ -111,7 +118,7 @@ impl Hub {
                 },
             );
             conn.send(reply.into());
-            return Ok(());
+            return Ok(msgs.iter().map(|m| m.reply_size()).sum());
         }
     }
 

@@ -185,12 +185,15 @@ pub struct HubOptions {
     /// Rooms with more users than this get `members` counts instead of per-user
     /// `member` events.
     pub presence_events_max: usize,
+    /// About how many bytes of messages a `joined` carries at most.
+    pub max_reply_bytes: usize,
 }
 
 impl Default for HubOptions {
     fn default() -> Self {
         HubOptions {
             presence_events_max: 1000,
+            max_reply_bytes: 512 * 1024,
         }
     }
 }

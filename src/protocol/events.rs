@@ -90,6 +90,10 @@ pub struct History<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dm: Option<&'a str>,
     pub messages: Vec<MessageRef<'a>>,
+    /// Older messages were left out to keep the reply within `max_reply_bytes`:
+    /// ask again with `before` set to the first message's `seq`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub more: bool,
 }
 
 /// `presence`: the reply to `presence`, one page of members by user id.
@@ -459,6 +463,9 @@ pub struct CurrentHistory<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dm: Option<&'a str>,
     pub messages: Vec<CurrentRef<'a>>,
+    /// As in [`History`].
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub more: bool,
 }
 
 /// One of the user's channels in `welcome` and `unread`: its latest `seq`, the

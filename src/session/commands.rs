@@ -15,8 +15,8 @@ use crate::auth::{AuthError, EXP_LEEWAY_SECS, now_secs};
 use crate::chat;
 use crate::hub::{Conn, Outgoing};
 use crate::limits::Verdict;
-use crate::message::ChannelKey;
 use crate::message::EntryKind;
+use crate::message::{ChannelKey, Current, keep_newest_within};
 use crate::metrics::ConnState;
 use crate::protocol::events::{
     CurrentHistory, CurrentRef, History, Left, Limits, Pong, Presence, Refreshed, Welcome,
@@ -28,6 +28,9 @@ use crate::protocol::{
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
+
+/// Bytes of a `history` or `joined` reply that cost one more rate-limit token.
+const REPLY_BYTES_PER_TOKEN: usize = 64 * 1024;
 
 impl Session {
     pub(super) fn reply(&self, frame: String) {
@@ -53,6 +56,16 @@ impl Session {
                 ),
             ),
         );
+    }
+
+    /// A reply of `bytes` of messages costs one more token per 64 KiB (taken
+    /// after the fact, so the next commands wait): a connection cannot pull
+    /// large pages of history faster than about a megabyte a second.
+    fn charge_reply(&mut self, bytes: usize) {
+        let extra = bytes / REPLY_BYTES_PER_TOKEN;
+        if extra > 0 {
+            self.bucket.charge(Instant::now().into_std(), extra as f64);
+        }
     }
 
     fn rate_limit_close(&self) -> Exit {
@@ -409,7 +422,8 @@ impl Session {
                     // its next `welcome` or `unread`.
                     chat::set_member(&hub, &conn.user, &room, true).await?;
                 }
-                hub.join(&conn, id, &room, since, history).await?;
+                let bytes = hub.join(&conn, id, &room, since, history).await?;
+                self.charge_reply(bytes);
                 if !self.in_room(&room) {
                     self.rooms.push(room.into_boxed_str());
                 }
@@ -471,8 +485,11 @@ impl Session {
             } => {
                 let key = self.readable(&conn, &target)?;
                 let (room, dm) = key.target(&conn.user);
+                let budget = self.state.config.max_reply_bytes;
                 if current {
-                    let cur = chat::current_history(&hub, &key, before, limit).await?;
+                    let mut cur = chat::current_history(&hub, &key, before, limit).await?;
+                    let more = keep_newest_within(&mut cur, budget, Current::reply_size);
+                    self.charge_reply(cur.iter().map(Current::reply_size).sum());
                     let messages = cur
                         .iter()
                         .map(|cur| CurrentRef {
@@ -483,16 +500,28 @@ impl Session {
                     self.reply(protocol::reply(
                         "history",
                         id,
-                        CurrentHistory { room, dm, messages },
+                        CurrentHistory {
+                            room,
+                            dm,
+                            messages,
+                            more,
+                        },
                     ));
                     return Ok(());
                 }
-                let msgs = hub.history(&key, before, limit).await?;
+                let mut msgs = hub.history(&key, before, limit).await?;
+                let more = keep_newest_within(&mut msgs, budget, |m| m.reply_size());
+                self.charge_reply(msgs.iter().map(|m| m.reply_size()).sum());
                 let messages = message_refs(&msgs, &conn.user);
                 self.reply(protocol::reply(
                     "history",
                     id,
-                    History { room, dm, messages },
+                    History {
+                        room,
+                        dm,
+                        messages,
+                        more,
+                    },
                 ));
                 Ok(())
             }

@@ -28,6 +28,7 @@ pub struct Server {
     pub dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
     args: Vec<String>,
+    nofile: Option<u32>,
 }
 
 impl Server {
@@ -47,13 +48,30 @@ impl Server {
 
     pub async fn start_with_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let (child, addr) = spawn(dir, &args, env).await;
+        let (child, addr) = spawn(dir, &args, env, None).await;
         Server {
             child: Some(child),
             addr,
             dir: dir.to_path_buf(),
             _tmp: None,
             args,
+            nofile: None,
+        }
+    }
+
+    /// Start with the process's open-file limit (`ulimit -n`) set to `nofile`.
+    pub async fn start_with_nofile(args: &[&str], nofile: u32) -> Server {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let (child, addr) = spawn(&dir, &args, &[], Some(nofile)).await;
+        Server {
+            child: Some(child),
+            addr,
+            dir,
+            _tmp: Some(tmp),
+            args,
+            nofile: Some(nofile),
         }
     }
 
@@ -100,7 +118,7 @@ impl Server {
         if self.child.is_some() {
             self.terminate().await;
         }
-        let (child, addr) = spawn(&self.dir, &self.args, &[]).await;
+        let (child, addr) = spawn(&self.dir, &self.args, &[], self.nofile).await;
         self.child = Some(child);
         self.addr = addr;
     }
@@ -152,13 +170,28 @@ pub fn signal(pid: u32, sig: &str) {
     assert!(status.success(), "kill -{sig} {pid}");
 }
 
-async fn spawn(dir: &Path, args: &[String], env: &[(&str, &str)]) -> (Child, SocketAddr) {
+async fn spawn(
+    dir: &Path,
+    args: &[String],
+    env: &[(&str, &str)],
+    nofile: Option<u32>,
+) -> (Child, SocketAddr) {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("server.log"))
         .expect("log file");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hubbub"));
+    let bin = env!("CARGO_BIN_EXE_hubbub");
+    let mut cmd = match nofile {
+        Some(n) => {
+            let mut c = Command::new("sh");
+            c.arg("-c")
+                .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                .arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
     cmd.arg("--listen")
         .arg("127.0.0.1:0")
         .arg("--data-dir")
