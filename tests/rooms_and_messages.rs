@@ -522,8 +522,17 @@ async fn direct_messages_are_idempotent_by_client_id() {
 
 #[tokio::test]
 async fn a_rejoin_recovering_megabytes_is_delivered_not_closed_as_slow() {
-    // 300 messages of 4,000 characters: a ~1.2 MB joined reply, over the 1 MiB queue cap.
-    let s = Server::start(&["--rate-limit", "100000", "--send-queue", "4096"]).await;
+    // 300 messages of 4,000 characters: a ~1.2 MB joined reply, over the 1 MiB queue cap
+    // (and over the default reply budget, raised here).
+    let s = Server::start(&[
+        "--rate-limit",
+        "100000",
+        "--send-queue",
+        "4096",
+        "--max-reply-bytes",
+        "4000000",
+    ])
+    .await;
     let mut a = s.member("alice", "big").await;
     let epoch = a.request(json!({"type": "join", "room": "big"})).await["epoch"].clone();
     let mut b = s.member("bob", "big").await;

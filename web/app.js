@@ -605,7 +605,8 @@ async function loadOlder() {
     const h = await hub.history({ ...q, before: c.oldest, limit: 50, current: true });
     for (const m of h.messages) c.messages.set(m.seq, m);
     if (h.messages.length) c.oldest = h.messages[0].seq;
-    if (h.messages.length < 50 || c.oldest === 1) c.complete = true;
+    // Fewer than asked for is the start, unless the reply was cut by bytes (`more`).
+    if ((h.messages.length < 50 && !h.more) || c.oldest === 1) c.complete = true;
     if (current === key) {
       renderMessages(false);
       box.scrollTop = box.scrollHeight - fromBottom; // keep the reader's place

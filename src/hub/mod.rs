@@ -297,13 +297,22 @@ impl Hub {
         if !self.broker.healthy() {
             return Err("message broker unreachable".to_owned());
         }
-        if self.store_failing.load(Ordering::Relaxed) {
-            return Err("store commits failing".to_owned());
-        }
-        self.store
+        let checked = self
+            .store
             .check()
             .await
-            .map_err(|e| format!("store unavailable: {e}"))
+            .map_err(|e| format!("store unavailable: {e}"));
+        if self.store_failing.load(Ordering::Relaxed) {
+            // A shared store's failed commit is answered, not retried, so no
+            // commit may come to clear the flag: the store answering again does.
+            // (A local store retries its commit until it succeeds.)
+            if matches!(*self.store, Store::Shared(_)) && checked.is_ok() {
+                self.set_store_failing(false);
+            } else {
+                return Err("store commits failing".to_owned());
+            }
+        }
+        checked
     }
 
     /// The store's history epoch.
