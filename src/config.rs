@@ -750,6 +750,18 @@ impl Config {
                 "needs --redis-url (the seed nodes)",
             ));
         }
+        if let Some(url) = &self.redis_url
+            && url.starts_with(crate::broker::sentinel::SCHEME)
+        {
+            if self.redis_cluster {
+                return Err(invalid(
+                    "redis_cluster",
+                    "a Redis Cluster is not found through sentinels: use one or the other",
+                ));
+            }
+            crate::broker::sentinel::SentinelUrl::parse(url)
+                .map_err(|e| invalid("redis_url", e.to_string()))?;
+        }
         let id_ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
         if self.node_id.is_empty() || self.node_id.len() > 64 || !self.node_id.chars().all(id_ok) {
             return Err(invalid(
@@ -867,7 +879,7 @@ settings! {
     database_url: Option<String> = ""; ["SQLite in `--data-dir`"] Value "URL";
         "`postgres://USER@HOST/DB` (history shared by several nodes) or `sqlite://PATH` (one node; PATH is the database file)";
     redis_url: Option<String> = ""; Value "URL";
-        "Redis for fan-out and presence between nodes (needs a `postgres://` database); with `--redis-cluster`, a comma-separated list of seed nodes";
+        "Redis for fan-out and presence between nodes (needs a `postgres://` database): `redis://HOST:PORT`, `redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE` (the primary the sentinels monitor, followed through failovers), or with `--redis-cluster` a comma-separated list of seed nodes";
     redis_cluster: bool = "false"; ["off"] Flag "";
         "the Redis is a Redis Cluster: sharded pub/sub (`SPUBLISH`/`SSUBSCRIBE`, Redis 7)";
     node_id: String = default_node_id(); ["host name"] Value "NAME";

@@ -14,6 +14,7 @@
 //! this module names Redis.
 
 pub mod redis;
+pub mod sentinel;
 
 use self::redis::{RedisBroker, RedisSettings};
 use crate::message::{ChannelKey, EntryKind, StoredMessage};

@@ -2,7 +2,8 @@
 //! a Redis Cluster), and the Redis structures behind cluster-wide presence.
 //!
 //! Owns: the Redis connection (redis-rs `ConnectionManager`, or its cluster client,
-//! both reconnecting by themselves), which channels this node is subscribed to, the
+//! both reconnecting by themselves, or the primary named by sentinels, followed
+//! through failovers by `super::sentinel`), which channels this node is subscribed to, the
 //! health of the link (`/readyz` and every send ask it), this node's heartbeat key,
 //! and the presence hashes. Must not: decide what a client sees; envelopes from other
 //! nodes go to the hub, which orders them by `seq` and fills gaps from the store.
@@ -24,6 +25,7 @@
 //! single task applies; on every reconnection it subscribes everything again, so a
 //! Redis restart needs nothing from the operator.
 
+use super::sentinel::{self, SentinelConn, SentinelError, SentinelUrl, SentinelUrlError};
 use super::{
     Envelope, Inbound, Kind, Question, RemotePresence, room_channel, to_json as encode,
     user_channel,
@@ -45,6 +47,23 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often the link is checked.
 const PING_EVERY: Duration = Duration::from_millis(500);
+/// With sentinels, every this many checks the primary's address is asked for
+/// while the link is up (every check while it is down).
+const SENTINEL_EVERY: u64 = 6;
+
+/// The connection manager's settings, for a plain URL and for each primary a
+/// sentinel names: RESP3 pushes to `handler`, resubscription after a reconnect.
+fn manager_config(
+    handler: impl Fn(PushInfo) -> Result<(), std::convert::Infallible> + Send + Sync + 'static,
+) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_push_sender(handler)
+        .set_automatic_resubscription()
+        .set_connection_timeout(Some(COMMAND_TIMEOUT))
+        .set_response_timeout(Some(COMMAND_TIMEOUT))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_secs(1))
+}
 /// Presence changes waiting to be written. When full, a change is dropped and the
 /// periodic reconciliation (every `--node-timeout` / 3) writes it instead.
 const PRESENCE_QUEUE: usize = 8192;
@@ -55,6 +74,10 @@ pub enum BrokerError {
     Redis(#[from] redis::RedisError),
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
+    #[error(transparent)]
+    Sentinel(#[from] SentinelError),
+    #[error(transparent)]
+    SentinelUrl(#[from] SentinelUrlError),
 }
 
 /// Where and how to reach Redis.
@@ -71,6 +94,8 @@ pub struct RedisSettings {
 enum RedisConn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
+    /// The primary the sentinels name, followed through failovers.
+    Sentinel(Arc<SentinelConn>),
 }
 
 impl RedisConn {
@@ -79,6 +104,7 @@ impl RedisConn {
             match self {
                 RedisConn::Single(c) => cmd.query_async::<T>(&mut c.clone()).await,
                 RedisConn::Cluster(c) => cmd.query_async::<T>(&mut c.clone()).await,
+                RedisConn::Sentinel(s) => cmd.query_async::<T>(&mut s.manager()).await,
             }
         };
         match tokio::time::timeout(COMMAND_TIMEOUT, fut).await {
@@ -141,6 +167,8 @@ pub struct RedisBroker {
     presence_rx: Mutex<Option<mpsc::Receiver<PresenceOp>>>,
     /// Notified each time the link comes back after being down.
     pub reconnected: Notify,
+    /// Link checks so far (with sentinels: when to ask them again).
+    checks: AtomicU64,
 }
 
 fn presence_key(room: &str) -> String {
@@ -186,6 +214,11 @@ impl RedisBroker {
                 .retries(2)
                 .build()?;
             RedisConn::Cluster(client.get_async_connection().await?)
+        } else if settings.url.starts_with(sentinel::SCHEME) {
+            let url = SentinelUrl::parse(&settings.url)?;
+            RedisConn::Sentinel(Arc::new(
+                SentinelConn::connect(&url, manager_config(handler), COMMAND_TIMEOUT).await?,
+            ))
         } else {
             let info = redis::IntoConnectionInfo::into_connection_info(settings.url.as_str())?;
             let settings_resp3 = info
@@ -193,14 +226,9 @@ impl RedisBroker {
                 .clone()
                 .set_protocol(ProtocolVersion::RESP3);
             let client = redis::Client::open(info.set_redis_settings(settings_resp3))?;
-            let config = ConnectionManagerConfig::new()
-                .set_push_sender(handler)
-                .set_automatic_resubscription()
-                .set_connection_timeout(Some(COMMAND_TIMEOUT))
-                .set_response_timeout(Some(COMMAND_TIMEOUT))
-                .set_number_of_retries(1)
-                .set_max_delay(Duration::from_secs(1));
-            RedisConn::Single(ConnectionManager::new_with_config(client, config).await?)
+            RedisConn::Single(
+                ConnectionManager::new_with_config(client, manager_config(handler)).await?,
+            )
         };
         let (presence_tx, presence_rx) = mpsc::channel(PRESENCE_QUEUE);
         let broker = Arc::new(RedisBroker {
@@ -217,6 +245,7 @@ impl RedisBroker {
             presence_tx,
             presence_rx: Mutex::new(Some(presence_rx)),
             reconnected: Notify::new(),
+            checks: AtomicU64::new(0),
         });
         broker.heartbeat().await?;
         Ok(broker)
@@ -286,6 +315,22 @@ impl RedisBroker {
     }
 
     async fn check_link(&self) {
+        if let RedisConn::Sentinel(s) = &self.conn {
+            // While down: ask at every check; while up: every few seconds (a
+            // demoted primary still answers PING, but refuses writes).
+            let n = self.checks.fetch_add(1, Ordering::Relaxed);
+            if !self.healthy() || n.is_multiple_of(SENTINEL_EVERY) {
+                match s.follow(COMMAND_TIMEOUT).await {
+                    Ok(Some(addr)) => {
+                        tracing::warn!(primary = %addr, "the Redis primary moved (sentinel failover); following it");
+                        // Down until the PING below: then resubscribe and catch up.
+                        self.set_unhealthy(&"the primary moved");
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::debug!(error = %e, "asking the sentinels failed"),
+                }
+            }
+        }
         match self.conn.query::<String>(&redis::cmd("PING")).await {
             Ok(_) => {
                 if !self.inbound.healthy.swap(true, Ordering::Relaxed) {
@@ -384,15 +429,9 @@ impl RedisBroker {
 
     async fn sub_cmd(&self, on: bool, channels: &[String]) -> Result<(), BrokerError> {
         let fut = async {
-            match &self.conn {
-                RedisConn::Single(c) => {
-                    let mut c = c.clone();
-                    if on {
-                        c.subscribe(channels).await
-                    } else {
-                        c.unsubscribe(channels).await
-                    }
-                }
+            let mut c = match &self.conn {
+                RedisConn::Single(c) => c.clone(),
+                RedisConn::Sentinel(s) => s.manager(),
                 RedisConn::Cluster(c) => {
                     // Sharded channels live on the shard of their slot: one at a time.
                     for ch in channels {
@@ -403,8 +442,13 @@ impl RedisBroker {
                             c.sunsubscribe(ch).await?;
                         }
                     }
-                    Ok(())
+                    return Ok(());
                 }
+            };
+            if on {
+                c.subscribe(channels).await
+            } else {
+                c.unsubscribe(channels).await
             }
         };
         match tokio::time::timeout(COMMAND_TIMEOUT * 2, fut).await {

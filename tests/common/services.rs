@@ -419,3 +419,93 @@ impl Drop for PrivatePostgres {
         };
     }
 }
+
+/// A redis-sentinel watching `primary` as service `hubbub` (quorum 1, a primary
+/// is down after 1 s): enough to fail over to a replica in a test.
+pub struct Sentinel {
+    pub port: u16,
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl Sentinel {
+    pub fn start(primary: &Redis) -> Sentinel {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                 sentinel monitor hubbub 127.0.0.1 {} 1\n\
+                 sentinel down-after-milliseconds hubbub 1000\n\
+                 sentinel failover-timeout hubbub 5000\n",
+                dir.path().display(),
+                primary.port
+            ),
+        )
+        .expect("sentinel.conf");
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server --sentinel runs (apt install redis-sentinel)");
+        let s = Sentinel {
+            port,
+            child: Some(child),
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while redis_cli(port, &["PING"]).as_deref() != Some("PONG") {
+            assert!(Instant::now() < deadline, "redis-sentinel did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+
+    /// The `--redis-url` of the primary this sentinel names.
+    pub fn url(&self) -> String {
+        format!("redis+sentinel://127.0.0.1:{}/hubbub", self.port)
+    }
+
+    /// The port of the primary as the sentinel sees it now.
+    pub fn primary_port(&self) -> Option<u16> {
+        redis_cli(
+            self.port,
+            &["SENTINEL", "get-master-addr-by-name", "hubbub"],
+        )?
+        .lines()
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()
+    }
+
+    /// Wait until the sentinel knows `n` replicas of the primary (it must, to
+    /// fail over to one).
+    pub fn wait_for_replicas(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = redis_cli(self.port, &["SENTINEL", "replicas", "hubbub"]).unwrap_or_default();
+            if out.matches("master-link-status\nok").count() >= n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sentinel never saw {n} replicas: {out}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
