@@ -586,10 +586,14 @@ async fn one_sqlite_node_loses_and_duplicates_nothing_through_sigkill_and_restar
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sentinel_failover_of_the_redis_primary_loses_and_duplicates_nothing() {
     let db = Database::create();
-    let primary = Arc::new(Mutex::new(Redis::start()));
-    let primary_port = primary.lock().expect("primary").port;
-    let replica = Redis::start_with(&["--replicaof", "127.0.0.1", &primary_port.to_string()]);
-    let sentinel = Sentinel::start(&primary.lock().expect("primary"));
+    let a = Arc::new(Mutex::new(Redis::start()));
+    let a_port = a.lock().expect("redis").port;
+    let b = Arc::new(Mutex::new(Redis::start_with(&[
+        "--replicaof",
+        "127.0.0.1",
+        &a_port.to_string(),
+    ])));
+    let sentinel = Arc::new(Sentinel::start(&a.lock().expect("redis")));
     sentinel.wait_for_replicas(1);
     let (url, rurl) = (db.url(), sentinel.url());
     let mut nodes = Vec::new();
@@ -603,24 +607,18 @@ async fn a_sentinel_failover_of_the_redis_primary_loses_and_duplicates_nothing()
         epoch: Mutex::new(None),
     });
     let faults = {
-        let primary = primary.clone();
-        let sentinel = &sentinel;
-        let replica_port = replica.port;
+        let (a, b, sentinel) = (a.clone(), b.clone(), sentinel.clone());
         async move {
             for round in 0..rounds() {
                 sleep(Duration::from_secs(3)).await;
-                let before = sentinel.primary_port().expect("a primary");
-                eprintln!("chaos round {round}: SIGKILL the Redis primary (:{before})");
-                if before == primary_port {
-                    let p = primary.clone();
-                    tokio::task::spawn_blocking(move || p.lock().expect("primary").stop())
-                        .await
-                        .expect("stop");
-                } else {
-                    // Later rounds: the promoted replica is the primary now; the
-                    // old primary is gone, so one failover is all a pair allows.
-                    break;
-                }
+                let port = sentinel.primary_port().expect("a primary");
+                let (primary, replica) = if port == a_port { (&a, &b) } else { (&b, &a) };
+                let replica_port = replica.lock().expect("redis").port;
+                eprintln!("chaos round {round}: SIGKILL the Redis primary (:{port})");
+                let p = primary.clone();
+                tokio::task::spawn_blocking(move || p.lock().expect("redis").stop())
+                    .await
+                    .expect("stop");
                 let deadline = Instant::now() + Duration::from_secs(30);
                 while sentinel.primary_port() != Some(replica_port) {
                     assert!(Instant::now() < deadline, "the sentinel did not fail over");
@@ -628,6 +626,18 @@ async fn a_sentinel_failover_of_the_redis_primary_loses_and_duplicates_nothing()
                 }
                 eprintln!("chaos round {round}: the sentinel promoted :{replica_port}");
                 sleep(Duration::from_secs(4)).await;
+                // The old primary comes back empty, as a replica of the new one,
+                // for the next round to fail over to.
+                let (p, s) = (primary.clone(), sentinel.clone());
+                tokio::task::spawn_blocking(move || {
+                    let to = replica_port.to_string();
+                    p.lock()
+                        .expect("redis")
+                        .restart_with(&["--replicaof", "127.0.0.1", &to]);
+                    s.wait_for_replicas(1);
+                })
+                .await
+                .expect("restart");
             }
         }
     };
@@ -642,5 +652,5 @@ async fn a_sentinel_failover_of_the_redis_primary_loses_and_duplicates_nothing()
             n.log()
         );
     }
-    drop(replica);
+    drop((a, b));
 }

@@ -54,6 +54,11 @@ pub enum StoreError {
     },
     #[error("stored message is corrupt: {0}")]
     Corrupt(String),
+    #[error("cannot start the store's {what} thread: {source}")]
+    Thread {
+        what: &'static str,
+        source: std::io::Error,
+    },
 }
 
 /// What the hub needs to take over a channel: where its sequence stands and which

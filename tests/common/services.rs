@@ -89,6 +89,13 @@ impl Redis {
         self.run();
     }
 
+    /// Start it again on the same port with other extra flags (e.g. as a
+    /// replica of the primary that replaced it).
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+        self.restart();
+    }
+
     pub fn cli(&self, args: &[&str]) -> Option<String> {
         redis_cli(self.port, args)
     }
