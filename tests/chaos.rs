@@ -32,6 +32,8 @@ const ROOMS: [&str; 3] = ["c0", "c1", "c2"];
 const CLIENTS: usize = 12;
 /// Each client sends one message this often, to the rooms in turn.
 const SEND_EVERY: Duration = Duration::from_millis(150);
+/// About how long a client stays connected before it reconnects by itself.
+const SESSION_LIFETIME: Duration = Duration::from_secs(5);
 
 fn rounds() -> u32 {
     std::env::var("HUBBUB_CHAOS_ROUNDS")
@@ -101,6 +103,10 @@ async fn client(i: usize, shared: Arc<Shared>, rec: Arc<Mutex<Record>>) {
             .is_err()
         {
             sleep(Duration::from_millis(100)).await;
+        } else {
+            // A session that ended by itself: back to the home node next, so
+            // the clients stay spread over the nodes round after round.
+            attempt = i;
         }
     }
 }
@@ -240,8 +246,12 @@ async fn session(
     }
     let mut tick = tokio::time::interval(SEND_EVERY);
     let mut resend = tokio::time::interval(Duration::from_secs(1));
+    // Clients also leave and come back on their own (a phone going to sleep):
+    // every few seconds, rejoining with `since` while the others keep sending.
+    let lifetime = SESSION_LIFETIME + Duration::from_millis(137 * (*k % 11));
+    let ends = Instant::now() + lifetime;
     loop {
-        if shared.stop.load(Ordering::Relaxed) {
+        if shared.stop.load(Ordering::Relaxed) || Instant::now() >= ends {
             let _ = ws.close(None).await;
             return Ok(());
         }
