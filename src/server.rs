@@ -362,6 +362,14 @@ impl Listener for PlainListener {
 
 type Shared = (Arc<AppState>, TaskTracker);
 
+/// A refused handshake: `status`, a plain-text reason and when to retry (seconds).
+fn refused(status: StatusCode, reason: &'static str, retry_after: &'static str) -> Response {
+    let mut resp = (status, reason).into_response();
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static(retry_after));
+    resp
+}
+
 async fn ws_handler(
     State((state, tracker)): State<Shared>,
     ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
@@ -412,26 +420,20 @@ async fn ws_handler(
     // one may count twice for a moment, which errs on the side of refusing).
     if tracker.len() >= state.config.max_connections {
         Metrics::refused("max_connections");
-        let mut resp = (
+        return refused(
             StatusCode::SERVICE_UNAVAILABLE,
             "this node is at --max-connections; retry shortly or on another node\n",
-        )
-            .into_response();
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        return resp;
+            "1",
+        );
     }
     let Some(slot) = state.take_ip_slot(remote.ip()) else {
         Metrics::refused("max_connections_per_ip");
         tracing::info!(%remote, "refused WebSocket handshake: --max-connections-per-ip reached");
-        let mut resp = (
+        return refused(
             StatusCode::TOO_MANY_REQUESTS,
             "too many connections from this address (--max-connections-per-ip)\n",
-        )
-            .into_response();
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-        return resp;
+            "5",
+        );
     };
     let upgrade = hyper::upgrade::on(&mut req);
     let max = state.config.max_message;

@@ -80,6 +80,17 @@ struct Shared {
     epoch: Mutex<Option<String>>,
 }
 
+impl Shared {
+    fn new(urls: Vec<String>) -> Arc<Shared> {
+        Arc::new(Shared {
+            urls: Mutex::new(urls),
+            stop_sending: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            epoch: Mutex::new(None),
+        })
+    }
+}
+
 /// One client's life: connect to a node (the next one when it fails), hello,
 /// join every room with `since`, resend what is unacked, then send and record
 /// until told to stop.
@@ -343,7 +354,7 @@ async fn stored(url: &str, room: &str) -> BTreeMap<u64, String> {
 
 /// Run the clients while `faults` runs; then stop, wait for every pending send
 /// to be acked and every client to catch up, and check.
-async fn run<F>(shared: Arc<Shared>, faults: F, presence_urls: impl Fn() -> Vec<String>)
+async fn run<F>(shared: Arc<Shared>, faults: F)
 where
     F: std::future::Future<Output = ()>,
 {
@@ -460,7 +471,8 @@ where
     assert_eq!(not_recovered, 0, "every rejoin recovered");
     // 4. No ghosts: 15 s after the end, nobody is present.
     sleep(Duration::from_secs(15)).await;
-    for url in presence_urls() {
+    let nodes = shared.urls.lock().expect("urls").clone();
+    for url in nodes {
         let mut c = common::Client::connect(&url).await;
         let w = c
             .request(json!({"type": "hello", "name": "observer"}))
@@ -488,20 +500,19 @@ where
 }
 
 fn node_args<'a>(db: &'a str, redis: &'a str, id: &'a str) -> Vec<&'a str> {
-    vec![
-        "--database-url",
+    common::node_args(
         db,
-        "--redis-url",
         redis,
-        "--node-id",
         id,
-        "--node-timeout",
-        "3",
-        "--rate-limit",
-        "1000",
-        "--shutdown-timeout",
-        "5",
-    ]
+        &[
+            "--node-timeout",
+            "3",
+            "--rate-limit",
+            "1000",
+            "--shutdown-timeout",
+            "5",
+        ],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -513,12 +524,7 @@ async fn three_nodes_lose_and_duplicate_nothing_through_killed_nodes_redis_and_p
     for id in ["n0", "n1", "n2"] {
         nodes.push(Server::start(&node_args(&db, &rurl, id)).await);
     }
-    let shared = Arc::new(Shared {
-        urls: Mutex::new(nodes.iter().map(Server::url).collect()),
-        stop_sending: AtomicBool::new(false),
-        stop: AtomicBool::new(false),
-        epoch: Mutex::new(None),
-    });
+    let shared = Shared::new(nodes.iter().map(Server::url).collect());
     let nodes = Arc::new(tokio::sync::Mutex::new(nodes));
     // Starting and stopping the services blocks: off the runtime's workers.
     let blocking = |f: Box<dyn FnOnce() + Send>| async move {
@@ -564,22 +570,14 @@ async fn three_nodes_lose_and_duplicate_nothing_through_killed_nodes_redis_and_p
             }
         }
     };
-    run(shared.clone(), faults, || {
-        shared.urls.lock().expect("urls").clone()
-    })
-    .await;
+    run(shared.clone(), faults).await;
     drop(nodes);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_sqlite_node_loses_and_duplicates_nothing_through_sigkill_and_restart() {
     let node = Server::start(&["--rate-limit", "1000"]).await;
-    let shared = Arc::new(Shared {
-        urls: Mutex::new(vec![node.url()]),
-        stop_sending: AtomicBool::new(false),
-        stop: AtomicBool::new(false),
-        epoch: Mutex::new(None),
-    });
+    let shared = Shared::new(vec![node.url()]);
     // Kept here, not in the faults, so it serves the checks after them.
     let node = Arc::new(tokio::sync::Mutex::new(node));
     let faults = {
@@ -598,10 +596,7 @@ async fn one_sqlite_node_loses_and_duplicates_nothing_through_sigkill_and_restar
             }
         }
     };
-    run(shared.clone(), faults, || {
-        shared.urls.lock().expect("urls").clone()
-    })
-    .await;
+    run(shared.clone(), faults).await;
     drop(node);
 }
 
@@ -622,12 +617,7 @@ async fn a_sentinel_failover_of_the_redis_primary_loses_and_duplicates_nothing()
     for id in ["s0", "s1"] {
         nodes.push(Server::start(&node_args(&url, &rurl, id)).await);
     }
-    let shared = Arc::new(Shared {
-        urls: Mutex::new(nodes.iter().map(Server::url).collect()),
-        stop_sending: AtomicBool::new(false),
-        stop: AtomicBool::new(false),
-        epoch: Mutex::new(None),
-    });
+    let shared = Shared::new(nodes.iter().map(Server::url).collect());
     let faults = {
         let (a, b, sentinel) = (a.clone(), b.clone(), sentinel.clone());
         async move {
@@ -663,10 +653,7 @@ async fn a_sentinel_failover_of_the_redis_primary_loses_and_duplicates_nothing()
             }
         }
     };
-    run(shared.clone(), faults, || {
-        shared.urls.lock().expect("urls").clone()
-    })
-    .await;
+    run(shared.clone(), faults).await;
     for n in &nodes {
         assert!(
             n.log().contains("the Redis primary moved"),

@@ -698,15 +698,7 @@ async fn three_nodes() -> (Database, Redis, Vec<Server>) {
     let mut nodes = Vec::new();
     for id in ["a", "b", "c"] {
         let (url, redis_url) = (db.url(), redis.url());
-        let args = [
-            "--database-url",
-            &url,
-            "--redis-url",
-            &redis_url,
-            "--node-id",
-            id,
-        ];
-        nodes.push(Server::start(&args).await);
+        nodes.push(Server::start(&common::node_args(&url, &redis_url, id, &[])).await);
     }
     (db, redis, nodes)
 }

@@ -23,20 +23,8 @@ async fn nodes(db: &Database, redis_url: &str, n: usize, extra: &[&str]) -> Vec<
     let mut out = Vec::new();
     for i in 0..n {
         let id = ((b'a' + i as u8) as char).to_string();
-        let mut args = vec![
-            "--database-url",
-            &db.url(),
-            "--redis-url",
-            redis_url,
-            "--node-id",
-            &id,
-        ]
-        .into_iter()
-        .map(str::to_owned)
-        .collect::<Vec<_>>();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        out.push(Server::start(&refs).await);
+        let url = db.url();
+        out.push(Server::start(&common::node_args(&url, redis_url, &id, extra)).await);
     }
     out
 }

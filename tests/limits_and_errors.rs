@@ -154,19 +154,7 @@ async fn over_the_rate_limit_commands_get_rate_limited() {
         c.send(json!({"type": "send", "id": i, "room": "r", "text": format!("{i}")}))
             .await;
     }
-    let mut acked = 0;
-    let mut limited = 0;
-    for i in 0..15 {
-        let r = c.reply_to(json!(i)).await;
-        match r["type"].as_str() {
-            Some("ack") => acked += 1,
-            Some("error") => {
-                assert_eq!(r["code"], "rate_limited");
-                limited += 1;
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
+    let (acked, limited) = answered_or_limited(&mut c, 15, "ack").await;
     assert!((9..=10).contains(&acked), "burst is 2x rate: acked {acked}");
     assert!(limited >= 5);
     // ping is not rate limited.
@@ -782,12 +770,20 @@ async fn large_replies_cost_more_rate_limit_tokens() {
         c.send(json!({"type": "history", "id": i, "room": "big", "limit": 50}))
             .await;
     }
-    let mut served = 0;
-    let mut limited = 0;
-    for i in 0..15 {
+    let (served, limited) = answered_or_limited(&mut c, 15, "history").await;
+    // 19 tokens left at two each: about 10 served, where 15 small ones would be.
+    assert!((9..=11).contains(&served), "served {served}");
+    assert_eq!(served + limited, 15);
+}
+
+/// The replies to commands with ids `0..n`: how many were `answer` and how many
+/// `rate_limited` (anything else fails the test).
+async fn answered_or_limited(c: &mut Client, n: u64, answer: &str) -> (usize, usize) {
+    let (mut answered, mut limited) = (0, 0);
+    for i in 0..n {
         let r = c.reply_to(json!(i)).await;
         match r["type"].as_str() {
-            Some("history") => served += 1,
+            Some(t) if t == answer => answered += 1,
             Some("error") => {
                 assert_eq!(r["code"], "rate_limited", "{r}");
                 limited += 1;
@@ -795,7 +791,5 @@ async fn large_replies_cost_more_rate_limit_tokens() {
             other => panic!("unexpected {other:?}"),
         }
     }
-    // 19 tokens left at two each: about 10 served, where 15 small ones would be.
-    assert!((9..=11).contains(&served), "served {served}");
-    assert_eq!(served + limited, 15);
+    (answered, limited)
 }

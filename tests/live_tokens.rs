@@ -214,16 +214,12 @@ async fn on_two_nodes_revoking_a_users_tokens_closes_their_connections_on_both()
     for id in ["a", "b"] {
         let (url, redis_url) = (db.url(), redis.url());
         nodes.push(
-            server(&[
-                "--database-url",
+            server(&common::node_args(
                 &url,
-                "--redis-url",
                 &redis_url,
-                "--node-id",
                 id,
-                "--api-key",
-                KEY,
-            ])
+                &["--api-key", KEY],
+            ))
             .await,
         );
     }

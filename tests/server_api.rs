@@ -46,16 +46,7 @@ async fn api_cluster(extra: &[&str]) -> (Database, Redis, Vec<Server>) {
 
 async fn api_node(db: &Database, redis: &Redis, id: &str, extra: &[&str]) -> Server {
     let (url, redis_url) = (db.url(), redis.url());
-    let mut args = vec![
-        "--database-url",
-        &url,
-        "--redis-url",
-        &redis_url,
-        "--node-id",
-        id,
-        "--api-key",
-        KEY,
-    ];
+    let mut args = common::node_args(&url, &redis_url, id, &["--api-key", KEY]);
     args.extend_from_slice(extra);
     Server::start(&args).await
 }

@@ -143,15 +143,7 @@ async fn two_nodes(port: u16) -> (Database, Redis, Vec<Server>) {
     let mut nodes = Vec::new();
     for id in ["a", "b"] {
         let (url, redis_url) = (db.url(), redis.url());
-        let args = [
-            "--database-url",
-            &url,
-            "--redis-url",
-            &redis_url,
-            "--node-id",
-            id,
-        ];
-        nodes.push(start(port, &args).await);
+        nodes.push(start(port, &common::node_args(&url, &redis_url, id, &[])).await);
     }
     (db, redis, nodes)
 }

@@ -111,7 +111,8 @@ impl SentinelConn {
             Some(node),
             SentinelServerType::Master,
         )?;
-        let (addr, manager) = primary(&mut client, &config, timeout).await?;
+        let found = find(&mut client, timeout).await?;
+        let (addr, manager) = connect(found, &config, timeout).await?;
         tracing::info!(primary = %addr, service = %url.service, "Redis primary found through the sentinels");
         Ok(SentinelConn {
             client: tokio::sync::Mutex::new(client),
@@ -132,34 +133,35 @@ impl SentinelConn {
     /// Ask the sentinels where the primary is now; when it moved, connect to it
     /// and return its address.
     pub async fn follow(&self, timeout: Duration) -> Result<Option<String>, SentinelError> {
-        let mut client = self.client.lock().await;
-        let found = tokio::time::timeout(timeout, client.async_get_client())
-            .await
-            .map_err(|_| SentinelError::Timeout(timeout))??;
+        let found = find(&mut *self.client.lock().await, timeout).await?;
         let addr = found.get_connection_info().addr().to_string();
-        let known = self
-            .current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .0
-            .clone();
-        if addr == known {
+        if self.current.read().unwrap_or_else(|p| p.into_inner()).0 == addr {
             return Ok(None);
         }
-        let (addr, manager) = primary(&mut client, &self.config, timeout).await?;
+        // The client the sentinels just named: no second round trip to them.
+        let (addr, manager) = connect(found, &self.config, timeout).await?;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = (addr.clone(), manager);
         Ok(Some(addr))
     }
 }
 
-async fn primary(
+/// Ask the sentinels for the primary (they check it answers as one).
+async fn find(
     client: &mut SentinelClient,
+    timeout: Duration,
+) -> Result<redis::Client, SentinelError> {
+    tokio::time::timeout(timeout, client.async_get_client())
+        .await
+        .map_err(|_| SentinelError::Timeout(timeout))?
+        .map_err(SentinelError::from)
+}
+
+/// A connection manager for the primary `found`, and its address.
+async fn connect(
+    found: redis::Client,
     config: &ConnectionManagerConfig,
     timeout: Duration,
 ) -> Result<(String, ConnectionManager), SentinelError> {
-    let found = tokio::time::timeout(timeout, client.async_get_client())
-        .await
-        .map_err(|_| SentinelError::Timeout(timeout))??;
     let addr = found.get_connection_info().addr().to_string();
     let manager = tokio::time::timeout(
         timeout,

@@ -81,6 +81,15 @@ pub async fn run(rx: mpsc::Receiver<Job>, hub: Arc<Hub>) {
     }
 }
 
+/// The messages of `jobs` to store, into `msgs` (cleared first).
+fn appends(jobs: &[Job], msgs: &mut Vec<Arc<StoredMessage>>) {
+    msgs.clear();
+    msgs.extend(jobs.iter().filter_map(|j| match j {
+        Job::Append { msg, .. } => Some(msg.clone()),
+        _ => None,
+    }));
+}
+
 /// Batches stored and not yet delivered, at most: the next batch's commit (a
 /// write and an fsync) runs while the one before it is fanned out.
 const STORED_AHEAD: usize = 2;
@@ -117,11 +126,7 @@ async fn run_local(mut rx: mpsc::Receiver<Job>, hub: Arc<Hub>, store: &LocalStor
         if rx.recv_many(&mut jobs, MAX_BATCH).await == 0 {
             break;
         }
-        msgs.clear();
-        msgs.extend(jobs.iter().filter_map(|j| match j {
-            Job::Append { msg, .. } => Some(msg.clone()),
-            _ => None,
-        }));
+        appends(&jobs, &mut msgs);
         if !msgs.is_empty() {
             commit(store, &msgs, &metrics, &hub).await;
         }
@@ -151,11 +156,7 @@ async fn run_shared(mut rx: mpsc::Receiver<Job>, hub: Arc<Hub>, store: &PgStore)
         if rx.recv_many(&mut jobs, MAX_BATCH).await == 0 {
             return;
         }
-        msgs.clear();
-        msgs.extend(jobs.iter().filter_map(|j| match j {
-            Job::Append { msg, .. } => Some(msg.clone()),
-            _ => None,
-        }));
+        appends(&jobs, &mut msgs);
         if let Some(tx) = commit_sequenced(store, &hub, &metrics, &msgs, &mut jobs).await {
             let _ = tx.send(());
             return;

@@ -19,6 +19,26 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+/// The flags of one node of a cluster (its database, its Redis and its name),
+/// then `extra`.
+pub fn node_args<'a>(
+    db_url: &'a str,
+    redis_url: &'a str,
+    id: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "--database-url",
+        db_url,
+        "--redis-url",
+        redis_url,
+        "--node-id",
+        id,
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 /// How long a test waits for something that should happen promptly.
 pub const WAIT: Duration = Duration::from_secs(10);
 
