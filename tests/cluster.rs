@@ -516,6 +516,38 @@ async fn the_last_message_of_a_burst_whose_broadcast_was_lost_still_arrives() {
 }
 
 #[tokio::test]
+async fn a_rejoin_with_a_since_ahead_of_this_node_recovers_and_is_not_sent_those_messages_again() {
+    // The node's room is behind the store (its broadcasts were lost or are late,
+    // as after a Redis outage); a client coming from a node that was ahead joins
+    // with `since` at the store's end.
+    let (db, _redis, n) = cluster(1, &[]).await;
+    let mut alice = n[0].guest("alice").await;
+    let j = alice
+        .request(json!({"type": "join", "room": "ahead"}))
+        .await;
+    assert_eq!(j["type"], "joined", "{j}");
+    let epoch = j["epoch"].as_str().expect("epoch").to_owned();
+    let mut bob = n[0].guest("bob").await;
+    store_directly(&db, "ahead", &[1, 2, 3, 4, 5]);
+    let j = bob
+        .request(json!({"type": "join", "room": "ahead", "since": {"seq": 5, "epoch": epoch}}))
+        .await;
+    assert_eq!(j["type"], "joined", "{j}");
+    assert_eq!(j["recovered"], true, "{j}");
+    assert_eq!(j["seq"], 5);
+    assert_eq!(seqs(&j["messages"]), Vec::<u64>::new(), "nothing it had");
+    // Past the node's periodic catch-up: bob is not sent 1..5 a second time,
+    // and alice, a member all along, gets each once.
+    bob.expect_no("message", Duration::from_millis(1500)).await;
+    let got = read_messages(&mut alice, 5).await;
+    assert_eq!(
+        got.iter().map(seq_of).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5]
+    );
+    alice.expect_no("message", Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
 async fn typing_reaches_the_rooms_users_on_other_nodes() {
     let (_db, _redis, n) = cluster(2, &[]).await;
     let mut bob = n[1].member("bob", "t").await;

@@ -9,13 +9,14 @@
 //! takes anything delivered meanwhile from the channel's small in-memory ring and
 //! registers the member, so the reply is queued before any later live message.
 
+use super::channel::Channel;
 use super::{Conn, Hub, lock};
 use crate::message::{ChannelKey, keep_newest_within};
 use crate::protocol::events::{Joined, message_refs};
 use crate::protocol::{
     self, CommandError, CommandId, ErrorCode, MAX_JOINED_MEMBERS, MAX_RECOVERY, Since,
 };
-use crate::store::Which;
+use crate::store::{Store, Which};
 use std::sync::Arc;
 use tokio::time::Instant;
 
@@ -33,6 +34,7 @@ impl Hub {
     ) -> Result<usize, CommandError> {
         let key = ChannelKey::Room(room.to_owned());
         let epoch = self.store.epoch();
+        let mut caught_up = false;
         loop {
             let ch = self.channel(&key).await?;
             let s0 = {
@@ -42,6 +44,19 @@ impl Hub {
                 }
                 g.committed
             };
+            // The client has seen more of the room than this node has delivered
+            // (it comes from a node that is ahead: a broadcast here is late or
+            // lost). Deliver up to its `since` from the store first, as a gap
+            // fill would; otherwise the reply could not recover it and the fill
+            // would later send the member messages it already has.
+            if let Some(s) = since.as_ref().filter(|s| s.epoch == epoch && s.seq > s0)
+                && !caught_up
+                && matches!(*self.store, Store::Shared(_))
+            {
+                caught_up = true;
+                self.catch_up_channel(&ch, s.seq).await?;
+                continue;
+            }
             // Recovery is possible when the client's history is ours and not too old.
             let from = since
                 .as_ref()
@@ -119,6 +134,37 @@ impl Hub {
             );
             conn.send(reply.into());
             return Ok(msgs.iter().map(|m| m.reply_size()).sum());
+        }
+    }
+
+    /// Deliver the channel's stored messages up to `upto` (bounded by what the
+    /// store has: a `since` beyond the room's end is the client's mistake and
+    /// ends the reading). Every member gets them, as from a gap fill.
+    async fn catch_up_channel(
+        self: &Arc<Self>,
+        ch: &Arc<Channel>,
+        upto: u64,
+    ) -> Result<(), CommandError> {
+        loop {
+            let after = lock(&ch.inner).committed;
+            if after >= upto {
+                return Ok(());
+            }
+            let msgs = self
+                .store
+                .range(&ch.key, after, upto.min(after + MAX_RECOVERY))
+                .await
+                .map_err(|e| {
+                    tracing::error!(error = %e, "reading history for join failed");
+                    CommandError::new(ErrorCode::Unavailable, "history store unavailable")
+                })?;
+            for m in &msgs {
+                self.deliver(ch, m);
+            }
+            if lock(&ch.inner).committed <= after {
+                // Nothing more to read, or a hole the gap filler waits out.
+                return Ok(());
+            }
         }
     }
 
