@@ -78,12 +78,29 @@ impl From<&'static str> for Text {
     }
 }
 
+/// Largest batched frame (`batch: true`) we build.
+pub const MAX_BATCH_FRAME: usize = 64 * 1024;
+
 /// Texts joined into one, newline-separated (a `batch: true` frame). Still valid
 /// UTF-8: a concatenation of valid UTF-8 and `\n`.
 #[derive(Default)]
 pub struct Lines(Vec<u8>);
 
 impl Lines {
+    /// `texts` as one batched frame, or None if it would exceed
+    /// [`MAX_BATCH_FRAME`].
+    pub fn joined(texts: &[Text]) -> Option<Text> {
+        let len = texts.iter().map(|t| t.len() + 1).sum::<usize>();
+        if len > MAX_BATCH_FRAME + 1 {
+            return None;
+        }
+        let mut lines = Lines(Vec::with_capacity(len));
+        for t in texts {
+            lines.push(t);
+        }
+        Some(lines.into_text())
+    }
+
     pub fn push(&mut self, t: &Text) {
         if !self.0.is_empty() {
             self.0.push(b'\n');

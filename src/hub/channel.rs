@@ -20,7 +20,7 @@ use crate::broker::Topic;
 use crate::message::{ChannelKey, EntryKind, StoredMessage};
 use crate::protocol::{self, CommandError, ErrorCode};
 use crate::store::{ChannelInit, Store};
-use crate::ws::Text;
+use crate::ws::{Lines, Text};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -220,7 +220,29 @@ impl Hub {
     /// fan-out path: local commits, broker envelopes and gap fills all end here.
     /// Duplicates are dropped; a message ahead of a gap waits for the gap to close.
     pub fn deliver(self: &Arc<Self>, ch: &Arc<Channel>, msg: &Arc<StoredMessage>) {
+        self.deliver_run(ch, std::slice::from_ref(msg));
+    }
+
+    /// [`deliver`](Self::deliver) for messages of one channel committed together,
+    /// under one lock: each receiver gets the run with one push (and a batching
+    /// receiver one shared frame), so the per-receiver work is per run, not per
+    /// message.
+    pub fn deliver_run(self: &Arc<Self>, ch: &Arc<Channel>, msgs: &[Arc<StoredMessage>]) {
         let mut g = lock(&ch.inner);
+        let mut run = Run::default();
+        for msg in msgs {
+            self.deliver_locked(ch, &mut g, msg, &mut run);
+        }
+        self.push_run(ch, &g, run);
+    }
+
+    fn deliver_locked(
+        self: &Arc<Self>,
+        ch: &Arc<Channel>,
+        g: &mut MutexGuard<'_, ChannelInner>,
+        msg: &Arc<StoredMessage>,
+        run: &mut Run,
+    ) {
         if !g.anchored {
             if matches!(*self.store, Store::Shared(_)) && matches!(ch.key, ChannelKey::Dm(..)) {
                 g.committed = msg.seq - 1;
@@ -242,11 +264,11 @@ impl Hub {
             if g.pending.len() < MAX_PENDING {
                 g.pending.insert(msg.seq, msg.clone());
             }
-            self.start_fill(ch, &mut g);
+            self.start_fill(ch, g);
             return;
         }
-        self.fan_out(ch, &mut g, msg);
-        self.advance(ch, &mut g);
+        self.fan_out(ch, g, msg, run);
+        self.advance_into(ch, g, run);
     }
 
     /// Deliver what waits in `pending` now that it is next, and start filling if a
@@ -255,6 +277,17 @@ impl Hub {
         self: &Arc<Self>,
         ch: &Arc<Channel>,
         g: &mut MutexGuard<'_, ChannelInner>,
+    ) {
+        let mut run = Run::default();
+        self.advance_into(ch, g, &mut run);
+        self.push_run(ch, g, run);
+    }
+
+    fn advance_into(
+        self: &Arc<Self>,
+        ch: &Arc<Channel>,
+        g: &mut MutexGuard<'_, ChannelInner>,
+        run: &mut Run,
     ) {
         loop {
             let committed = g.committed;
@@ -269,7 +302,7 @@ impl Hub {
             match g.pending.first_key_value() {
                 Some((&s, _)) if s == committed + 1 => {
                     if let Some((_, m)) = g.pending.pop_first() {
-                        self.fan_out(ch, g, &m);
+                        self.fan_out(ch, g, &m, run);
                     }
                 }
                 _ => break,
@@ -338,12 +371,14 @@ impl Hub {
         }
     }
 
-    /// Send one message (the next in order) to this node's receivers.
+    /// Take one message (the next in order) as delivered: a room's goes into
+    /// `run`, for [`push_run`](Self::push_run); a DM's to its parties at once.
     fn fan_out(
         &self,
         ch: &Channel,
         g: &mut MutexGuard<'_, ChannelInner>,
         msg: &Arc<StoredMessage>,
+        run: &mut Run,
     ) {
         g.committed = msg.seq;
         if g.recent.len() == RECENT {
@@ -366,17 +401,10 @@ impl Hub {
         }
         match &ch.key {
             ChannelKey::Room(_) => {
-                let frame = Text::from(protocol::events::message_event(msg, ""));
-                let mut refused = 0u64;
-                for c in g.members.values() {
-                    if !c.send(frame.clone()) {
-                        refused += 1;
-                    }
+                if !g.members.is_empty() {
+                    run.0
+                        .push(Text::from(protocol::events::message_event(msg, "")));
                 }
-                let n = g.members.len() as u64;
-                self.metrics.deliveries.increment(n - refused);
-                self.metrics.out("message", n - refused);
-                self.metrics.dropped_deliveries.increment(refused);
             }
             ChannelKey::Dm(a, b) => {
                 let mut n = 0u64;
@@ -396,4 +424,40 @@ impl Hub {
             }
         }
     }
+
+    /// Send a room's run of messages (encoded once) to this node's members: one
+    /// push each, and for members that batch, one newline-joined frame built once
+    /// and shared (unless it would exceed [`crate::ws::MAX_BATCH_FRAME`]). Called before the
+    /// channel's lock is released, so runs leave in `seq` order.
+    fn push_run(&self, ch: &Channel, g: &MutexGuard<'_, ChannelInner>, run: Run) {
+        let frames = run.0;
+        if frames.is_empty() || !matches!(ch.key, ChannelKey::Room(_)) {
+            return;
+        }
+        let mut joined: Option<Option<Text>> = None;
+        let mut refused = 0u64;
+        for c in g.members.values() {
+            let ok = match frames.as_slice() {
+                [one] => c.send(one.clone()),
+                many if c.batch => match joined.get_or_insert_with(|| Lines::joined(many)) {
+                    Some(one) => c.send(one.clone()),
+                    None => c.outbox.push_many(many),
+                },
+                many => c.outbox.push_many(many),
+            };
+            if !ok {
+                refused += 1;
+            }
+        }
+        let k = frames.len() as u64;
+        let n = g.members.len() as u64;
+        self.metrics.deliveries.increment((n - refused) * k);
+        self.metrics.out("message", (n - refused) * k);
+        self.metrics.dropped_deliveries.increment(refused * k);
+    }
 }
+
+/// A room's messages delivered under one hold of its lock, encoded, waiting to be
+/// pushed to its members together.
+#[derive(Default)]
+struct Run(Vec<Text>);

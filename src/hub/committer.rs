@@ -172,22 +172,78 @@ fn finish_local(
     jobs: &mut Vec<Job>,
 ) -> Option<oneshot::Sender<()>> {
     let mut stop = None;
+    let mut run = RunOut::default();
     for job in jobs.drain(..) {
         match job {
             Job::Append {
                 channel,
                 msg,
                 reply,
-            } => {
-                hub.deliver(&channel, &msg);
-                if let Some(to) = reply {
-                    send_ack(metrics, to, &msg.channel, msg.seq, msg.ts);
-                }
+            } => run.add(hub, metrics, channel, msg, reply.map(|to| (to, true))),
+            other => {
+                run.finish(hub, metrics);
+                finish_control(other, metrics, &mut stop);
             }
-            other => finish_control(other, metrics, &mut stop),
         }
     }
+    run.finish(hub, metrics);
     stop
+}
+
+/// Consecutive stored messages of one channel in a batch, delivered together
+/// ([`Hub::deliver_run`]: one push per receiver, not one per message), then
+/// answered: each ack still follows its message's delivery.
+#[derive(Default)]
+struct RunOut {
+    channel: Option<Arc<Channel>>,
+    msgs: Vec<Arc<StoredMessage>>,
+    /// Whom to answer, and whether the message was also published (else the
+    /// sender is told it may not have reached the other nodes).
+    replies: Vec<(Submitter, Arc<StoredMessage>, bool)>,
+}
+
+impl RunOut {
+    fn add(
+        &mut self,
+        hub: &Arc<Hub>,
+        metrics: &Metrics,
+        channel: Arc<Channel>,
+        msg: Arc<StoredMessage>,
+        reply: Option<(Submitter, bool)>,
+    ) {
+        if self
+            .channel
+            .as_ref()
+            .is_some_and(|c| !Arc::ptr_eq(c, &channel))
+        {
+            self.finish(hub, metrics);
+        }
+        self.channel = Some(channel);
+        if let Some((to, published)) = reply {
+            self.replies.push((to, msg.clone(), published));
+        }
+        self.msgs.push(msg);
+    }
+
+    fn finish(&mut self, hub: &Arc<Hub>, metrics: &Metrics) {
+        let Some(channel) = self.channel.take() else {
+            return;
+        };
+        hub.deliver_run(&channel, &self.msgs);
+        self.msgs.clear();
+        for (to, msg, published) in self.replies.drain(..) {
+            if published {
+                send_ack(metrics, to, &msg.channel, msg.seq, msg.ts);
+            } else {
+                send_error(
+                    metrics,
+                    to,
+                    "stored, but the other nodes could not be told (broker unreachable); \
+                     resend with the same client_id to be sure",
+                );
+            }
+        }
+    }
 }
 
 /// A shared store: it numbers the batch (and finds repeated client_ids) in one
@@ -237,6 +293,7 @@ async fn commit_sequenced(
     let published = hub.broker.publish(&stored).await;
     let mut results = stored.into_iter().zip(published);
     let mut stop = None;
+    let mut run = RunOut::default();
     for job in jobs.drain(..) {
         match job {
             Job::Append { channel, reply, .. } => {
@@ -249,23 +306,15 @@ async fn commit_sequenced(
                 let Some((msg, ok)) = results.next() else {
                     continue;
                 };
-                hub.deliver(&channel, &msg);
-                if let Some(to) = reply {
-                    if ok {
-                        send_ack(metrics, to, &msg.channel, msg.seq, msg.ts);
-                    } else {
-                        send_error(
-                            metrics,
-                            to,
-                            "stored, but the other nodes could not be told (broker unreachable); \
-                             resend with the same client_id to be sure",
-                        );
-                    }
-                }
+                run.add(hub, metrics, channel, msg, reply.map(|to| (to, ok)));
             }
-            other => finish_control(other, metrics, &mut stop),
+            other => {
+                run.finish(hub, metrics);
+                finish_control(other, metrics, &mut stop);
+            }
         }
     }
+    run.finish(hub, metrics);
     stop
 }
 

@@ -123,24 +123,53 @@ impl Outbox {
         }
     }
 
-    fn push_inner(&self, frame: Text, wake: bool) -> bool {
-        let mut g = self.lock();
+    /// May more be queued? Full when the frames, or the bytes *already* queued,
+    /// reach their bounds: checking the bytes before adding lets one large reply
+    /// (a `joined` with 1,000 recovered messages can be megabytes) into a queue
+    /// that is keeping up, while the queue stays bounded by max_bytes + one push.
+    /// A full queue is marked overflowed, emptied, and its session woken to close.
+    fn admits(&self, g: &mut Inner) -> bool {
         if g.overflowed {
             return false;
         }
-        let len = frame.len();
-        // Full when the frames, or the bytes *already* queued, reach their bounds.
-        // Checking the bytes before adding this frame lets one large reply (a
-        // `joined` with 1,000 recovered messages can be megabytes) into a queue that
-        // is keeping up, while the queue stays bounded by max_bytes + one frame.
         if g.frames.len() >= self.max_frames || g.bytes >= self.max_bytes {
             g.overflowed = true;
             g.frames.clear();
             g.bytes = 0;
-            drop(g);
             self.notify.notify_one();
             return false;
         }
+        true
+    }
+
+    /// Queue several frames with one lock and at most one wake-up (a run of
+    /// messages committed together). The bounds are checked once, before the run:
+    /// the queue stays bounded by its limits plus one run.
+    pub fn push_many(&self, frames: &[Text]) -> bool {
+        let mut g = self.lock();
+        if !self.admits(&mut g) {
+            return false;
+        }
+        let must_wake = g.frames.is_empty() || g.unwoken;
+        g.unwoken = false;
+        g.frames.reserve(frames.len());
+        for f in frames {
+            g.bytes += f.len();
+            g.frames.push_back(f.clone());
+        }
+        drop(g);
+        if must_wake {
+            self.notify.notify_one();
+        }
+        true
+    }
+
+    fn push_inner(&self, frame: Text, wake: bool) -> bool {
+        let mut g = self.lock();
+        if !self.admits(&mut g) {
+            return false;
+        }
+        let len = frame.len();
         // A waking push into a non-empty queue need not wake the session again:
         // the push that made it non-empty did, unless that one (or a later one)
         // was quiet.
@@ -255,6 +284,40 @@ mod tests {
         assert!(o.push("123456".into()), "6 bytes queued is under the cap");
         assert!(!o.push("1".into()), "12 bytes queued is at the cap");
         assert_eq!(o.alarm(), Some(Alarm::Overflowed));
+    }
+
+    #[test]
+    fn a_run_pushed_at_once_keeps_its_order_behind_what_was_queued() {
+        let o = Outbox::new(10, 100);
+        assert!(o.push("a".into()));
+        assert!(o.push_many(&["b".into(), "c".into()]));
+        let taken = o.take().expect("not overflowed");
+        assert_eq!(
+            taken.frames,
+            VecDeque::from(["a".into(), "b".into(), "c".into()])
+        );
+    }
+
+    #[test]
+    fn a_run_into_a_full_queue_is_refused_and_marks() {
+        let o = Outbox::new(2, 1 << 20);
+        assert!(
+            o.push_many(&["a".into(), "b".into()]),
+            "an empty queue takes a run"
+        );
+        assert!(!o.push_many(&["c".into()]));
+        assert_eq!(o.alarm(), Some(Alarm::Overflowed));
+        assert!(!o.push("d".into()), "and stays overflowed");
+    }
+
+    #[tokio::test]
+    async fn a_run_wakes_the_session_once() {
+        let o = Outbox::new(10, 100);
+        assert!(o.push_many(&["a".into(), "b".into()]));
+        tokio::time::timeout(std::time::Duration::from_secs(1), o.notified())
+            .await
+            .expect("woken");
+        assert_eq!(o.take().expect("not overflowed").frames.len(), 2);
     }
 
     #[test]

@@ -27,6 +27,7 @@ fn conn(id: u64, user: &str) -> Arc<Conn> {
         user: user.into(),
         name: user.into(),
         outbox: Arc::new(Outbox::new(1 << 20, 1 << 30)),
+        batch: false,
         token: std::sync::Mutex::new(None),
     })
 }
@@ -228,6 +229,60 @@ async fn a_missing_seq_is_filled_from_the_store_before_newer_ones_are_delivered(
     assert_eq!(got, vec![2, 3]);
     hub.deliver(&ch, &m3);
     assert!(frames(&watcher).is_empty(), "a duplicate is dropped");
+}
+
+/// A member like [`conn`] that asked for batched frames.
+fn batching_conn(id: u64, user: &str) -> Arc<Conn> {
+    Arc::new(Conn {
+        id,
+        user: user.into(),
+        name: user.into(),
+        outbox: Arc::new(Outbox::new(1 << 20, 1 << 30)),
+        batch: true,
+        token: std::sync::Mutex::new(None),
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_run_reaches_a_batching_member_as_one_frame_and_others_as_one_frame_each() {
+    let hub = hub();
+    let (plain, batching) = (conn(1, "plain"), batching_conn(2, "batching"));
+    for c in [&plain, &batching] {
+        hub.join(c, None, "r", None, 50).await.expect("join");
+        frames(c); // the joined reply
+    }
+    let key = room("r");
+    let ch = hub.channel(&key).await.expect("channel");
+    let run: Vec<_> = (1..=3).map(|s| stored(&key, s)).collect();
+    hub.deliver_run(&ch, &run);
+
+    assert_eq!(seqs_of(&frames(&plain), "message"), vec![1, 2, 3]);
+    let taken = batching.outbox.take().expect("not overflowed").frames;
+    assert_eq!(taken.len(), 1, "one shared frame for the run");
+    let lines: Vec<Value> = std::str::from_utf8(taken[0].as_bytes())
+        .expect("utf-8")
+        .split('\n')
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
+    assert_eq!(seqs_of(&lines, "message"), vec![1, 2, 3]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_run_with_a_gap_delivers_up_to_the_gap_and_holds_the_rest() {
+    let hub = hub();
+    let watcher = conn(1, "watcher");
+    hub.join(&watcher, None, "r", None, 50).await.expect("join");
+    frames(&watcher);
+    let key = room("r");
+    let ch = hub.channel(&key).await.expect("channel");
+    hub.deliver_run(&ch, &[stored(&key, 1), stored(&key, 3)]);
+    assert_eq!(seqs_of(&frames(&watcher), "message"), vec![1]);
+    hub.deliver_run(&ch, &[stored(&key, 2), stored(&key, 1)]);
+    assert_eq!(
+        seqs_of(&frames(&watcher), "message"),
+        vec![2, 3],
+        "the held message follows the gap, the duplicate is dropped"
+    );
 }
 
 #[tokio::test(start_paused = true)]

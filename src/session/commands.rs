@@ -193,6 +193,7 @@ impl Session {
             user: user.into(),
             name: name.into(),
             outbox: self.outbox.clone(),
+            batch,
             token: std::sync::Mutex::new(token.map(Box::new)),
         });
         self.deadline = exp.map(|exp| {

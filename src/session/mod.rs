@@ -17,7 +17,7 @@ use crate::hub::{Conn, Outbox};
 use crate::limits::TokenBucket;
 use crate::metrics::{ConnState, Metrics};
 use crate::protocol::{self, close};
-use crate::ws::{Incoming, Lines, Text, WsError, WsStream};
+use crate::ws::{Incoming, Lines, MAX_BATCH_FRAME, Text, WsError, WsStream};
 use hyper_util::rt::TokioIo;
 use smallvec::SmallVec;
 use std::borrow::Cow;
@@ -36,8 +36,6 @@ const CLOSE_FLUSH: Duration = Duration::from_secs(5);
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(3);
 /// How long we wait for the client's answering close frame.
 const CLOSE_ECHO: Duration = Duration::from_secs(2);
-/// Largest batched frame (`batch: true`) we build.
-const MAX_BATCH_FRAME: usize = 64 * 1024;
 
 /// How a session ends.
 #[derive(Debug)]
