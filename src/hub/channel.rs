@@ -5,8 +5,12 @@
 //! for a room, its broker subscription and cluster presence), and
 //! [`Hub::deliver`], the one local fan-out path that every committed message takes,
 //! whether it was sent here or (with a cross-node broker) elsewhere. Must not: hold
-//! the channel's lock across an await, or do per-receiver work other than pushing
-//! the one encoded frame into each receiver's bounded outbox.
+//! the channel's lock across an await, or do per-receiver work other than one push
+//! of the encoded frames (shared bytes) into each receiver's bounded outbox.
+//!
+//! Runs: messages delivered under one hold of the lock (a group commit's messages
+//! of this room) reach each receiver with one push, and a batching receiver as one
+//! frame built once for all of them.
 //!
 //! Ordering: `committed` is the last `seq` delivered here. A message ahead of
 //! `committed + 1` waits in `pending` while the missing ones are read from the store
@@ -20,7 +24,7 @@ use crate::broker::Topic;
 use crate::message::{ChannelKey, EntryKind, StoredMessage};
 use crate::protocol::{self, CommandError, ErrorCode};
 use crate::store::{ChannelInit, Store};
-use crate::ws::{Lines, Text};
+use crate::ws::Text;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -427,8 +431,8 @@ impl Hub {
 
     /// Send a room's run of messages (encoded once) to this node's members: one
     /// push each, and for members that batch, one newline-joined frame built once
-    /// and shared (unless it would exceed [`crate::ws::MAX_BATCH_FRAME`]). Called before the
-    /// channel's lock is released, so runs leave in `seq` order.
+    /// and shared (unless it would exceed [`crate::ws::MAX_BATCH_FRAME`]). Called
+    /// before the channel's lock is released, so runs leave in `seq` order.
     fn push_run(&self, ch: &Channel, g: &MutexGuard<'_, ChannelInner>, run: Run) {
         let frames = run.0;
         if frames.is_empty() || !matches!(ch.key, ChannelKey::Room(_)) {
@@ -439,11 +443,7 @@ impl Hub {
         for c in g.members.values() {
             let ok = match frames.as_slice() {
                 [one] => c.send(one.clone()),
-                many if c.batch => match joined.get_or_insert_with(|| Lines::joined(many)) {
-                    Some(one) => c.send(one.clone()),
-                    None => c.outbox.push_many(many),
-                },
-                many => c.outbox.push_many(many),
+                many => c.outbox.push_run(many, &mut joined),
             };
             if !ok {
                 refused += 1;

@@ -64,9 +64,6 @@ pub struct Conn {
     pub user: Arc<str>,
     pub name: Arc<str>,
     pub outbox: Arc<Outbox>,
-    /// It asked for newline-batched frames (`hello` with `batch: true`): a run of
-    /// messages committed together reaches it as one shared frame.
-    pub batch: bool,
     /// The token it said hello with, or last refreshed to (None for guests), for
     /// revocations; boxed so a guest's connection pays little for it.
     pub token: Mutex<Option<Box<crate::auth::TokenId>>>,

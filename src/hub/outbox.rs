@@ -9,7 +9,7 @@
 //! reader cannot hold up a fan-out to everyone else.
 
 use crate::protocol::close;
-use crate::ws::Text;
+use crate::ws::{Lines, Text};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
@@ -30,6 +30,10 @@ struct Inner {
     /// Frames were queued quietly since the session was last woken: the next
     /// waking push must wake it even though the queue is not empty.
     unwoken: bool,
+    /// The connection asked for newline-batched frames: a run of messages is
+    /// queued as one frame. (Here, in padding, rather than a field of the
+    /// connection: it costs an idle connection nothing.)
+    batch: bool,
     /// The server's orders, rare: boxed, so a connection without any pays one word.
     orders: Option<Box<Orders>>,
 }
@@ -142,20 +146,37 @@ impl Outbox {
         true
     }
 
-    /// Queue several frames with one lock and at most one wake-up (a run of
-    /// messages committed together). The bounds are checked once, before the run:
-    /// the queue stays bounded by its limits plus one run.
-    pub fn push_many(&self, frames: &[Text]) -> bool {
+    /// The connection asked for newline-batched frames (at `hello`).
+    pub fn set_batch(&self, on: bool) {
+        self.lock().batch = on;
+    }
+
+    /// Queue a run of messages committed together with one lock and at most one
+    /// wake-up: as one frame if the connection batches (`joined`, built by the
+    /// first batching receiver and shared by the rest; None if the run is too
+    /// large for one frame), else frame by frame. The bounds are checked once,
+    /// before the run: the queue stays bounded by its limits plus one run.
+    pub fn push_run(&self, frames: &[Text], joined: &mut Option<Option<Text>>) -> bool {
         let mut g = self.lock();
         if !self.admits(&mut g) {
             return false;
         }
         let must_wake = g.frames.is_empty() || g.unwoken;
         g.unwoken = false;
-        g.frames.reserve(frames.len());
-        for f in frames {
-            g.bytes += f.len();
-            g.frames.push_back(f.clone());
+        let one = if g.batch && frames.len() > 1 {
+            joined.get_or_insert_with(|| Lines::joined(frames)).clone()
+        } else {
+            None
+        };
+        if let Some(one) = one {
+            g.bytes += one.len();
+            g.frames.push_back(one);
+        } else {
+            g.frames.reserve(frames.len());
+            for f in frames {
+                g.bytes += f.len();
+                g.frames.push_back(f.clone());
+            }
         }
         drop(g);
         if must_wake {
@@ -290,7 +311,7 @@ mod tests {
     fn a_run_pushed_at_once_keeps_its_order_behind_what_was_queued() {
         let o = Outbox::new(10, 100);
         assert!(o.push("a".into()));
-        assert!(o.push_many(&["b".into(), "c".into()]));
+        assert!(o.push_run(&["b".into(), "c".into()], &mut None));
         let taken = o.take().expect("not overflowed");
         assert_eq!(
             taken.frames,
@@ -302,18 +323,45 @@ mod tests {
     fn a_run_into_a_full_queue_is_refused_and_marks() {
         let o = Outbox::new(2, 1 << 20);
         assert!(
-            o.push_many(&["a".into(), "b".into()]),
+            o.push_run(&["a".into(), "b".into()], &mut None),
             "an empty queue takes a run"
         );
-        assert!(!o.push_many(&["c".into()]));
+        assert!(!o.push_run(&["c".into()], &mut None));
         assert_eq!(o.alarm(), Some(Alarm::Overflowed));
         assert!(!o.push("d".into()), "and stays overflowed");
+    }
+
+    #[test]
+    fn a_batching_connection_gets_a_run_as_one_frame_shared_with_the_next() {
+        let (a, b, plain) = (
+            Outbox::new(10, 100),
+            Outbox::new(10, 100),
+            Outbox::new(10, 100),
+        );
+        a.set_batch(true);
+        b.set_batch(true);
+        let run: [Text; 2] = ["x".into(), "y".into()];
+        let mut joined = None;
+        assert!(a.push_run(&run, &mut joined));
+        assert_eq!(
+            joined,
+            Some(Some(Text::from("x\ny"))),
+            "built once, by the first"
+        );
+        assert!(b.push_run(&run, &mut joined));
+        assert!(plain.push_run(&run, &mut joined));
+        for o in [&a, &b] {
+            let frames = o.take().expect("not overflowed").frames;
+            assert_eq!(frames, VecDeque::from([Text::from("x\ny")]));
+        }
+        let frames = plain.take().expect("not overflowed").frames;
+        assert_eq!(frames, VecDeque::from(run.clone()), "frame by frame");
     }
 
     #[tokio::test]
     async fn a_run_wakes_the_session_once() {
         let o = Outbox::new(10, 100);
-        assert!(o.push_many(&["a".into(), "b".into()]));
+        assert!(o.push_run(&["a".into(), "b".into()], &mut None));
         tokio::time::timeout(std::time::Duration::from_secs(1), o.notified())
             .await
             .expect("woken");

@@ -27,7 +27,6 @@ fn conn(id: u64, user: &str) -> Arc<Conn> {
         user: user.into(),
         name: user.into(),
         outbox: Arc::new(Outbox::new(1 << 20, 1 << 30)),
-        batch: false,
         token: std::sync::Mutex::new(None),
     })
 }
@@ -233,14 +232,9 @@ async fn a_missing_seq_is_filled_from_the_store_before_newer_ones_are_delivered(
 
 /// A member like [`conn`] that asked for batched frames.
 fn batching_conn(id: u64, user: &str) -> Arc<Conn> {
-    Arc::new(Conn {
-        id,
-        user: user.into(),
-        name: user.into(),
-        outbox: Arc::new(Outbox::new(1 << 20, 1 << 30)),
-        batch: true,
-        token: std::sync::Mutex::new(None),
-    })
+    let c = conn(id, user);
+    c.outbox.set_batch(true);
+    c
 }
 
 #[tokio::test(start_paused = true)]

@@ -193,7 +193,6 @@ impl Session {
             user: user.into(),
             name: name.into(),
             outbox: self.outbox.clone(),
-            batch,
             token: std::sync::Mutex::new(token.map(Box::new)),
         });
         self.deadline = exp.map(|exp| {
@@ -201,6 +200,7 @@ impl Session {
             Instant::now() + Duration::from_secs(left)
         });
         self.batch = batch;
+        self.outbox.set_batch(batch);
         self.warned = false;
         // Reachable for direct messages (on every node) before `welcome` goes out.
         self.state.hub.register(&conn).await;
