@@ -7,7 +7,8 @@
 //!
 //! One task takes every job that is waiting (up to [`MAX_BATCH`]), stores all new
 //! messages in one transaction, publishes them to the other nodes (with a broker),
-//! delivers them here, and only then acks the senders. So an `ack` always means
+//! delivers them here (consecutive messages of one room as one run: one push per
+//! receiver), and only then acks the senders. So an `ack` always means
 //! "stored and published", and the number of fsyncs grows with the number of
 //! batches, not of messages.
 //!
