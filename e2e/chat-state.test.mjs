@@ -14,12 +14,17 @@ after(async () => {
 });
 
 /** The message bubble whose text is (or was) `text`: its seq. */
+// The seq of the message showing `text`, once it has one: a message the page
+// sent shows at once as "sending…", without a seq, until the server's answer.
 async function seqOf(page, text) {
-  return page.$$eval(
-    "#message-list .msg",
-    (ns, t) => ns.find((n) => n.querySelector(".msg-text")?.textContent === t)?.dataset.seq,
+  const seq = await page.waitForFunction(
+    (t) =>
+      [...document.querySelectorAll("#message-list .msg")].find(
+        (n) => n.dataset.seq && n.querySelector(".msg-text")?.textContent === t,
+      )?.dataset.seq,
     text,
   );
+  return seq.jsonValue();
 }
 
 async function reactWith(page, seq, emoji) {

@@ -31,7 +31,7 @@ use std::future::poll_fn;
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Frames handed to one `writev` at most (two slices each: header and payload).
@@ -378,6 +378,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
     /// written, the rest stays queued.
     pub async fn flush(&mut self) -> io::Result<()> {
         poll_fn(|cx| self.poll_write(cx)).await
+    }
+
+    /// Write what is queued if the socket takes it now, without waiting and
+    /// without asking to be woken: what does not fit stays queued for
+    /// [`next`](Self::next), which waits for the socket. Saves a caller that has
+    /// just queued frames a trip through its event loop only to write them.
+    pub fn write_now(&mut self) -> io::Result<()> {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.poll_write(&mut cx) {
+            Poll::Ready(r) => r,
+            Poll::Pending => Ok(()),
+        }
     }
 
     /// Write what is queued and read. Returns the next message from the peer, or
@@ -803,6 +815,21 @@ mod tests {
         assert_eq!(&ws.out[0].body[..], b"first");
         ws.written = 0;
         ws.discard_queued();
+        assert_eq!(ws.queued(), 0);
+    }
+
+    #[tokio::test]
+    async fn write_now_writes_what_the_socket_takes_and_leaves_the_rest_queued() {
+        let (mut client, server) = duplex(64);
+        let mut ws = WsStream::new(server, 100);
+        ws.push_text(Text::from("a".repeat(40)));
+        ws.push_text(Text::from("b".repeat(40)));
+        ws.write_now().unwrap();
+        assert_eq!(ws.queued(), 1, "the second frame did not fit and waits");
+        let mut first = [0u8; 42];
+        client.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first[..2], &[0x81, 40], "a whole text frame of 40 bytes");
+        ws.flush().await.unwrap();
         assert_eq!(ws.queued(), 0);
     }
 
