@@ -237,7 +237,7 @@ impl Hub {
         for msg in msgs {
             self.deliver_locked(ch, &mut g, msg, &mut run);
         }
-        self.push_run(ch, &g, run);
+        self.push_run(&g, run);
     }
 
     fn deliver_locked(
@@ -284,7 +284,7 @@ impl Hub {
     ) {
         let mut run = Run::default();
         self.advance_into(ch, g, &mut run);
-        self.push_run(ch, g, run);
+        self.push_run(g, run);
     }
 
     fn advance_into(
@@ -433,10 +433,10 @@ impl Hub {
     /// push each, and for members that batch, one newline-joined frame built once
     /// and shared (unless it would exceed [`crate::ws::MAX_BATCH_FRAME`]). Called
     /// before the channel's lock is released, so runs leave in `seq` order.
-    fn push_run(&self, ch: &Channel, g: &MutexGuard<'_, ChannelInner>, run: Run) {
+    fn push_run(&self, g: &MutexGuard<'_, ChannelInner>, run: Run) {
         let frames = run.0;
-        if frames.is_empty() || !matches!(ch.key, ChannelKey::Room(_)) {
-            return;
+        if frames.is_empty() {
+            return; // nothing, or a DM's (sent by fan_out itself)
         }
         let mut joined: Option<Option<Text>> = None;
         let mut refused = 0u64;

@@ -86,6 +86,8 @@ pub struct Taken {
     pub closing: Option<CloseOrder>,
     /// Rooms the server took the connection out of since the last take.
     pub removed: Vec<Box<str>>,
+    /// The connection batches: join the frames with newlines.
+    pub batch: bool,
 }
 
 impl Outbox {
@@ -223,6 +225,7 @@ impl Outbox {
                 .as_mut()
                 .map(|o| std::mem::take(&mut o.removed))
                 .unwrap_or_default(),
+            batch: g.batch,
         })
     }
 
@@ -406,6 +409,7 @@ mod tests {
                 frames: VecDeque::from([Text::from("a"), Text::from("b")]),
                 closing: None,
                 removed: Vec::new(),
+                batch: false,
             })
         );
         assert!(o.push("c".into()), "drained queue accepts again");

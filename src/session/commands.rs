@@ -199,7 +199,6 @@ impl Session {
             let left = (exp + EXP_LEEWAY_SECS).saturating_sub(now_secs());
             Instant::now() + Duration::from_secs(left)
         });
-        self.batch = batch;
         self.outbox.set_batch(batch);
         self.warned = false;
         // Reachable for direct messages (on every node) before `welcome` goes out.

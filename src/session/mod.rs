@@ -94,8 +94,6 @@ pub struct Session {
     /// (no allocation; a Vec or a set would cost an idle connection ~100 bytes).
     rooms: SmallVec<[Box<str>; 1]>,
     bucket: TokenBucket,
-    /// `hello` asked for newline-batched frames.
-    batch: bool,
     /// `token_expiring` was sent for the token held now.
     warned: bool,
     last_rx: Instant,
@@ -134,7 +132,6 @@ pub fn run(
         conn: None,
         access: None,
         rooms: SmallVec::new(),
-        batch: false,
         warned: false,
         last_rx: now,
     };
@@ -282,6 +279,7 @@ impl Session {
             frames,
             closing,
             removed,
+            batch,
         } = self.outbox.take()?;
         for room in removed {
             self.rooms.retain(|r| *r != room);
@@ -291,7 +289,7 @@ impl Session {
         }
         let metrics = &self.state.metrics;
         metrics.outbox_depth.record(frames.len() as u64);
-        if !self.batch || frames.len() == 1 {
+        if !batch || frames.len() == 1 {
             ws.reserve(frames.len());
             for f in frames {
                 ws.push_text(f);
