@@ -94,6 +94,11 @@ impl<T> Guarded<T> {
     pub fn get_ref(&self) -> &T {
         &self.inner
     }
+
+    /// The connection itself (after the head, the wrapper only forwards).
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<T> {

@@ -17,7 +17,7 @@ use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
 use crate::hub::{Hub, HubOptions, Outbox};
 use crate::metrics::Metrics;
-use crate::session;
+use crate::session::{self, Transport};
 use crate::store::{Store, StoreError};
 use crate::tls::{TlsCerts, TlsListener};
 use crate::ws::{self, WsStream};
@@ -446,9 +446,18 @@ async fn ws_handler(
     tokio::spawn(tracker.track_future(async move {
         match upgrade.await {
             Ok(io) => {
+                type Plain = TokioIo<crate::handshake::Guarded<tokio::net::TcpStream>>;
+                let ws = match hyper_util::server::conn::auto::upgrade::downcast::<Plain>(io) {
+                    // Plain TCP: the socket itself (see session::Transport), with
+                    // what hyper read past the request.
+                    Ok(parts) => {
+                        let tcp = Transport::Tcp(parts.io.into_inner().into_inner());
+                        WsStream::new(tcp, max).with_read(&parts.read_buf)
+                    }
+                    Err(io) => WsStream::new(Transport::Upgraded(TokioIo::new(io)), max),
+                };
                 // The session's registration holds the address's slot from here.
-                let io = WsStream::new(TokioIo::new(io), max);
-                let session = session::run(io, state, remote, Some(slot));
+                let session = session::run(ws, state, remote, Some(slot));
                 tokio::spawn(session_tracker.track_future(session));
             }
             Err(e) => tracing::debug!(%remote, error = %e, "WebSocket upgrade failed"),

@@ -305,6 +305,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
         }
     }
 
+    /// Start reading with bytes that arrived before the stream was built (read
+    /// along with the HTTP upgrade request: a client may send its first frame
+    /// without waiting for the 101).
+    pub fn with_read(mut self, already_read: &[u8]) -> Self {
+        self.rbuf.extend_from_slice(already_read);
+        self
+    }
+
     /// Queue a text frame (written by the next [`next`](Self::next) or
     /// [`flush`](Self::flush)).
     pub fn push_text(&mut self, text: Text) {

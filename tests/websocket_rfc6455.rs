@@ -141,6 +141,18 @@ async fn tungstenite_client_close_handshake_completes_cleanly() {
     assert!(saw_close);
 }
 
+#[tokio::test]
+async fn a_frame_sent_with_the_upgrade_request_is_read() {
+    let s = Server::start(&[]).await;
+    let hello = json!({"type": "hello", "id": "1", "name": "early"}).to_string();
+    let mut ws = RawWs::connect_sending(s.addr, &RawWs::encode(0x81, hello.as_bytes(), true)).await;
+    let (op, payload) = ws.read_frame().await.expect("a frame");
+    assert_eq!(op, 0x1, "a text frame");
+    let reply: serde_json::Value = serde_json::from_slice(&payload).expect("JSON");
+    assert_eq!(reply["type"], "welcome", "{reply}");
+    assert_eq!(reply["id"], "1");
+}
+
 /// An upgrade request to a fresh server with `Upgrade` and `Connection` set and
 /// `more` headers: the status and body of the answer.
 async fn upgrade_request(more: &[(&str, &str)]) -> (u16, String) {

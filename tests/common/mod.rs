@@ -511,15 +511,20 @@ pub struct RawWs {
 
 impl RawWs {
     pub async fn connect(addr: SocketAddr) -> RawWs {
+        Self::connect_sending(addr, &[]).await
+    }
+
+    /// Connect, writing `early` (frames) in the same write as the upgrade
+    /// request, before the server's answer.
+    pub async fn connect_sending(addr: SocketAddr, early: &[u8]) -> RawWs {
         let mut stream = TcpStream::connect(addr).await.expect("connect");
         let req = format!(
             "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
         );
-        stream
-            .write_all(req.as_bytes())
-            .await
-            .expect("write handshake");
+        let mut out = req.into_bytes();
+        out.extend_from_slice(early);
+        stream.write_all(&out).await.expect("write handshake");
         let mut buf = Vec::new();
         let mut chunk = [0u8; 1024];
         loop {
@@ -545,6 +550,12 @@ impl RawWs {
     }
 
     pub async fn frame_masked(&mut self, first: u8, payload: &[u8], masked: bool) {
+        let out = Self::encode(first, payload, masked);
+        let _ = self.stream.write_all(&out).await;
+    }
+
+    /// One client frame's bytes.
+    pub fn encode(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {
         let mut out = vec![first];
         let mask_bit = if masked { 0x80 } else { 0 };
         let len = payload.len();
@@ -564,7 +575,7 @@ impl RawWs {
         } else {
             out.extend_from_slice(payload);
         }
-        let _ = self.stream.write_all(&out).await;
+        out
     }
 
     /// Read the next frame from the server: (opcode, payload). None at EOF.
