@@ -17,7 +17,7 @@ use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
 use crate::hub::{Hub, HubOptions, Outbox};
 use crate::metrics::Metrics;
-use crate::session::{self, Transport};
+use crate::session;
 use crate::store::{Store, StoreError};
 use crate::tls::{TlsCerts, TlsListener};
 use crate::ws::{self, WsStream};
@@ -35,6 +35,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -451,10 +452,10 @@ async fn ws_handler(
                     // Plain TCP: the socket itself (see session::Transport), with
                     // what hyper read past the request.
                     Ok(parts) => {
-                        let tcp = Transport::Tcp(parts.io.into_inner().into_inner());
+                        let tcp = Either::Left(parts.io.into_inner().into_inner());
                         WsStream::new(tcp, max).with_read(&parts.read_buf)
                     }
-                    Err(io) => WsStream::new(Transport::Upgraded(TokioIo::new(io)), max),
+                    Err(io) => WsStream::new(Either::Right(TokioIo::new(io)), max),
                 };
                 // The session's registration holds the address's slot from here.
                 let session = session::run(ws, state, remote, Some(slot));
