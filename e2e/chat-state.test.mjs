@@ -13,9 +13,9 @@ after(async () => {
   await browser?.close();
 });
 
-/** The message bubble whose text is (or was) `text`: its seq. */
-// The seq of the message showing `text`, once it has one: a message the page
-// sent shows at once as "sending…", without a seq, until the server's answer.
+/** The seq of the message bubble whose text is (or was) `text`, once it has one: a
+ * message the page sent shows at once as "sending…", without a seq, until the
+ * server's answer. */
 async function seqOf(page, text) {
   const seq = await page.waitForFunction(
     (t) =>

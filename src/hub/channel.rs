@@ -441,11 +441,8 @@ impl Hub {
         let mut joined: Option<Option<Text>> = None;
         let mut refused = 0u64;
         for c in g.members.values() {
-            let ok = match frames.as_slice() {
-                [one] => c.send(one.clone()),
-                many => c.outbox.push_run(many, &mut joined),
-            };
-            if !ok {
+            // One frame or many: the outbox queues a run of one as a plain push.
+            if !c.outbox.push_run(&frames, &mut joined) {
                 refused += 1;
             }
         }
