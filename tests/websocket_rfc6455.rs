@@ -89,6 +89,45 @@ async fn the_server_pings_every_heartbeat_interval() {
 }
 
 #[tokio::test]
+async fn a_connection_receiving_messages_without_pause_is_still_pinged() {
+    // The session polls its timer only once it has fired (it wakes per message
+    // in a busy room); the heartbeat must still come while messages pour in.
+    let s = Server::start(&["--heartbeat", "0.3"]).await;
+    let mut raw = RawWs::connect(s.addr).await;
+    raw.frame(0x81, br#"{"type":"hello","name":"busy"}"#).await;
+    raw.frame(0x81, br#"{"type":"join","room":"r"}"#).await;
+    let mut sender = s.member("sender", "r").await;
+    let pour = tokio::spawn(async move {
+        for i in 0..150 {
+            sender
+                .send(serde_json::json!({"type": "send", "room": "r", "text": format!("m{i}")}))
+                .await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        sender
+    });
+    let (mut pings, mut messages) = (0, 0);
+    let started = std::time::Instant::now();
+    while pings < 2 {
+        let (op, payload) = tokio::time::timeout(Duration::from_secs(3), raw.read_frame())
+            .await
+            .expect("a frame within 3 s")
+            .expect("frames");
+        match op {
+            0x9 => {
+                pings += 1;
+                raw.frame(0x8A, &payload).await;
+            }
+            0x1 if payload.starts_with(br#"{"type":"message""#) => messages += 1,
+            _ => {}
+        }
+    }
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    assert!(messages > 10, "the pings came among messages ({messages})");
+    drop(pour.await.expect("sender"));
+}
+
+#[tokio::test]
 async fn a_silent_peer_is_dropped_after_two_intervals_and_its_presence_leaves() {
     let s = Server::start(&["--heartbeat", "0.5"]).await;
     let mut watcher = s.member("watcher", "r").await;

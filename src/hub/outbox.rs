@@ -10,14 +10,21 @@
 
 use crate::protocol::close;
 use crate::ws::{Lines, Text};
+use futures_util::task::AtomicWaker;
 use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::Notify;
+use std::task::{Context, Poll};
 
 pub struct Outbox {
     /// std Mutex: held only for a push or a drain, never across an await.
     inner: Mutex<Inner>,
-    notify: Notify,
+    /// The wake-up of the one task that drains this queue (its session): a flag
+    /// and that task's waker. Not a `tokio::sync::Notify`, which keeps a list of
+    /// any number of waiters behind a mutex: a lock to wait and another to wake
+    /// on every delivery, for a queue that only ever has one waiter.
+    signal: Signal,
     max_frames: usize,
     max_bytes: usize,
 }
@@ -94,7 +101,7 @@ impl Outbox {
     pub fn new(max_frames: usize, max_bytes: usize) -> Self {
         Outbox {
             inner: Mutex::new(Inner::default()),
-            notify: Notify::new(),
+            signal: Signal::default(),
             max_frames,
             max_bytes,
         }
@@ -125,7 +132,7 @@ impl Outbox {
         g.unwoken = false;
         if !g.frames.is_empty() {
             drop(g);
-            self.notify.notify_one();
+            self.signal.raise();
         }
     }
 
@@ -142,7 +149,7 @@ impl Outbox {
             g.overflowed = true;
             g.frames.clear();
             g.bytes = 0;
-            self.notify.notify_one();
+            self.signal.raise();
             return false;
         }
         true
@@ -182,7 +189,7 @@ impl Outbox {
         }
         drop(g);
         if must_wake {
-            self.notify.notify_one();
+            self.signal.raise();
         }
         true
     }
@@ -202,7 +209,7 @@ impl Outbox {
         g.frames.push_back(frame);
         drop(g);
         if must_wake {
-            self.notify.notify_one();
+            self.signal.raise();
         }
         true
     }
@@ -267,13 +274,45 @@ impl Outbox {
             });
         }
         drop(g);
-        self.notify.notify_one();
+        self.signal.raise();
     }
 
     /// Resolves after a push into an empty queue, an overflow or a `close`. A wake-up hint only:
-    /// the session drains the queue whenever it is idle anyway.
-    pub async fn notified(&self) {
-        self.notify.notified().await;
+    /// the session drains the queue whenever it is idle anyway. A wake-up given while
+    /// nobody waits is kept (one) for the next wait. One waiter at a time: the task
+    /// that drains the queue.
+    pub fn notified(&self) -> impl Future<Output = ()> + '_ {
+        poll_fn(|cx| self.signal.poll(cx))
+    }
+}
+
+/// A wake-up for one waiting task, kept when nobody waits (futures' `AtomicWaker`
+/// with a flag: lock-free on both sides).
+#[derive(Default)]
+struct Signal {
+    raised: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Signal {
+    fn raise(&self) {
+        self.raised.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    fn poll(&self, cx: &mut Context<'_>) -> Poll<()> {
+        // Taken before registering too: a raised flag needs no waker.
+        if self.raised.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        // Looked at again after registering, or a raise between the first look
+        // and the registration would be lost.
+        if self.raised.swap(false, Ordering::AcqRel) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
 }
 
@@ -369,6 +408,19 @@ mod tests {
             .await
             .expect("woken");
         assert_eq!(o.take().expect("not overflowed").frames.len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wake_up_given_while_nobody_waits_is_kept_once() {
+        let o = Outbox::new(10, 100);
+        assert!(o.push("a".into()));
+        assert!(o.push("b".into()));
+        o.close();
+        tokio::time::timeout(std::time::Duration::from_secs(1), o.notified())
+            .await
+            .expect("the kept wake-up resolves the first wait");
+        let again = tokio::time::timeout(std::time::Duration::from_secs(1), o.notified()).await;
+        assert!(again.is_err(), "three wake-ups while away are kept as one");
     }
 
     #[test]

@@ -22,7 +22,9 @@ use hyper_util::rt::TokioIo;
 use smallvec::SmallVec;
 use std::borrow::Cow;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::either::Either;
@@ -167,6 +169,8 @@ impl Session {
             let mut armed_deadline = self.next_deadline();
             let timer = tokio::time::sleep_until(earliest(next_ping, armed_deadline));
             tokio::pin!(timer);
+            // Whether the timer has been polled since it was last armed (see `due`).
+            let mut timer_polled = false;
             // Outbox wake-ups in a row that did not poll the socket (see below).
             let mut streak = 0u8;
 
@@ -196,6 +200,7 @@ impl Session {
                 if self.next_deadline() != armed_deadline {
                     armed_deadline = self.next_deadline();
                     timer.as_mut().reset(earliest(next_ping, armed_deadline));
+                    timer_polled = false;
                 }
                 // `ws.next()` writes what is queued and then reads, every time it is
                 // polled, so sustained fan-out cannot starve reading (the client's own
@@ -206,7 +211,7 @@ impl Session {
                     biased;
                     // First, so that a client whose frames are always ready cannot
                     // put off its deadline (it is ready only once per expiry).
-                    () = &mut timer => {
+                    () = due(timer.as_mut(), &mut timer_polled) => {
                         let now = Instant::now();
                         self.warn_of_expiry(now);
                         if self.deadline.is_some_and(|d| now >= d) {
@@ -226,6 +231,7 @@ impl Session {
                         }
                         armed_deadline = self.next_deadline();
                         timer.as_mut().reset(earliest(next_ping, armed_deadline));
+                        timer_polled = false;
                     }
                     // A wake-up from the outbox. With the socket idle, the take at the
                     // top of the loop (one lock) brings the frames and any alarm; with
@@ -440,6 +446,27 @@ impl Session {
                 .push(protocol::events::token_expiring_event(exp).into());
         }
     }
+}
+
+/// The session's timer as a branch of its `select!`, polled only when it has
+/// fired, or once after it was armed (that poll registers the task's waker with
+/// it). In a big room a session wakes once per message, and polling the timer
+/// on each of those wake-ups (the task budget, the waker's registration) was a
+/// measurable share of a delivery's cost; a registered timer wakes the task by
+/// itself when it fires. The registering poll is unconstrained by the task's
+/// budget: a budget-refused poll registers nothing, and the timer would then
+/// fire unheard.
+fn due<'a>(
+    mut timer: Pin<&'a mut tokio::time::Sleep>,
+    polled: &'a mut bool,
+) -> impl Future<Output = ()> + 'a {
+    std::future::poll_fn(move |cx| {
+        if *polled && !timer.is_elapsed() {
+            return Poll::Pending;
+        }
+        *polled = true;
+        Pin::new(&mut tokio::task::unconstrained(timer.as_mut())).poll(cx)
+    })
 }
 
 fn earliest(a: Instant, b: Option<Instant>) -> Instant {
