@@ -167,10 +167,9 @@ impl Session {
             // on every pass of the loop.
             let mut next_ping = Instant::now() + hb;
             let mut armed_deadline = self.next_deadline();
-            let timer = tokio::time::sleep_until(earliest(next_ping, armed_deadline));
-            tokio::pin!(timer);
-            // Whether the timer has been polled since it was last armed (see `due`).
-            let mut timer_polled = false;
+            let sleep = tokio::time::sleep_until(earliest(next_ping, armed_deadline));
+            tokio::pin!(sleep);
+            let mut timer = Timer::new(sleep);
             // Outbox wake-ups in a row that did not poll the socket (see below).
             let mut streak = 0u8;
 
@@ -199,8 +198,7 @@ impl Session {
                 }
                 if self.next_deadline() != armed_deadline {
                     armed_deadline = self.next_deadline();
-                    timer.as_mut().reset(earliest(next_ping, armed_deadline));
-                    timer_polled = false;
+                    timer.arm(earliest(next_ping, armed_deadline));
                 }
                 // `ws.next()` writes what is queued and then reads, every time it is
                 // polled, so sustained fan-out cannot starve reading (the client's own
@@ -211,7 +209,7 @@ impl Session {
                     biased;
                     // First, so that a client whose frames are always ready cannot
                     // put off its deadline (it is ready only once per expiry).
-                    () = due(timer.as_mut(), &mut timer_polled) => {
+                    () = timer.due() => {
                         let now = Instant::now();
                         self.warn_of_expiry(now);
                         if self.deadline.is_some_and(|d| now >= d) {
@@ -230,8 +228,7 @@ impl Session {
                             next_ping = now + hb;
                         }
                         armed_deadline = self.next_deadline();
-                        timer.as_mut().reset(earliest(next_ping, armed_deadline));
-                        timer_polled = false;
+                        timer.arm(earliest(next_ping, armed_deadline));
                     }
                     // A wake-up from the outbox. With the socket idle, the take at the
                     // top of the loop (one lock) brings the frames and any alarm; with
@@ -448,25 +445,43 @@ impl Session {
     }
 }
 
-/// The session's timer as a branch of its `select!`, polled only when it has
-/// fired, or once after it was armed (that poll registers the task's waker with
-/// it). In a big room a session wakes once per message, and polling the timer
-/// on each of those wake-ups (the task budget, the waker's registration) was a
-/// measurable share of a delivery's cost; a registered timer wakes the task by
-/// itself when it fires. The registering poll is unconstrained by the task's
-/// budget: a budget-refused poll registers nothing, and the timer would then
-/// fire unheard.
-fn due<'a>(
-    mut timer: Pin<&'a mut tokio::time::Sleep>,
-    polled: &'a mut bool,
-) -> impl Future<Output = ()> + 'a {
-    std::future::poll_fn(move |cx| {
-        if *polled && !timer.is_elapsed() {
-            return Poll::Pending;
+/// The session's one timer, polled only when it has fired, or once after it was
+/// armed (that poll registers the task's waker with it). In a big room a session
+/// wakes once per message, and polling the timer on each of those wake-ups (the
+/// task budget, the waker's registration) was a measurable share of a delivery's
+/// cost; a registered timer wakes the task by itself when it fires. Arming goes
+/// through [`Timer::arm`] only, so no reset can skip the registering poll.
+struct Timer<'a> {
+    sleep: Pin<&'a mut tokio::time::Sleep>,
+    /// Polled since it was last armed.
+    polled: bool,
+}
+
+impl<'a> Timer<'a> {
+    fn new(sleep: Pin<&'a mut tokio::time::Sleep>) -> Self {
+        Timer {
+            sleep,
+            polled: false,
         }
-        *polled = true;
-        Pin::new(&mut tokio::task::unconstrained(timer.as_mut())).poll(cx)
-    })
+    }
+
+    fn arm(&mut self, at: Instant) {
+        self.sleep.as_mut().reset(at);
+        self.polled = false;
+    }
+
+    /// Resolves when the timer fires; a branch of the session's `select!`. The
+    /// registering poll is unconstrained by the task's budget: a budget-refused
+    /// poll registers nothing, and the timer would then fire unheard.
+    fn due(&mut self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.polled && !self.sleep.is_elapsed() {
+                return Poll::Pending;
+            }
+            self.polled = true;
+            Pin::new(&mut tokio::task::unconstrained(self.sleep.as_mut())).poll(cx)
+        })
+    }
 }
 
 fn earliest(a: Instant, b: Option<Instant>) -> Instant {
