@@ -25,6 +25,7 @@ use crate::message::{ChannelKey, EntryKind, StoredMessage};
 use crate::protocol::{self, CommandError, ErrorCode};
 use crate::store::{ChannelInit, Store};
 use crate::ws::Text;
+use indexmap::IndexMap;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -68,7 +69,14 @@ pub(super) struct ChannelInner {
     /// snapshot is older than the latest event does not overwrite it.
     pub(super) presence_events: u64,
     pub(super) recent: VecDeque<Arc<StoredMessage>>,
-    pub(super) members: HashMap<u64, Arc<super::Conn>>,
+    /// This node's member connections, in the order they joined. Insertion-ordered
+    /// rather than a `HashMap`'s order for the fan-out: connections that joined one
+    /// after another had their tasks, outboxes and sockets allocated one after
+    /// another, and visiting them in that order keeps the memory each delivery
+    /// touches close to the previous one's (measured in one room of 5,000: 14 %
+    /// less server CPU per delivery than in hash order, lower in 7 of 8 alternated
+    /// rounds; BENCHMARKS.md). A leave swaps the last member into its place, O(1).
+    pub(super) members: IndexMap<u64, Arc<super::Conn>>,
     /// Users present in the room (here or on other nodes), by user id: ordered, so
     /// a page of members is a range and the first page needs no sort.
     pub(super) presence: BTreeMap<Arc<str>, Presence>,
@@ -104,7 +112,7 @@ impl Channel {
                 filling: false,
                 presence_events: 0,
                 recent: VecDeque::new(),
-                members: HashMap::new(),
+                members: IndexMap::new(),
                 presence: BTreeMap::new(),
                 announced_count: 0,
                 count_dirty: false,

@@ -176,7 +176,7 @@ impl Hub {
             return false;
         };
         let mut g = lock(&ch.inner);
-        if g.members.remove(&conn.id).is_none() {
+        if g.members.swap_remove(&conn.id).is_none() {
             return false;
         }
         g.last_active = Instant::now();
