@@ -354,3 +354,35 @@ async fn a_member_event_waits_for_the_presence_tick_to_share_a_write_but_no_long
     assert_eq!(kind(&seen[0]), "member");
     assert_eq!(seen[0]["user"], "x");
 }
+
+#[tokio::test(start_paused = true)]
+async fn members_who_stay_get_every_message_once_after_members_leave_from_the_middle() {
+    let hub = hub();
+    let members: Vec<Arc<Conn>> = (0..6).map(|i| conn(i, &format!("u{i}"))).collect();
+    for m in &members {
+        hub.join(m, None, "r", None, 50).await.expect("join");
+    }
+    let sender = &members[0];
+    hub.submit(sender, None, room("r"), text("before", None))
+        .await
+        .expect("submit");
+    hub.flush().await;
+    // A leave moves the last member into the leaver's place: leave from the middle
+    // and from the front, then send again.
+    assert!(hub.leave(&members[2], "r"), "u2 was a member");
+    assert!(hub.leave(&members[1], "r"), "u1 was a member");
+    hub.submit(sender, None, room("r"), text("after", None))
+        .await
+        .expect("submit");
+    hub.flush().await;
+
+    for (i, m) in members.iter().enumerate() {
+        let got = seqs_of(&frames(m), "message");
+        let expected: Vec<u64> = if i == 1 || i == 2 {
+            vec![1]
+        } else {
+            vec![1, 2]
+        };
+        assert_eq!(got, expected, "{} got each message it should, once", m.user);
+    }
+}
