@@ -144,6 +144,14 @@ fn describe() {
         "Message events queued to client connections (one per receiving connection)"
     );
     describe_counter!(
+        "hubbub_direct_writes_total",
+        "Frames the fan-out's writer threads wrote straight into parked sockets (no session woken)"
+    );
+    describe_counter!(
+        "hubbub_direct_handbacks_total",
+        "Parked connections whose frames went back to their session because the writer threads' queue was full"
+    );
+    describe_counter!(
         "hubbub_messages_stored_total",
         "Messages committed to the history store"
     );
@@ -264,6 +272,8 @@ pub struct Metrics {
     pub gaps_filled: Counter,
     pub gap_messages: Counter,
     pub deliveries: Counter,
+    pub direct_writes: Counter,
+    pub direct_handbacks: Counter,
     pub stored: Counter,
     pub slow_consumer_closes: Counter,
     pub dropped_deliveries: Counter,
@@ -330,6 +340,8 @@ impl Metrics {
             gaps_filled: counter!("hubbub_broker_gaps_filled_total"),
             gap_messages: counter!("hubbub_broker_gap_messages_total"),
             deliveries: counter!("hubbub_deliveries_total"),
+            direct_writes: counter!("hubbub_direct_writes_total"),
+            direct_handbacks: counter!("hubbub_direct_handbacks_total"),
             stored: counter!("hubbub_messages_stored_total"),
             slow_consumer_closes: counter!("hubbub_slow_consumer_closes_total"),
             dropped_deliveries: counter!("hubbub_dropped_deliveries_total"),

@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::session;
 use crate::store::{Store, StoreError};
 use crate::tls::{TlsCerts, TlsListener};
-use crate::ws::{self, WsStream};
+use crate::ws::{self, SharedTcp, WsStream};
 use axum::Router;
 use axum::extract::connect_info::Connected;
 use axum::extract::{ConnectInfo, Request, State};
@@ -109,6 +109,7 @@ impl Server {
         let options = HubOptions {
             presence_events_max: config.presence_events_max,
             max_reply_bytes: config.max_reply_bytes,
+            writer_threads: config.writer_threads,
         };
         let hub = Hub::start(store, broker, metrics.clone(), options);
         crate::hooks::webhooks::Webhooks::start(&config, &hub, shutdown.clone())?;
@@ -452,7 +453,7 @@ async fn ws_handler(
                     // Plain TCP: the socket itself (see session::Transport), with
                     // what hyper read past the request.
                     Ok(parts) => {
-                        let tcp = Either::Left(parts.io.into_inner().into_inner());
+                        let tcp = Either::Left(SharedTcp::new(parts.io.into_inner().into_inner()));
                         WsStream::new(tcp, max).with_read(&parts.read_buf)
                     }
                     Err(io) => WsStream::new(Either::Right(TokioIo::new(io)), max),

@@ -225,6 +225,186 @@ impl WsError {
     }
 }
 
+/// A plain TCP socket shared by its session and, while the session is parked, the
+/// fan-out's writer threads ([`crate::hub::writers`]), which write a connection's
+/// queued frames straight into it instead of waking its session. Reading stays the
+/// session's alone; who may write is decided under the connection's outbox lock
+/// (see [`crate::hub::Outbox::park`]), so the two never write at the same time.
+/// Both sides hold the socket by reference count, so a writer can never write to a
+/// closed (or reused) descriptor.
+#[derive(Clone, Debug)]
+pub struct SharedTcp(std::sync::Arc<tokio::net::TcpStream>);
+
+impl SharedTcp {
+    pub fn new(tcp: tokio::net::TcpStream) -> Self {
+        SharedTcp(std::sync::Arc::new(tcp))
+    }
+
+    /// Write `frames` (as text frames, the first `sent` bytes of the first one
+    /// already written) with one non-blocking vectored write, without waiting and
+    /// from any thread; returns the bytes written. `WouldBlock` when the socket is
+    /// full (or not known to be writable).
+    pub fn try_write_texts(&self, frames: &VecDeque<Text>, sent: usize) -> io::Result<usize> {
+        // A fan-out's write usually carries one frame: a small array for that.
+        if frames.len() <= SMALL_WRITE {
+            self.try_write_some::<SMALL_WRITE, { 2 * SMALL_WRITE }>(frames, sent)
+        } else {
+            self.try_write_some::<MAX_FRAMES_PER_WRITE, { 2 * MAX_FRAMES_PER_WRITE }>(frames, sent)
+        }
+    }
+
+    fn try_write_some<const N: usize, const SLICES: usize>(
+        &self,
+        frames: &VecDeque<Text>,
+        sent: usize,
+    ) -> io::Result<usize> {
+        let heads: [([u8; 10], u8); N] = std::array::from_fn(|i| {
+            frames
+                .get(i)
+                .map_or(([0; 10], 0), |f| frame_head(OP_TEXT, f.len()))
+        });
+        let mut slices = [IoSlice::new(&[]); SLICES];
+        let n = frame_slices(
+            frames
+                .iter()
+                .zip(&heads)
+                .map(|(f, (h, hl))| (&h[..usize::from(*hl)], &f.0[..])),
+            sent,
+            &mut slices,
+        );
+        match self.0.try_write_vectored(&slices[..n]) {
+            Ok(0) => Err(io::ErrorKind::WriteZero.into()),
+            r => r,
+        }
+    }
+
+    /// The same socket (for a test: is the parked socket this one?).
+    pub fn same(&self, other: &SharedTcp) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl AsyncRead for SharedTcp {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            ready!(self.0.poll_read_ready(cx))?;
+            // SAFETY: the slice is only written by the kernel's read, and exactly
+            // the bytes it reports are then marked initialized and filled (what
+            // tokio's own `TcpStream::poll_read` does; it has no `&self` form).
+            let unfilled = unsafe { buf.unfilled_mut() };
+            let mut dst: &mut [MaybeUninit<u8>] = unfilled;
+            match self.0.try_read_buf(&mut dst) {
+                Ok(n) => {
+                    // SAFETY: `try_read_buf` initialized the first `n` bytes.
+                    unsafe { buf.assume_init(n) };
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                // A stale readiness: `try_read_buf` cleared it; wait again.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for SharedTcp {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write_vectored(bufs) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    /// Nothing to do: the session ends a connection with a close frame and then
+    /// drops the socket (the last reference closes it).
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A server frame's header (FIN set, unmasked) for a payload of `len` bytes, and
+/// its length. The one place a header is built, so a frame cut short by one writer
+/// is finished byte for byte by another.
+fn frame_head(opcode: u8, len: usize) -> ([u8; 10], u8) {
+    let mut head = [0u8; 10];
+    head[0] = 0x80 | opcode; // FIN: we never fragment
+    let head_len = if len < 126 {
+        head[1] = len as u8;
+        2
+    } else if let Ok(len16) = u16::try_from(len) {
+        head[1] = 126;
+        head[2..4].copy_from_slice(&len16.to_be_bytes());
+        4
+    } else {
+        head[1] = 127;
+        head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    };
+    (head, head_len)
+}
+
+/// The bytes `text` takes on the wire as a text frame, header included.
+pub fn text_frame_len(text: &Text) -> usize {
+    usize::from(frame_head(OP_TEXT, text.len()).1) + text.len()
+}
+
+/// Fill `slices` with header and payload of as many frames as fit (two slices
+/// each), skipping the first `skip` bytes (of the first frame, already written);
+/// returns how many slices were filled.
+fn frame_slices<'a>(
+    frames: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    mut skip: usize,
+    slices: &mut [IoSlice<'a>],
+) -> usize {
+    let mut n = 0;
+    for (head, body) in frames.take(slices.len() / 2) {
+        if skip < head.len() {
+            slices[n] = IoSlice::new(&head[skip..]);
+            slices[n + 1] = IoSlice::new(body);
+            n += 2;
+        } else {
+            slices[n] = IoSlice::new(&body[skip - head.len()..]);
+            n += 1;
+        }
+        skip = 0;
+    }
+    n
+}
+
 /// A complete message or control frame from the peer.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Incoming {
@@ -245,21 +425,7 @@ struct OutFrame {
 
 impl OutFrame {
     fn new(opcode: u8, body: Bytes) -> Self {
-        let len = body.len();
-        let mut head = [0u8; 10];
-        head[0] = 0x80 | opcode; // FIN: we never fragment
-        let head_len = if len < 126 {
-            head[1] = len as u8;
-            2
-        } else if let Ok(len16) = u16::try_from(len) {
-            head[1] = 126;
-            head[2..4].copy_from_slice(&len16.to_be_bytes());
-            4
-        } else {
-            head[1] = 127;
-            head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
-            10
-        };
+        let (head, head_len) = frame_head(opcode, body.len());
         OutFrame {
             head,
             head_len,
@@ -377,6 +543,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
         self.out.push_back(OutFrame::new(OP_CLOSE, body));
     }
 
+    /// The transport (for the session to share a plain TCP socket with the fan-out).
+    pub fn get_ref(&self) -> &S {
+        &self.io
+    }
+
+    /// Nothing queued and nothing written since the last flush: another writer may
+    /// use the socket now without interleaving with this one.
+    pub fn is_idle(&self) -> bool {
+        self.out.is_empty() && !self.unflushed
+    }
+
+    /// Queue a text frame whose first `written` bytes (header included) another
+    /// writer already put on the wire; it must be the first frame queued.
+    pub fn push_text_started(&mut self, text: Text, written: usize) {
+        debug_assert!(self.out.is_empty());
+        self.push_text(text);
+        self.written = written;
+    }
+
     /// Frames queued and not yet fully written.
     pub fn queued(&self) -> usize {
         self.out.len()
@@ -467,20 +652,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<usize>> {
         let mut slices = [IoSlice::new(&[]); SLICES];
-        let mut n = 0;
-        let mut skip = self.written;
-        for f in self.out.iter().take(SLICES / 2) {
-            let head = f.head();
-            if skip < head.len() {
-                slices[n] = IoSlice::new(&head[skip..]);
-                slices[n + 1] = IoSlice::new(&f.body);
-                n += 2;
-            } else {
-                slices[n] = IoSlice::new(&f.body[skip - head.len()..]);
-                n += 1;
-            }
-            skip = 0;
-        }
+        let n = frame_slices(
+            self.out.iter().map(|f| (f.head(), &f.body[..])),
+            self.written,
+            &mut slices,
+        );
         let wrote = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..n]))?;
         if wrote == 0 {
             return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));

@@ -552,3 +552,57 @@ async fn a_rejoin_recovering_megabytes_is_delivered_not_closed_as_slow() {
     assert_eq!(j["recovered"], true);
     assert_eq!(j["messages"].as_array().unwrap().len(), 300);
 }
+
+/// The value of an unlabelled series in /metrics (0 when absent).
+async fn metric(s: &Server, name: &str) -> f64 {
+    let (_, body) = s.http_get("/metrics").await;
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Sends `n` messages from a fresh member of `room` without waiting between
+/// them, then checks each of `members` gets every one once, in `seq` order.
+async fn burst_reaches_every_member_once_in_order(s: &Server, room: &str, members: usize, n: u64) {
+    let mut listeners = Vec::new();
+    for i in 0..members {
+        listeners.push(s.member(&format!("m{i}"), room).await);
+    }
+    let mut sender = s.member("sender", room).await;
+    for i in 0..n {
+        sender
+            .send(json!({"type": "send", "room": room, "text": format!("burst {i}"), "client_id": format!("b{i}")}))
+            .await;
+    }
+    for l in &mut listeners {
+        let mut got = Vec::new();
+        while (got.len() as u64) < n {
+            let m = l.recv_type("message").await;
+            assert_eq!(m["type"], "message", "{m}");
+            got.push((m["seq"].as_u64().expect("seq"), m["text"].clone()));
+        }
+        let expected: Vec<(u64, serde_json::Value)> = (0..n)
+            .map(|i| (i + 1, json!(format!("burst {i}"))))
+            .collect();
+        assert_eq!(got, expected);
+    }
+}
+
+#[tokio::test]
+async fn idle_members_get_a_burst_written_by_the_writer_threads_once_and_in_order() {
+    let s = Server::start(&["--writer-threads", "2", "--rate-limit", "1000"]).await;
+    burst_reaches_every_member_once_in_order(&s, "lobby", 40, 300).await;
+    assert!(
+        metric(&s, "hubbub_direct_writes_total").await > 0.0,
+        "idle members' sessions parked their sockets and the writers wrote into them"
+    );
+}
+
+#[tokio::test]
+async fn with_writer_threads_0_every_session_writes_its_own_deliveries() {
+    let s = Server::start(&["--writer-threads", "0", "--rate-limit", "1000"]).await;
+    burst_reaches_every_member_once_in_order(&s, "lobby", 40, 300).await;
+    assert_eq!(metric(&s, "hubbub_direct_writes_total").await, 0.0);
+}

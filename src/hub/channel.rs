@@ -18,7 +18,9 @@
 //! compares each channel with the store so that even the last message of a burst
 //! is never missed. Duplicates (`seq <= committed`) are dropped.
 
+use super::outbox::{Outbox, Pushed};
 use super::presence::Presence;
+use super::writers;
 use super::{Hub, client_id_horizon, lock};
 use crate::broker::Topic;
 use crate::message::{ChannelKey, EntryKind, StoredMessage};
@@ -448,11 +450,28 @@ impl Hub {
         }
         let mut joined: Option<Option<Text>> = None;
         let mut refused = 0u64;
+        // Members whose sessions are parked: written by the writer threads, a
+        // chunk at a time, handed over as each fills (the threads start on the
+        // first while the rest are queued).
+        let mut chunk: Vec<Arc<Outbox>> = Vec::new();
         for c in g.members.values() {
             // One frame or many: the outbox queues a run of one as a plain push.
-            if !c.outbox.push_run(&frames, &mut joined) {
-                refused += 1;
+            match c.outbox.push_run(&frames, &mut joined) {
+                Pushed::Queued => {}
+                Pushed::Refused => refused += 1,
+                Pushed::Direct => {
+                    if chunk.capacity() == 0 {
+                        chunk.reserve_exact(writers::CHUNK);
+                    }
+                    chunk.push(c.outbox.clone());
+                    if chunk.len() == writers::CHUNK {
+                        self.write_direct(std::mem::take(&mut chunk));
+                    }
+                }
             }
+        }
+        if !chunk.is_empty() {
+            self.write_direct(chunk);
         }
         let k = frames.len() as u64;
         let n = g.members.len() as u64;

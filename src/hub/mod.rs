@@ -29,6 +29,7 @@ mod registry;
 #[cfg(test)]
 mod tests;
 mod upkeep;
+pub mod writers;
 
 pub use channel::Channel;
 pub use operator::{PresencePage, RoomsPage};
@@ -187,6 +188,9 @@ pub struct HubOptions {
     pub presence_events_max: usize,
     /// About how many bytes of messages a `joined` carries at most.
     pub max_reply_bytes: usize,
+    /// Writer threads for direct writes into parked sockets ([`writers`]); 0:
+    /// none, every delivery wakes its session.
+    pub writer_threads: usize,
 }
 
 impl Default for HubOptions {
@@ -194,6 +198,7 @@ impl Default for HubOptions {
         HubOptions {
             presence_events_max: 1000,
             max_reply_bytes: 512 * 1024,
+            writer_threads: 0,
         }
     }
 }
@@ -221,6 +226,8 @@ pub struct Hub {
     revocations: Mutex<HashMap<String, Option<i64>>>,
     /// Who hears of [`Activity`] (set once; none: nobody, and it costs nothing).
     activity: std::sync::OnceLock<Box<dyn Fn(Activity) + Send + Sync>>,
+    /// The fan-out's writer threads (none: sessions do every write).
+    writers: Option<writers::Writers>,
 }
 
 impl Hub {
@@ -232,6 +239,16 @@ impl Hub {
         options: HubOptions,
     ) -> Arc<Hub> {
         let (tx, rx) = mpsc::channel(JOB_QUEUE);
+        let writers = match options.writer_threads {
+            0 => None,
+            n => match writers::Writers::start(n, writers::QUEUE, metrics.clone()) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no writer threads; sessions write every delivery");
+                    None
+                }
+            },
+        };
         let hub = Arc::new(Hub {
             channels: Mutex::new(HashMap::new()),
             options,
@@ -247,6 +264,7 @@ impl Hub {
             bans: Mutex::new(HashMap::new()),
             revocations: Mutex::new(HashMap::new()),
             activity: std::sync::OnceLock::new(),
+            writers,
         });
         let weak = Arc::downgrade(&hub);
         hub.broker.set_sink(move |event| {
@@ -260,6 +278,21 @@ impl Hub {
         let tasks = upkeep::spawn(&hub, committer, stop);
         *lock(&hub.tasks) = Some(tasks);
         hub
+    }
+
+    /// Do the fan-out's writer threads write into parked sockets? (Else a session
+    /// has no reason to park.)
+    pub fn direct_writes(&self) -> bool {
+        self.writers.is_some()
+    }
+
+    /// Hand outboxes that a fan-out left a run in while parked to the writer
+    /// threads (or, with none, back to their sessions).
+    fn write_direct(&self, chunk: Vec<Arc<Outbox>>) {
+        match &self.writers {
+            Some(w) => w.write(chunk),
+            None => chunk.iter().for_each(|o| o.hand_back()),
+        }
     }
 
     /// Stop the hub after everything queued is stored, delivered and acked: the

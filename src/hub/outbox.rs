@@ -7,9 +7,18 @@
 //! frames or `max_bytes` bytes is refused, the queue is marked overflowed and the session is woken to close the connection
 //! with 4008 (slow consumer). Nothing ever waits on a full queue, so one slow
 //! reader cannot hold up a fan-out to everyone else.
+//!
+//! Direct writes: a session with nothing of its own to write parks its plain TCP
+//! socket here ([`Outbox::park`]). A room's fan-out then queues into a parked outbox
+//! without waking the session, and one of the writer threads ([`super::writers`])
+//! writes the queue into the socket ([`Outbox::write_direct`]): no task wake-up
+//! per delivery. Whatever the socket does not take (a full socket, an error) is
+//! handed back: the outbox unparks and wakes the session, which finishes a frame
+//! cut short before anything else. Who writes is decided under this lock, and a
+//! direct write happens under it, so the session and a writer never write at once.
 
 use crate::protocol::close;
-use crate::ws::{Lines, Text};
+use crate::ws::{Lines, SharedTcp, Text};
 use futures_util::task::AtomicWaker;
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -43,6 +52,14 @@ struct Inner {
     batch: bool,
     /// The server's orders, rare: boxed, so a connection without any pays one word.
     orders: Option<Box<Orders>>,
+    /// The session's socket while it is parked: the fan-out's writers may write.
+    parked: Option<SharedTcp>,
+    /// Bytes of the first queued frame already written (by a direct write that
+    /// the socket cut short), for the session to finish first.
+    sent: u32,
+    /// A writer thread has this outbox in its work: a push need not hand it over
+    /// again.
+    queued_direct: bool,
 }
 
 #[derive(Default)]
@@ -95,6 +112,21 @@ pub struct Taken {
     pub removed: Vec<Box<str>>,
     /// The connection batches: join the frames with newlines.
     pub batch: bool,
+    /// Bytes of the first frame already written (a direct write cut short): it
+    /// must be finished, as it is, before anything else.
+    pub sent: usize,
+}
+
+/// What a [`push_run`](Outbox::push_run) did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pushed {
+    /// Queued; the session was woken if it had to be.
+    Queued,
+    /// Queued into a parked outbox: hand it to a writer thread
+    /// ([`Outbox::write_direct`]) or back to its session ([`Outbox::hand_back`]).
+    Direct,
+    /// The queue has overflowed (now or before): nothing was queued.
+    Refused,
 }
 
 impl Outbox {
@@ -165,13 +197,12 @@ impl Outbox {
     /// first batching receiver and shared by the rest; None if the run is too
     /// large for one frame), else frame by frame. The bounds are checked once,
     /// before the run: the queue stays bounded by its limits plus one run.
-    pub fn push_run(&self, frames: &[Text], joined: &mut Option<Option<Text>>) -> bool {
+    pub fn push_run(&self, frames: &[Text], joined: &mut Option<Option<Text>>) -> Pushed {
         let mut g = self.lock();
         if !self.admits(&mut g) {
-            return false;
+            return Pushed::Refused;
         }
         let must_wake = g.frames.is_empty() || g.unwoken;
-        g.unwoken = false;
         let one = if g.batch && frames.len() > 1 {
             joined.get_or_insert_with(|| Lines::joined(frames)).clone()
         } else {
@@ -187,11 +218,105 @@ impl Outbox {
                 g.frames.push_back(f.clone());
             }
         }
+        if g.parked.is_some() {
+            // Quiet frames queued before this leave with it.
+            g.unwoken = false;
+            if g.queued_direct {
+                return Pushed::Queued; // the writer that has it writes these too
+            }
+            g.queued_direct = true;
+            return Pushed::Direct;
+        }
+        g.unwoken = false;
         drop(g);
         if must_wake {
             self.signal.raise();
         }
+        Pushed::Queued
+    }
+
+    /// Park the session's socket: until [`unpark`](Self::unpark), pushes of runs
+    /// are written into it by the fan-out's writers. Refused (false) when frames
+    /// are waiting (the session takes them first) or the queue has overflowed.
+    pub fn park(&self, socket: &SharedTcp) -> bool {
+        let mut g = self.lock();
+        if !g.frames.is_empty() || g.overflowed || g.sent != 0 {
+            return false;
+        }
+        g.parked = Some(socket.clone());
         true
+    }
+
+    /// Take the socket back: once this returns, no writer thread writes into it
+    /// (a direct write in progress holds this lock). What was queued and not yet
+    /// written stays queued for [`take`](Self::take).
+    pub fn unpark(&self) {
+        let mut g = self.lock();
+        g.parked = None;
+    }
+
+    /// Is the session's socket parked here? (For tests and the session's checks.)
+    pub fn is_parked(&self) -> bool {
+        self.lock().parked.is_some()
+    }
+
+    /// A writer thread's work for this outbox: write what is queued into the
+    /// parked socket. Whatever the socket does not take now (full, or an error),
+    /// or a socket no longer parked, goes back to the session ([`hand_back`]).
+    /// Returns the frames written.
+    ///
+    /// [`hand_back`]: Self::hand_back
+    pub fn write_direct(&self) -> usize {
+        let mut g = self.lock();
+        g.queued_direct = false;
+        let mut written = 0;
+        loop {
+            let Some(socket) = &g.parked else {
+                // The session took its socket back and takes the frames itself.
+                return written;
+            };
+            if g.frames.is_empty() {
+                return written;
+            }
+            match socket.try_write_texts(&g.frames, g.sent as usize) {
+                Ok(n) => {
+                    let mut n = n + g.sent as usize;
+                    g.sent = 0;
+                    while let Some(front) = g.frames.front() {
+                        let len = crate::ws::text_frame_len(front);
+                        if n < len {
+                            // Cut short: the rest of this frame first, by the session.
+                            g.sent = n as u32;
+                            break;
+                        }
+                        n -= len;
+                        g.bytes = g.bytes.saturating_sub(front.len());
+                        g.frames.pop_front();
+                        written += 1;
+                    }
+                    if g.sent != 0 {
+                        break;
+                    }
+                }
+                // Full, or failing: the session waits for the socket, or meets
+                // the error and closes.
+                Err(_) => break,
+            }
+        }
+        g.parked = None;
+        drop(g);
+        self.signal.raise();
+        written
+    }
+
+    /// Give a parked outbox's queue back to its session (no writer thread could
+    /// take it): unpark and wake the session, which writes it.
+    pub fn hand_back(&self) {
+        let mut g = self.lock();
+        g.queued_direct = false;
+        g.parked = None;
+        drop(g);
+        self.signal.raise();
     }
 
     fn push_inner(&self, frame: Text, wake: bool) -> bool {
@@ -216,7 +341,7 @@ impl Outbox {
 
     /// Take every queued frame (the queue's allocation goes with them, so an idle
     /// connection's outbox holds none), and whether the server is closing it: one
-    /// lock per wake-up of a session that keeps up.
+    /// lock per wake-up of a session that keeps up. Unparks the socket.
     pub fn take(&self) -> Result<Taken, Overflowed> {
         let mut g = self.lock();
         if g.overflowed {
@@ -224,6 +349,9 @@ impl Outbox {
         }
         g.bytes = 0;
         g.unwoken = false;
+        // The session writes what it takes: its socket is its own again.
+        g.parked = None;
+        let sent = std::mem::take(&mut g.sent) as usize;
         Ok(Taken {
             frames: std::mem::take(&mut g.frames),
             closing: g.closing(),
@@ -233,6 +361,7 @@ impl Outbox {
                 .map(|o| std::mem::take(&mut o.removed))
                 .unwrap_or_default(),
             batch: g.batch,
+            sent,
         })
     }
 
@@ -353,7 +482,10 @@ mod tests {
     fn a_run_pushed_at_once_keeps_its_order_behind_what_was_queued() {
         let o = Outbox::new(10, 100);
         assert!(o.push("a".into()));
-        assert!(o.push_run(&["b".into(), "c".into()], &mut None));
+        assert_eq!(
+            Pushed::Queued,
+            o.push_run(&["b".into(), "c".into()], &mut None)
+        );
         let taken = o.take().expect("not overflowed");
         assert_eq!(
             taken.frames,
@@ -364,11 +496,12 @@ mod tests {
     #[test]
     fn a_run_into_a_full_queue_is_refused_and_marks() {
         let o = Outbox::new(2, 1 << 20);
-        assert!(
+        assert_eq!(
+            Pushed::Queued,
             o.push_run(&["a".into(), "b".into()], &mut None),
             "an empty queue takes a run"
         );
-        assert!(!o.push_run(&["c".into()], &mut None));
+        assert_eq!(Pushed::Refused, o.push_run(&["c".into()], &mut None));
         assert_eq!(o.alarm(), Some(Alarm::Overflowed));
         assert!(!o.push("d".into()), "and stays overflowed");
     }
@@ -384,14 +517,14 @@ mod tests {
         b.set_batch(true);
         let run: [Text; 2] = ["x".into(), "y".into()];
         let mut joined = None;
-        assert!(a.push_run(&run, &mut joined));
+        assert_eq!(Pushed::Queued, a.push_run(&run, &mut joined));
         assert_eq!(
             joined,
             Some(Some(Text::from("x\ny"))),
             "built once, by the first"
         );
-        assert!(b.push_run(&run, &mut joined));
-        assert!(plain.push_run(&run, &mut joined));
+        assert_eq!(Pushed::Queued, b.push_run(&run, &mut joined));
+        assert_eq!(Pushed::Queued, plain.push_run(&run, &mut joined));
         for o in [&a, &b] {
             let frames = o.take().expect("not overflowed").frames;
             assert_eq!(frames, VecDeque::from([Text::from("x\ny")]));
@@ -403,7 +536,10 @@ mod tests {
     #[tokio::test]
     async fn a_run_wakes_the_session_once() {
         let o = Outbox::new(10, 100);
-        assert!(o.push_run(&["a".into(), "b".into()], &mut None));
+        assert_eq!(
+            Pushed::Queued,
+            o.push_run(&["a".into(), "b".into()], &mut None)
+        );
         tokio::time::timeout(std::time::Duration::from_secs(1), o.notified())
             .await
             .expect("woken");
@@ -462,6 +598,7 @@ mod tests {
                 closing: None,
                 removed: Vec::new(),
                 batch: false,
+                sent: 0,
             })
         );
         assert!(o.push("c".into()), "drained queue accepts again");
@@ -496,5 +633,207 @@ mod tests {
             .map(|t| t.as_bytes().to_vec())
             .collect();
         assert_eq!(got, vec![b"a".to_vec(), b"b".to_vec()]);
+    }
+
+    /// Direct writes, over real loopback TCP.
+    mod direct {
+        use super::*;
+        use crate::ws::WsStream;
+        use std::pin::pin;
+        use std::task::Waker;
+        use tokio::io::AsyncReadExt;
+        use tokio::net::{TcpListener, TcpStream};
+
+        async fn pair() -> (SharedTcp, TcpStream) {
+            let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let client = TcpStream::connect(l.local_addr().expect("addr"))
+                .await
+                .expect("connect");
+            let (server, _) = l.accept().await.expect("accept");
+            (SharedTcp::new(server), client)
+        }
+
+        /// The payloads of the next `n` server frames, each checked to be a final
+        /// unmasked text frame.
+        async fn read_texts(c: &mut TcpStream, n: usize) -> Vec<Vec<u8>> {
+            let mut out = Vec::new();
+            for _ in 0..n {
+                let mut h = [0u8; 2];
+                c.read_exact(&mut h).await.expect("header");
+                assert_eq!(h[0], 0x81, "a final text frame");
+                assert_eq!(h[1] & 0x80, 0, "server frames are unmasked");
+                let len = match h[1] {
+                    126 => {
+                        let mut l = [0u8; 2];
+                        c.read_exact(&mut l).await.expect("length");
+                        usize::from(u16::from_be_bytes(l))
+                    }
+                    127 => {
+                        let mut l = [0u8; 8];
+                        c.read_exact(&mut l).await.expect("length");
+                        usize::try_from(u64::from_be_bytes(l)).expect("fits")
+                    }
+                    n => usize::from(n),
+                };
+                let mut payload = vec![0u8; len];
+                c.read_exact(&mut payload).await.expect("payload");
+                out.push(payload);
+            }
+            out
+        }
+
+        /// Was the session woken (the wake-up is consumed)?
+        fn woken(o: &Outbox) -> bool {
+            let mut f = pin!(o.notified());
+            f.as_mut()
+                .poll(&mut Context::from_waker(Waker::noop()))
+                .is_ready()
+        }
+
+        #[tokio::test]
+        async fn a_run_into_a_parked_outbox_is_written_by_a_writer_without_waking_the_session() {
+            let (tcp, mut client) = pair().await;
+            let o = Outbox::new(10, 1 << 20);
+            assert!(o.park(&tcp));
+            assert_eq!(o.push_run(&["hello".into()], &mut None), Pushed::Direct);
+            assert!(!woken(&o), "the session sleeps on");
+            assert_eq!(o.write_direct(), 1);
+            assert_eq!(read_texts(&mut client, 1).await, vec![b"hello".to_vec()]);
+            assert!(o.is_parked(), "still parked for the next run");
+            assert!(!woken(&o));
+        }
+
+        #[tokio::test]
+        async fn a_second_run_before_the_writer_comes_is_written_with_the_first() {
+            let (tcp, mut client) = pair().await;
+            let o = Outbox::new(10, 1 << 20);
+            assert!(o.park(&tcp));
+            assert_eq!(o.push_run(&["a".into()], &mut None), Pushed::Direct);
+            assert_eq!(
+                o.push_run(&["b".into()], &mut None),
+                Pushed::Queued,
+                "not handed to a writer twice"
+            );
+            assert_eq!(o.write_direct(), 2);
+            assert_eq!(
+                read_texts(&mut client, 2).await,
+                vec![b"a".to_vec(), b"b".to_vec()]
+            );
+            assert_eq!(
+                o.push_run(&["c".into()], &mut None),
+                Pushed::Direct,
+                "the writer is done with it: the next run is handed over again"
+            );
+        }
+
+        #[tokio::test]
+        async fn a_socket_taken_back_is_not_written_and_its_frames_go_to_the_session() {
+            let (tcp, _client) = pair().await;
+            let o = Outbox::new(10, 1 << 20);
+            assert!(o.park(&tcp));
+            assert_eq!(o.push_run(&["a".into()], &mut None), Pushed::Direct);
+            o.unpark();
+            assert_eq!(o.write_direct(), 0, "the writer leaves it alone");
+            let taken = o.take().expect("not overflowed");
+            assert_eq!(taken.frames, VecDeque::from([Text::from("a")]));
+            assert_eq!(taken.sent, 0);
+        }
+
+        #[tokio::test]
+        async fn a_take_unparks() {
+            let (tcp, _client) = pair().await;
+            let o = Outbox::new(10, 1 << 20);
+            assert!(o.park(&tcp));
+            let _ = o.take().expect("not overflowed");
+            assert!(!o.is_parked());
+            assert_eq!(o.push_run(&["a".into()], &mut None), Pushed::Queued);
+            assert!(woken(&o), "an unparked session is woken as before");
+        }
+
+        #[tokio::test]
+        async fn parking_is_refused_while_frames_wait() {
+            let (tcp, _client) = pair().await;
+            let o = Outbox::new(10, 1 << 20);
+            assert!(o.push("waiting".into()));
+            assert!(!o.park(&tcp));
+            assert!(!o.is_parked());
+        }
+
+        #[tokio::test]
+        async fn parking_is_refused_after_an_overflow() {
+            let (tcp, _client) = pair().await;
+            let o = Outbox::new(1, 1 << 20);
+            assert!(o.push("a".into()));
+            assert!(!o.push("b".into()));
+            assert!(!o.park(&tcp));
+        }
+
+        #[tokio::test]
+        async fn an_overflow_while_parked_wakes_the_session_to_close() {
+            let (tcp, _client) = pair().await;
+            let o = Outbox::new(2, 1 << 20);
+            assert!(o.park(&tcp));
+            assert_eq!(o.push_run(&["a".into()], &mut None), Pushed::Direct);
+            assert_eq!(o.push_run(&["b".into()], &mut None), Pushed::Queued);
+            assert_eq!(o.push_run(&["c".into()], &mut None), Pushed::Refused);
+            assert!(woken(&o));
+            assert_eq!(o.write_direct(), 0, "nothing left to write");
+            assert_eq!(o.take(), Err(Overflowed));
+        }
+
+        #[tokio::test]
+        async fn a_hand_back_unparks_and_wakes_the_session() {
+            let (tcp, _client) = pair().await;
+            let o = Outbox::new(10, 1 << 20);
+            assert!(o.park(&tcp));
+            assert_eq!(o.push_run(&["a".into()], &mut None), Pushed::Direct);
+            o.hand_back();
+            assert!(!o.is_parked());
+            assert!(woken(&o));
+            let taken = o.take().expect("not overflowed");
+            assert_eq!(taken.frames, VecDeque::from([Text::from("a")]));
+        }
+
+        #[tokio::test]
+        async fn a_frame_the_socket_cuts_short_is_finished_by_the_session_byte_for_byte() {
+            let (tcp, mut client) = pair().await;
+            let o = Outbox::new(1000, 1 << 30);
+            assert!(o.park(&tcp));
+            // Far more than a loopback socket's buffers take before the client reads.
+            let frames: Vec<Text> = (0..200u8)
+                .map(|i| {
+                    Text::from(
+                        String::from(char::from(b'a' + i % 26)).repeat(65_000 + usize::from(i)),
+                    )
+                })
+                .collect();
+            assert_eq!(o.push_run(&frames, &mut None), Pushed::Direct);
+            let written = o.write_direct();
+            assert!(written < frames.len(), "the socket filled up");
+            assert!(!o.is_parked(), "handed back");
+            assert!(woken(&o));
+            let taken = o.take().expect("not overflowed");
+            assert!(
+                taken.sent > 0,
+                "a frame was cut short (sent {})",
+                taken.sent
+            );
+            assert_eq!(taken.frames.len(), frames.len() - written);
+            // The session's side: the cut frame first, then the rest.
+            let mut ws = WsStream::new(tcp.clone(), 1 << 20);
+            let mut rest = taken.frames;
+            let first = rest.pop_front().expect("a frame");
+            ws.push_text_started(first, taken.sent);
+            for f in rest {
+                ws.push_text(f);
+            }
+            let reader = tokio::spawn(async move { read_texts(&mut client, 200).await });
+            ws.flush().await.expect("flushed");
+            let got = reader.await.expect("reader");
+            assert_eq!(got.len(), frames.len());
+            for (i, (g, f)) in got.iter().zip(&frames).enumerate() {
+                assert!(g[..] == *f.as_bytes(), "frame {i} arrived intact");
+            }
+        }
     }
 }

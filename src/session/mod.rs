@@ -34,12 +34,13 @@ use tracing::Instrument;
 pub type Socket = WsStream<Transport>;
 
 /// The bytes under a WebSocket connection: on plain TCP (`Left`) the socket
-/// itself, taken out of hyper's upgrade, which wraps it in a boxed trait object
+/// itself (shared with the fan-out's writer threads while the session is parked,
+/// see [`crate::hub::writers`]), taken out of hyper's upgrade, which wraps it in a boxed trait object
 /// over two wrappers (about 100 bytes per idle connection, measured, and three
 /// indirections per read or write); anything else (TLS, `Right`) behind hyper's
 /// upgrade. An enum rather than a type parameter: one copy of the session's
 /// code, not two.
-pub type Transport = Either<tokio::net::TcpStream, TokioIo<hyper::upgrade::Upgraded>>;
+pub type Transport = Either<crate::ws::SharedTcp, TokioIo<hyper::upgrade::Upgraded>>;
 
 /// Outbox wake-ups in a row after which queued frames wait for the socket's poll
 /// (which reads as well), so a steady fan-out cannot starve reading.
@@ -153,6 +154,38 @@ pub fn run(
     session.run(socket).instrument(span)
 }
 
+/// A session's permission to park its socket in its outbox: plain TCP only, with
+/// writer threads only. Dropped with the session's task, it takes the socket back.
+struct Parking {
+    outbox: Option<Arc<Outbox>>,
+}
+
+impl Parking {
+    fn new(ws: &Socket, outbox: &Arc<Outbox>, direct_writes: bool) -> Self {
+        let plain = matches!(ws.get_ref(), Either::Left(_));
+        Parking {
+            outbox: (direct_writes && plain).then(|| outbox.clone()),
+        }
+    }
+
+    /// Park the socket if the session has nothing of its own to write; whether
+    /// it is parked now.
+    fn park(&self, ws: &Socket) -> bool {
+        match (&self.outbox, ws.get_ref()) {
+            (Some(outbox), Either::Left(tcp)) if ws.is_idle() => outbox.park(tcp),
+            _ => false,
+        }
+    }
+}
+
+impl Drop for Parking {
+    fn drop(&mut self) {
+        if let Some(outbox) = &self.outbox {
+            outbox.unpark();
+        }
+    }
+}
+
 impl Session {
     // Not an `async fn`: its parameters would be copied into the future's locals,
     // keeping two copies of the session and the socket for the connection's life.
@@ -173,7 +206,22 @@ impl Session {
             // Outbox wake-ups in a row that did not poll the socket (see below).
             let mut streak = 0u8;
 
+            // Direct writes: the socket is parked in the outbox while the session
+            // waits with nothing of its own to write; the guard takes it back
+            // should this task be dropped there.
+            let parking = Parking::new(&ws, &self.outbox, self.state.hub.direct_writes());
+            let mut parked = false;
+
             let exit = loop {
+                if parked {
+                    // Back before anything is written: after this, no writer thread
+                    // writes into the socket. (`take` below unparks too; this is for
+                    // a socket that still has frames of its own queued.)
+                    if ws.queued() > 0 {
+                        self.outbox.unpark();
+                    }
+                    parked = false;
+                }
                 // Refill from the outbox only once the socket took everything: frames
                 // waiting on a slow socket stay counted against the outbox's bounds.
                 if ws.queued() == 0 {
@@ -200,6 +248,8 @@ impl Session {
                     armed_deadline = self.next_deadline();
                     timer.arm(earliest(next_ping, armed_deadline));
                 }
+                // Nothing of its own left to write: let the fan-out write for it.
+                parked = parking.park(&ws);
                 // `ws.next()` writes what is queued and then reads, every time it is
                 // polled, so sustained fan-out cannot starve reading (the client's own
                 // commands, and the pongs that keep it alive) nor the other way round.
@@ -278,6 +328,10 @@ impl Session {
                 }
             };
 
+            if parked {
+                self.outbox.unpark();
+            }
+            drop(parking);
             // Boxed for the same reason as command handling.
             Box::pin(self.finish(exit, ws)).await;
         }
@@ -288,10 +342,11 @@ impl Session {
     /// together). Returns the server's order to close, if it gave one.
     fn take_outbox(&mut self, ws: &mut Socket) -> Result<Option<CloseOrder>, Overflowed> {
         let Taken {
-            frames,
+            mut frames,
             closing,
             removed,
             batch,
+            sent,
         } = self.outbox.take()?;
         for room in removed {
             self.rooms.retain(|r| *r != room);
@@ -301,6 +356,12 @@ impl Session {
         }
         let metrics = &self.state.metrics;
         metrics.outbox_depth.record(frames.len() as u64);
+        if sent > 0
+            && let Some(started) = frames.pop_front()
+        {
+            // A writer thread wrote part of it: the rest, as it is, first.
+            ws.push_text_started(started, sent);
+        }
         if !batch || frames.len() == 1 {
             ws.reserve(frames.len());
             for f in frames {
