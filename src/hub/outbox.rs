@@ -1,7 +1,12 @@
 //! One connection's outgoing queue: bounded in frames and in bytes.
 //!
-//! Owns: the queue, its bounds and the wake-up of the session that drains it.
-//! Must not: block or wait, ever; the fan-out pushes under a room-wide lock.
+//! Owns: the queue, its bounds, the wake-up of the session that drains it, and who
+//! writes into the session's socket (the session, or while it is parked a writer
+//! thread). Must not: block or wait, ever; the fan-out pushes under a room-wide
+//! lock. (The one thing done under this lock besides queueing is a writer
+//! thread's non-blocking `writev`: a push meets it only when the fan-out of the
+//! next message overtakes the writers at that very outbox, and waits one system
+//! call at most.)
 //!
 //! Policy when it fills: a push into a queue that already holds `max_frames`
 //! frames or `max_bytes` bytes is refused, the queue is marked overflowed and the session is woken to close the connection
