@@ -286,6 +286,19 @@ impl SharedTcp {
         }
     }
 
+    /// A connected pair over loopback, this side the server's (for tests).
+    #[cfg(test)]
+    pub async fn loopback_pair() -> (SharedTcp, tokio::net::TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let client = tokio::net::TcpStream::connect(l.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = l.accept().await.expect("accept");
+        (SharedTcp::new(server), client)
+    }
+
     /// The same socket (for a test: is the parked socket this one?).
     pub fn same(&self, other: &SharedTcp) -> bool {
         std::sync::Arc::ptr_eq(&self.0, &other.0)

@@ -61,15 +61,6 @@ fn seq_of(v: &Value) -> u64 {
     v["seq"].as_u64().expect("seq")
 }
 
-async fn metric(server: &Server, name: &str) -> f64 {
-    let (_, body) = server.http_get("/metrics").await;
-    body.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn a_message_sent_on_one_node_reaches_members_on_the_others() {
     let (_db, _redis, n) = cluster(3, &[]).await;
@@ -450,7 +441,7 @@ async fn when_redis_restarts_mid_traffic_delivery_resumes_with_nothing_lost_or_d
         assert_eq!(c.recv_type("message").await["seq"], ack["seq"]);
     }
     wait_for_status(&n[0], "/readyz", 200).await;
-    assert!(metric(&n[0], "hubbub_broker_reconnects_total").await >= 1.0);
+    assert!(n[0].metric("hubbub_broker_reconnects_total").await >= 1.0);
     assert_eq!(
         db.query("SELECT count(*) FROM messages"),
         (total + 1).to_string()
@@ -499,8 +490,8 @@ async fn a_missed_broadcast_is_filled_from_postgres_before_the_newer_message_is_
     assert_eq!(got.iter().map(seq_of).collect::<Vec<_>>(), vec![2, 3]);
     assert_eq!(got[0]["text"], "stored 2");
     alice.expect_no("message", Duration::from_millis(300)).await;
-    assert!(metric(&n[0], "hubbub_broker_gaps_detected_total").await >= 1.0);
-    assert!(metric(&n[0], "hubbub_broker_gap_messages_total").await >= 1.0);
+    assert!(n[0].metric("hubbub_broker_gaps_detected_total").await >= 1.0);
+    assert!(n[0].metric("hubbub_broker_gap_messages_total").await >= 1.0);
 }
 
 #[tokio::test]

@@ -553,16 +553,6 @@ async fn a_rejoin_recovering_megabytes_is_delivered_not_closed_as_slow() {
     assert_eq!(j["messages"].as_array().unwrap().len(), 300);
 }
 
-/// The value of an unlabelled series in /metrics (0 when absent).
-async fn metric(s: &Server, name: &str) -> f64 {
-    let (_, body) = s.http_get("/metrics").await;
-    body.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// Sends `n` messages from a fresh member of `room` without waiting between
 /// them, then checks each of `members` gets every one once, in `seq` order.
 async fn burst_reaches_every_member_once_in_order(s: &Server, room: &str, members: usize, n: u64) {
@@ -595,7 +585,7 @@ async fn idle_members_get_a_burst_written_by_the_writer_threads_once_and_in_orde
     let s = Server::start(&["--writer-threads", "2", "--rate-limit", "1000"]).await;
     burst_reaches_every_member_once_in_order(&s, "lobby", 40, 300).await;
     assert!(
-        metric(&s, "hubbub_direct_writes_total").await > 0.0,
+        s.metric("hubbub_direct_writes_total").await > 0.0,
         "idle members' sessions parked their sockets and the writers wrote into them"
     );
 }
@@ -604,5 +594,5 @@ async fn idle_members_get_a_burst_written_by_the_writer_threads_once_and_in_orde
 async fn with_writer_threads_0_every_session_writes_its_own_deliveries() {
     let s = Server::start(&["--writer-threads", "0", "--rate-limit", "1000"]).await;
     burst_reaches_every_member_once_in_order(&s, "lobby", 40, 300).await;
-    assert_eq!(metric(&s, "hubbub_direct_writes_total").await, 0.0);
+    assert_eq!(s.metric("hubbub_direct_writes_total").await, 0.0);
 }

@@ -647,16 +647,7 @@ mod tests {
         use std::pin::pin;
         use std::task::Waker;
         use tokio::io::AsyncReadExt;
-        use tokio::net::{TcpListener, TcpStream};
-
-        async fn pair() -> (SharedTcp, TcpStream) {
-            let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            let client = TcpStream::connect(l.local_addr().expect("addr"))
-                .await
-                .expect("connect");
-            let (server, _) = l.accept().await.expect("accept");
-            (SharedTcp::new(server), client)
-        }
+        use tokio::net::TcpStream;
 
         /// The payloads of the next `n` server frames, each checked to be a final
         /// unmasked text frame.
@@ -697,7 +688,7 @@ mod tests {
 
         #[tokio::test]
         async fn a_run_into_a_parked_outbox_is_written_by_a_writer_without_waking_the_session() {
-            let (tcp, mut client) = pair().await;
+            let (tcp, mut client) = SharedTcp::loopback_pair().await;
             let o = Outbox::new(10, 1 << 20);
             assert!(o.park(&tcp));
             assert_eq!(o.push_run(&["hello".into()], &mut None), Pushed::Direct);
@@ -710,7 +701,7 @@ mod tests {
 
         #[tokio::test]
         async fn a_second_run_before_the_writer_comes_is_written_with_the_first() {
-            let (tcp, mut client) = pair().await;
+            let (tcp, mut client) = SharedTcp::loopback_pair().await;
             let o = Outbox::new(10, 1 << 20);
             assert!(o.park(&tcp));
             assert_eq!(o.push_run(&["a".into()], &mut None), Pushed::Direct);
@@ -733,7 +724,7 @@ mod tests {
 
         #[tokio::test]
         async fn a_socket_taken_back_is_not_written_and_its_frames_go_to_the_session() {
-            let (tcp, _client) = pair().await;
+            let (tcp, _client) = SharedTcp::loopback_pair().await;
             let o = Outbox::new(10, 1 << 20);
             assert!(o.park(&tcp));
             assert_eq!(o.push_run(&["a".into()], &mut None), Pushed::Direct);
@@ -746,7 +737,7 @@ mod tests {
 
         #[tokio::test]
         async fn a_take_unparks() {
-            let (tcp, _client) = pair().await;
+            let (tcp, _client) = SharedTcp::loopback_pair().await;
             let o = Outbox::new(10, 1 << 20);
             assert!(o.park(&tcp));
             let _ = o.take().expect("not overflowed");
@@ -757,7 +748,7 @@ mod tests {
 
         #[tokio::test]
         async fn parking_is_refused_while_frames_wait() {
-            let (tcp, _client) = pair().await;
+            let (tcp, _client) = SharedTcp::loopback_pair().await;
             let o = Outbox::new(10, 1 << 20);
             assert!(o.push("waiting".into()));
             assert!(!o.park(&tcp));
@@ -766,7 +757,7 @@ mod tests {
 
         #[tokio::test]
         async fn parking_is_refused_after_an_overflow() {
-            let (tcp, _client) = pair().await;
+            let (tcp, _client) = SharedTcp::loopback_pair().await;
             let o = Outbox::new(1, 1 << 20);
             assert!(o.push("a".into()));
             assert!(!o.push("b".into()));
@@ -775,7 +766,7 @@ mod tests {
 
         #[tokio::test]
         async fn an_overflow_while_parked_wakes_the_session_to_close() {
-            let (tcp, _client) = pair().await;
+            let (tcp, _client) = SharedTcp::loopback_pair().await;
             let o = Outbox::new(2, 1 << 20);
             assert!(o.park(&tcp));
             assert_eq!(o.push_run(&["a".into()], &mut None), Pushed::Direct);
@@ -788,7 +779,7 @@ mod tests {
 
         #[tokio::test]
         async fn a_hand_back_unparks_and_wakes_the_session() {
-            let (tcp, _client) = pair().await;
+            let (tcp, _client) = SharedTcp::loopback_pair().await;
             let o = Outbox::new(10, 1 << 20);
             assert!(o.park(&tcp));
             assert_eq!(o.push_run(&["a".into()], &mut None), Pushed::Direct);
@@ -801,7 +792,7 @@ mod tests {
 
         #[tokio::test]
         async fn a_frame_the_socket_cuts_short_is_finished_by_the_session_byte_for_byte() {
-            let (tcp, mut client) = pair().await;
+            let (tcp, mut client) = SharedTcp::loopback_pair().await;
             let o = Outbox::new(1000, 1 << 30);
             assert!(o.park(&tcp));
             // Far more than a loopback socket's buffers take before the client reads.

@@ -77,16 +77,6 @@ mod tests {
     use crate::ws::SharedTcp;
     use std::time::Duration;
     use tokio::io::AsyncReadExt;
-    use tokio::net::{TcpListener, TcpStream};
-
-    async fn pair() -> (SharedTcp, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let client = TcpStream::connect(l.local_addr().expect("addr"))
-            .await
-            .expect("connect");
-        let (server, _) = l.accept().await.expect("accept");
-        (SharedTcp::new(server), client)
-    }
 
     fn parked_with_a_run(tcp: &SharedTcp) -> Arc<Outbox> {
         let o = Arc::new(Outbox::new(10, 1 << 20));
@@ -98,7 +88,7 @@ mod tests {
     #[tokio::test]
     async fn a_writer_thread_writes_a_chunk_into_its_sockets() {
         let writers = Writers::start(1, QUEUE, Metrics::new()).expect("threads");
-        let (tcp, mut client) = pair().await;
+        let (tcp, mut client) = SharedTcp::loopback_pair().await;
         writers.write(vec![parked_with_a_run(&tcp)]);
         let mut frame = [0u8; 4];
         tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut frame))
@@ -116,8 +106,8 @@ mod tests {
             tx,
             metrics: Metrics::new(),
         };
-        let (tcp1, _c1) = pair().await;
-        let (tcp2, _c2) = pair().await;
+        let (tcp1, _c1) = SharedTcp::loopback_pair().await;
+        let (tcp2, _c2) = SharedTcp::loopback_pair().await;
         let queued = parked_with_a_run(&tcp1);
         let refused = parked_with_a_run(&tcp2);
         writers.write(vec![queued.clone()]);

@@ -171,6 +171,16 @@ impl Server {
     pub async fn http_get(&self, path: &str) -> (u16, String) {
         http_get(self.addr, path, &[]).await
     }
+
+    /// The value of an unlabelled series in /metrics (0 when absent).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let (_, body) = self.http_get("/metrics").await;
+        body.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
 }
 
 impl Drop for Server {
