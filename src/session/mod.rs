@@ -35,8 +35,8 @@ pub type Socket = WsStream<Transport>;
 
 /// The bytes under a WebSocket connection: on plain TCP (`Left`) the socket
 /// itself (shared with the fan-out's writer threads while the session is parked,
-/// see [`crate::hub::writers`]), taken out of hyper's upgrade, which wraps it in a boxed trait object
-/// over two wrappers (about 100 bytes per idle connection, measured, and three
+/// see [`crate::hub::writers`]), taken out of hyper's upgrade, which wraps it in a
+/// boxed trait object over two wrappers (about 100 bytes per idle connection, measured, and three
 /// indirections per read or write); anything else (TLS, `Right`) behind hyper's
 /// upgrade. An enum rather than a type parameter: one copy of the session's
 /// code, not two.
@@ -220,7 +220,6 @@ impl Session {
                     if ws.queued() > 0 {
                         self.outbox.unpark();
                     }
-                    parked = false;
                 }
                 // Refill from the outbox only once the socket took everything: frames
                 // waiting on a slow socket stay counted against the outbox's bounds.
@@ -328,9 +327,7 @@ impl Session {
                 }
             };
 
-            if parked {
-                self.outbox.unpark();
-            }
+            // Takes the socket back if it is still parked (a break from the wait).
             drop(parking);
             // Boxed for the same reason as command handling.
             Box::pin(self.finish(exit, ws)).await;
