@@ -32,10 +32,10 @@ pub const CHUNK: usize = 128;
 /// holding up every message behind it. At the same priority, the two writers
 /// and the two workers shared two cores by time slices and a `send` waited for a
 /// writer's slice to end. Measured in one sitting (BENCHMARKS.md, "writer
-/// threads"): at 1,000 in one room the highest passing rate went from below the
-/// floor's to above it, and the p99 at 5,000 in one room from about the floor's to
-/// half of it to three quarters. (On that machine the load generator shares the
-/// cores, and it too runs ahead of the writers.)
+/// threads"): at 1,000 in one room the highest passing rate went from 0.64x and
+/// 0.13x the floor's to 1.56x and 0.8x, and the p99 at 5,000 in one room from
+/// 0.93-1.07x the floor's to 0.50-0.77x. (On that machine the load generator
+/// shares the cores, and it too runs ahead of the writers.)
 pub const NICE: i32 = 5;
 /// Chunks waiting at most (with [`CHUNK`], deliveries to about 130,000 members).
 pub const QUEUE: usize = 1024;
