@@ -5,10 +5,10 @@
 //! parsing client frames (masking, reserved bits, opcodes, fragmentation, control
 //! frames, the close frame's code and reason, UTF-8 of text messages, the message
 //! size cap) and writing server frames, from the session or, into a plain TCP
-//! socket the session shares ([`SharedTcp`]), from a writer thread. Must not: know the chat protocol (it moves
-//! text messages and control frames, nothing else) or decide when to close (it
-//! reports what the peer did wrong with the RFC close code to use; the session
-//! decides).
+//! socket the session shares ([`SharedTcp`]), from a writer thread. Must not:
+//! know the chat protocol (it moves text messages and control frames, nothing
+//! else) or decide when to close (it reports what the peer did wrong with the RFC
+//! close code to use; the session decides).
 //!
 //! Written by hand rather than with tungstenite because per-connection memory and
 //! per-delivery CPU are where Hubbub competes. tungstenite keeps a read buffer and a
@@ -298,11 +298,6 @@ impl SharedTcp {
         let (server, _) = l.accept().await.expect("accept");
         (SharedTcp::new(server), client)
     }
-
-    /// The same socket (for a test: is the parked socket this one?).
-    pub fn same(&self, other: &SharedTcp) -> bool {
-        std::sync::Arc::ptr_eq(&self.0, &other.0)
-    }
 }
 
 impl AsyncRead for SharedTcp {
@@ -339,13 +334,7 @@ impl AsyncWrite for SharedTcp {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        loop {
-            ready!(self.0.poll_write_ready(cx))?;
-            match self.0.try_write(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                r => return Poll::Ready(r),
-            }
-        }
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
     }
 
     fn poll_write_vectored(

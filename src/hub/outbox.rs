@@ -260,7 +260,8 @@ impl Outbox {
         g.parked = None;
     }
 
-    /// Is the session's socket parked here? (For tests and the session's checks.)
+    /// Is the session's socket parked here?
+    #[cfg(test)]
     pub fn is_parked(&self) -> bool {
         self.lock().parked.is_some()
     }
