@@ -887,7 +887,7 @@ settings! {
     node_timeout: Duration = "10"; Value "SECS";
         "a node silent this long is dead; its users leave presence within 4/3 of it";
     writer_threads: usize = default_writer_threads(); ["one per core"] Value "N";
-        "threads that write a room's messages straight into the sockets of idle plain-TCP connections, instead of waking each connection's session; 0: off";
+        "threads that write a room's messages straight into the sockets of idle plain-TCP connections, instead of waking each connection's session (at a lower priority than the rest of the server); 0: off, better where the node shares its cores with other busy processes";
     presence_events_max: usize = "1000"; Value "N";
         "rooms with more members than this get a `members` count (at most once a second) instead of per-user `member` events";
     api_keys: Vec<String> = ""; ["none: the API is off"] Repeat "KEY";
@@ -912,11 +912,12 @@ settings! {
         "log format on stderr (`HUBBUB_LOG` sets the filter, e.g. `debug`)";
 }
 
-/// The default node id: the host name, or "node" when it has no usable one.
+/// The default writer threads: one per core the process may use.
 fn default_writer_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// The default node id: the host name, or "node" when it has no usable one.
 fn default_node_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
