@@ -7,7 +7,9 @@
 
 use anyhow::{Context, bail};
 use bytes::{Buf, BytesMut};
+use memchr::memmem;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::LazyLock;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
@@ -227,22 +229,43 @@ pub struct Marked {
     pub sent_ns: u64,
 }
 
-/// Find every marker in a (possibly batched) frame, by scanning for the marker text
-/// rather than parsing JSON: the generator must stay cheap.
-pub fn scan(frame: &str, mut each: impl FnMut(Marked)) {
-    let mut rest = frame;
-    while let Some(i) = rest.find(MARKER) {
-        rest = &rest[i + MARKER.len()..];
-        let mut parts = rest.splitn(4, ':');
-        let (Some(s), Some(n), Some(t)) = (parts.next(), parts.next(), parts.next()) else {
+/// Find every marker in a (possibly batched) frame, by scanning its bytes for the
+/// marker text rather than parsing JSON: the generator must stay cheap. (With
+/// `str::find` and `splitn` this was half the generator's CPU in a batched run of
+/// 6,000 msg/s to 1,000 members, the server's figure then about half of it; the
+/// generator, not the server, decided the highest passing rate.)
+pub fn scan(frame: &[u8], mut each: impl FnMut(Marked)) {
+    static FINDER: LazyLock<memmem::Finder<'static>> =
+        LazyLock::new(|| memmem::Finder::new(MARKER));
+    let mut at = 0;
+    while let Some(i) = FINDER.find(&frame[at..]) {
+        at += i + MARKER.len();
+        let rest = &frame[at..];
+        let Some((sender, a)) = number(rest).filter(|&(_, a)| rest.get(a) == Some(&b':')) else {
             continue;
         };
-        let digits = |x: &str| x.bytes().take_while(u8::is_ascii_digit).count();
-        let t = &t[..digits(t)];
-        if let (Ok(sender), Ok(n), Ok(sent_ns)) = (s.parse(), n.parse(), t.parse()) {
-            each(Marked { sender, n, sent_ns });
-        }
+        let rest = &rest[a + 1..];
+        let Some((n, b)) = number(rest).filter(|&(_, b)| rest.get(b) == Some(&b':')) else {
+            continue;
+        };
+        let Some((sent_ns, _)) = number(&rest[b + 1..]) else {
+            continue;
+        };
+        let Ok(sender) = u32::try_from(sender) else {
+            continue;
+        };
+        each(Marked { sender, n, sent_ns });
     }
+}
+
+/// The decimal number `s` starts with and its length in digits: None when `s`
+/// does not start with a digit or the number does not fit a u64.
+fn number(s: &[u8]) -> Option<(u64, usize)> {
+    let len = s.iter().take_while(|b| b.is_ascii_digit()).count();
+    let value = s[..len].iter().try_fold(0u64, |v, d| {
+        v.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })?;
+    (len > 0).then_some((value, len))
 }
 
 #[cfg(test)]
@@ -259,7 +282,7 @@ mod tests {
             r#"{"type":"message","room":"r","seq":2,"text":"bm:4:1:999:pad"}"#
         );
         let mut got = Vec::new();
-        scan(frame, |m| got.push(m));
+        scan(frame.as_bytes(), |m| got.push(m));
         assert_eq!(
             got,
             vec![
@@ -280,7 +303,53 @@ mod tests {
     #[test]
     fn scan_ignores_text_that_only_looks_like_a_marker() {
         let mut n = 0;
-        scan(r#"{"text":"bm:x:y:z and bm:"}"#, |_| n += 1);
+        scan(br#"{"text":"bm:x:y:z and bm:"}"#, |_| n += 1);
         assert_eq!(n, 0);
+    }
+
+    #[test]
+    fn scan_skips_a_marker_cut_short_or_overflowing_and_finds_the_next() {
+        let mut got = Vec::new();
+        let frame = br#"bm:1:2 bm:4294967296:1:5 bm:1:99999999999999999999:5 bm:7:8:9"#;
+        scan(frame, |m| got.push(m));
+        assert_eq!(
+            got,
+            vec![Marked {
+                sender: 7,
+                n: 8,
+                sent_ns: 9
+            }]
+        );
+    }
+
+    proptest::proptest! {
+        /// Markers between text that holds none (and ends no number) are found,
+        /// every one, in order, with their numbers.
+        #[test]
+        fn scan_finds_exactly_the_markers_between_any_other_text(
+            parts in proptest::collection::vec(
+                (any_marker(), "[a-z{}\\[\\]\",: ]{0,20}"), 0..8)
+        ) {
+            let mut frame = String::new();
+            for ((sender, n, t), junk) in &parts {
+                frame.push_str(&format!("bm:{sender}:{n}:{t}\""));
+                frame.push_str(junk);
+            }
+            let mut got = Vec::new();
+            scan(frame.as_bytes(), |m| got.push((m.sender, m.n, m.sent_ns)));
+            let want: Vec<_> = parts.iter().map(|(m, _)| *m).collect();
+            proptest::prop_assert_eq!(got, want);
+        }
+
+        /// Any bytes at all: no panic.
+        #[test]
+        fn scan_takes_any_bytes(frame in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            scan(&frame, |_| {});
+        }
+    }
+
+    fn any_marker() -> impl proptest::strategy::Strategy<Value = (u32, u64, u64)> {
+        use proptest::prelude::any;
+        (any::<u32>(), any::<u64>(), any::<u64>())
     }
 }
