@@ -148,12 +148,18 @@ struct FanoutArgs {
     /// Message text size in bytes.
     #[arg(long, default_value_t = 64)]
     size: usize,
-    /// Step the rate up (x1.25 per step) until a step misses p99 < 100 ms or
-    /// ratio >= 0.999; report the highest passing rate.
+    /// Step the rate up (x`--factor` per step) until a step misses p99 < 100 ms
+    /// or ratio >= 0.999; report the highest passing rate.
     #[arg(long)]
     ramp: bool,
     #[arg(long, default_value_t = 20)]
     max_steps: usize,
+    /// The ramp's step factor. A second, finer ramp (e.g. `--factor 1.06`) from
+    /// a coarse ramp's highest passing rate, against a fresh server, narrows the
+    /// result down (a step that fails may have closed connections as slow
+    /// consumers, so the same connections cannot go back down).
+    #[arg(long, default_value_t = 1.25)]
+    factor: f64,
 }
 
 #[derive(Args)]
@@ -440,6 +446,10 @@ async fn fanout_mode(mut a: FanoutArgs) -> anyhow::Result<()> {
         "--senders must be 1..=--conns"
     );
     anyhow::ensure!(a.rooms >= 1, "--rooms must be at least 1");
+    anyhow::ensure!(
+        a.factor > 1.0 && a.factor.is_finite(),
+        "--factor must be above 1"
+    );
     let targets = a.common.targets()?;
     let plan = fanout::Plan {
         conns: a.conns,
@@ -468,7 +478,7 @@ async fn fanout_mode(mut a: FanoutArgs) -> anyhow::Result<()> {
         if !a.ramp || !ok || steps.len() >= a.max_steps {
             break;
         }
-        rate *= 1.25;
+        rate *= a.factor;
     }
     rig.stop();
     let best = steps
