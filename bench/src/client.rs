@@ -240,15 +240,13 @@ pub fn scan(frame: &[u8], mut each: impl FnMut(Marked)) {
     let mut at = 0;
     while let Some(i) = FINDER.find(&frame[at..]) {
         at += i + MARKER.len();
-        let rest = &frame[at..];
-        let Some((sender, a)) = number(rest).filter(|&(_, a)| rest.get(a) == Some(&b':')) else {
+        let Some((sender, rest)) = field(&frame[at..]) else {
             continue;
         };
-        let rest = &rest[a + 1..];
-        let Some((n, b)) = number(rest).filter(|&(_, b)| rest.get(b) == Some(&b':')) else {
+        let Some((n, rest)) = field(rest) else {
             continue;
         };
-        let Some((sent_ns, _)) = number(&rest[b + 1..]) else {
+        let Some((sent_ns, _)) = number(rest) else {
             continue;
         };
         let Ok(sender) = u32::try_from(sender) else {
@@ -256,6 +254,13 @@ pub fn scan(frame: &[u8], mut each: impl FnMut(Marked)) {
         };
         each(Marked { sender, n, sent_ns });
     }
+}
+
+/// A marker's field: the number `s` starts with, when a `:` follows it, and what
+/// follows the `:`.
+fn field(s: &[u8]) -> Option<(u64, &[u8])> {
+    let (value, len) = number(s)?;
+    (s.get(len) == Some(&b':')).then(|| (value, &s[len + 1..]))
 }
 
 /// The decimal number `s` starts with and its length in digits: None when `s`
