@@ -18,9 +18,10 @@
 //!   and only a frame that arrives in pieces (or a read that holds more than one
 //!   message) is kept, in a buffer freed as soon as it is parsed;
 //! - an outgoing text frame is a 2–10-byte header plus the payload [`Text`] that
-//!   every receiver shares (encoded once by the hub); a connection's queued frames
-//!   leave in one vectored write (`writev`) of up to [`MAX_FRAMES_PER_WRITE`]
-//!   frames, copying nothing.
+//!   every receiver shares (encoded once by the hub), and a room's run of messages
+//!   is framed once into a [`Wire`] that every receiver shares whole; a
+//!   connection's queued entries leave in one vectored write (`writev`) of up to
+//!   [`MAX_FRAMES_PER_WRITE`] entries, copying nothing.
 
 use crate::protocol::close;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
@@ -35,7 +36,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker, ready};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Frames handed to one `writev` at most (two slices each: header and payload).
+/// Queue entries handed to one `writev` at most (two slices each: header and
+/// payload; one for a run in wire form).
 pub const MAX_FRAMES_PER_WRITE: usize = 64;
 /// Queues this short are written from a small slice array (see `poll_write`).
 const SMALL_WRITE: usize = 4;
@@ -76,6 +78,110 @@ impl From<String> for Text {
 impl From<&'static str> for Text {
     fn from(s: &'static str) -> Self {
         Text(Bytes::from_static(s.as_bytes()))
+    }
+}
+
+/// Complete server text frames (headers and payloads) laid end to end, built once
+/// for a run of messages and shared by every receiver that takes them frame by
+/// frame: queueing a run for one more receiver is one reference count, and
+/// writing it one slice, whatever the run's length. (Queued as separate texts, a
+/// run of k messages cost each receiver k reference counts, taken on the fan-out's
+/// core and dropped on a writer's, and 2k slices: measured as a tenth of the
+/// server's CPU in one room of 1,000, BENCHMARKS.md.)
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Wire {
+    bytes: Bytes,
+    frames: u32,
+}
+
+impl Wire {
+    /// `texts` as text frames, one after another.
+    pub fn frames(texts: &[Text]) -> Wire {
+        let len = texts.iter().map(text_frame_len).sum();
+        let mut bytes = Vec::with_capacity(len);
+        for t in texts {
+            let (head, head_len) = frame_head(OP_TEXT, t.len());
+            bytes.extend_from_slice(&head[..usize::from(head_len)]);
+            bytes.extend_from_slice(&t.0);
+        }
+        Wire {
+            bytes: Bytes::from(bytes),
+            frames: u32::try_from(texts.len()).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// The text frames it holds.
+    pub fn count(&self) -> usize {
+        self.frames as usize
+    }
+}
+
+/// One entry of a connection's outgoing queue: a text frame's payload, or a run
+/// of frames already in their wire form.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Out {
+    Text(Text),
+    Wire(Wire),
+}
+
+impl Out {
+    /// The bytes it takes on the wire, headers included.
+    pub fn wire_len(&self) -> usize {
+        match self {
+            Out::Text(t) => text_frame_len(t),
+            Out::Wire(w) => w.bytes.len(),
+        }
+    }
+
+    /// The text frames it holds.
+    pub fn count(&self) -> usize {
+        match self {
+            Out::Text(_) => 1,
+            Out::Wire(w) => w.count(),
+        }
+    }
+
+    /// Its header (none for a run already in wire form) and the bytes after it.
+    fn parts(&self) -> (Head, &[u8]) {
+        match self {
+            Out::Text(t) => (frame_head(OP_TEXT, t.len()), &t.0[..]),
+            Out::Wire(w) => (([0; 10], 0), &w.bytes[..]),
+        }
+    }
+}
+
+#[cfg(test)]
+impl Out {
+    /// The payloads of the text frames it holds (for tests): a wire-form run is
+    /// read back frame by frame, each header checked.
+    pub fn payloads(&self) -> Vec<String> {
+        let mut rest: &[u8] = match self {
+            Out::Text(t) => return vec![String::from_utf8(t.0.to_vec()).expect("utf-8")],
+            Out::Wire(w) => &w.bytes,
+        };
+        let mut out = Vec::new();
+        while !rest.is_empty() {
+            assert_eq!(rest[0], 0x80 | OP_TEXT, "a final text frame");
+            let (len, head) = match rest[1] {
+                126 => (usize::from(u16::from_be_bytes([rest[2], rest[3]])), 4),
+                127 => {
+                    let mut l = [0u8; 8];
+                    l.copy_from_slice(&rest[2..10]);
+                    (usize::try_from(u64::from_be_bytes(l)).expect("fits"), 10)
+                }
+                n => (usize::from(n), 2),
+            };
+            out.push(String::from_utf8(rest[head..head + len].to_vec()).expect("utf-8"));
+            rest = &rest[head + len..];
+        }
+        assert_eq!(out.len(), self.count(), "the count matches the frames");
+        out
+    }
+}
+
+impl From<Text> for Out {
+    fn from(t: Text) -> Self {
+        Out::Text(t)
     }
 }
 
@@ -241,12 +347,11 @@ impl SharedTcp {
         SharedTcp(std::sync::Arc::new(tcp))
     }
 
-    /// Write `frames` (as text frames, the first `sent` bytes of the first one
-    /// already written) with one non-blocking vectored write, without waiting and
-    /// from any thread; returns the bytes written. `WouldBlock` when the socket is
-    /// full.
-    pub fn try_write_texts(&self, frames: &VecDeque<Text>, sent: usize) -> io::Result<usize> {
-        // A fan-out's write usually carries one frame: a small array for that.
+    /// Write `frames` (the first `sent` bytes of the first one already written)
+    /// with one non-blocking vectored write, without waiting and from any thread;
+    /// returns the bytes written. `WouldBlock` when the socket is full.
+    pub fn try_write_texts(&self, frames: &VecDeque<Out>, sent: usize) -> io::Result<usize> {
+        // A fan-out's write usually carries one entry: a small array for that.
         if frames.len() <= SMALL_WRITE {
             self.try_write_some::<SMALL_WRITE, { 2 * SMALL_WRITE }>(frames, sent)
         } else {
@@ -256,20 +361,17 @@ impl SharedTcp {
 
     fn try_write_some<const N: usize, const SLICES: usize>(
         &self,
-        frames: &VecDeque<Text>,
+        frames: &VecDeque<Out>,
         sent: usize,
     ) -> io::Result<usize> {
-        let heads: [([u8; 10], u8); N] = std::array::from_fn(|i| {
-            frames
-                .get(i)
-                .map_or(([0; 10], 0), |f| frame_head(OP_TEXT, f.len()))
-        });
+        let parts: [(Head, &[u8]); N] =
+            std::array::from_fn(|i| frames.get(i).map_or((([0; 10], 0), &[][..]), Out::parts));
         let mut slices = [IoSlice::new(&[]); SLICES];
         let n = frame_slices(
-            frames
+            parts
                 .iter()
-                .zip(&heads)
-                .map(|(f, (h, hl))| (&h[..usize::from(*hl)], &f.0[..])),
+                .take(frames.len())
+                .map(|((h, hl), body)| (&h[..usize::from(*hl)], *body)),
             sent,
             &mut slices,
         );
@@ -366,10 +468,13 @@ impl AsyncWrite for SharedTcp {
     }
 }
 
+/// A frame header's bytes and how many of them are used.
+type Head = ([u8; 10], u8);
+
 /// A server frame's header (FIN set, unmasked) for a payload of `len` bytes, and
 /// its length. The one place a header is built, so a frame cut short by one writer
 /// is finished byte for byte by another.
-fn frame_head(opcode: u8, len: usize) -> ([u8; 10], u8) {
+fn frame_head(opcode: u8, len: usize) -> Head {
     let mut head = [0u8; 10];
     head[0] = 0x80 | opcode; // FIN: we never fragment
     let head_len = if len < 126 {
@@ -388,7 +493,7 @@ fn frame_head(opcode: u8, len: usize) -> ([u8; 10], u8) {
 }
 
 /// The bytes `text` takes on the wire as a text frame, header included.
-pub fn text_frame_len(text: &Text) -> usize {
+fn text_frame_len(text: &Text) -> usize {
     usize::from(frame_head(OP_TEXT, text.len()).1) + text.len()
 }
 
@@ -495,6 +600,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
         self.out.push_back(OutFrame::new(OP_TEXT, text.0));
     }
 
+    /// Queue an outbox entry: a text frame, or frames already in wire form
+    /// (written as they are).
+    pub fn push_out(&mut self, out: Out) {
+        match out {
+            Out::Text(t) => self.push_text(t),
+            Out::Wire(w) => self.out.push_back(OutFrame {
+                head: [0; 10],
+                head_len: 0,
+                body: w.bytes,
+            }),
+        }
+    }
+
     pub fn push_ping(&mut self) {
         self.out.push_back(OutFrame::new(OP_PING, Bytes::new()));
     }
@@ -564,11 +682,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
         self.out.is_empty() && !self.unflushed
     }
 
-    /// Queue a text frame whose first `written` bytes (header included) another
-    /// writer already put on the wire; it must be the first frame queued.
-    pub fn push_text_started(&mut self, text: Text, written: usize) {
+    /// Queue an outbox entry whose first `written` bytes (header included) another
+    /// writer already put on the wire; it must be the first queued.
+    pub fn push_out_started(&mut self, out: Out, written: usize) {
         debug_assert!(self.out.is_empty());
-        self.push_text(text);
+        self.push_out(out);
         self.written = written;
     }
 
@@ -1025,6 +1143,37 @@ mod tests {
         assert_eq!(&first[..2], &[0x81, 40], "a whole text frame of 40 bytes");
         ws.flush().await.unwrap();
         assert_eq!(ws.queued(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_run_in_wire_form_leaves_as_the_same_frames_between_its_neighbours() {
+        let (mut client, server) = duplex(1 << 20);
+        let mut ws = WsStream::new(server, 100);
+        let big = "z".repeat(70_000);
+        let run: Vec<Text> = vec!["b".into(), "c".repeat(300).into(), big.clone().into()];
+        let wire = Wire::frames(&run);
+        assert_eq!(wire.count(), 3);
+        ws.push_text("a".into());
+        ws.push_out(Out::Wire(wire.clone()));
+        ws.push_text("d".into());
+        ws.flush().await.expect("flushed");
+        drop(ws);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.expect("read");
+        let mut expected = vec![0x81, 1, b'a'];
+        for t in &run {
+            let (head, hl) = frame_head(OP_TEXT, t.len());
+            expected.extend_from_slice(&head[..usize::from(hl)]);
+            expected.extend_from_slice(t.as_bytes());
+        }
+        expected.extend_from_slice(&[0x81, 1, b'd']);
+        assert_eq!(got.len(), expected.len());
+        assert!(got == expected, "byte for byte the three frames, in place");
+        assert_eq!(
+            Out::Wire(wire).payloads(),
+            ["b".to_owned(), "c".repeat(300), big],
+            "and read back as the run"
+        );
     }
 
     #[tokio::test]

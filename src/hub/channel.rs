@@ -18,7 +18,7 @@
 //! compares each channel with the store so that even the last message of a burst
 //! is never missed. Duplicates (`seq <= committed`) are dropped.
 
-use super::outbox::{Outbox, Pushed};
+use super::outbox::{Outbox, Pushed, SharedRun};
 use super::presence::Presence;
 use super::writers;
 use super::{Hub, client_id_horizon, lock};
@@ -440,23 +440,23 @@ impl Hub {
     }
 
     /// Send a room's run of messages (encoded once) to this node's members: one
-    /// push each, and for members that batch, one newline-joined frame built once
-    /// and shared (unless it would exceed [`crate::ws::MAX_BATCH_FRAME`]). Called
-    /// before the channel's lock is released, so runs leave in `seq` order.
+    /// push each of one shared entry, built once: the run's frames in wire form,
+    /// or for members that batch one newline-joined frame (unless it would exceed
+    /// [`crate::ws::MAX_BATCH_FRAME`]). Called before the channel's lock is
+    /// released, so runs leave in `seq` order.
     fn push_run(&self, g: &MutexGuard<'_, ChannelInner>, run: Run) {
         let frames = run.0;
         if frames.is_empty() {
             return; // nothing, or a DM's (sent by fan_out itself)
         }
-        let mut joined: Option<Option<Text>> = None;
+        let mut shared = SharedRun::new(&frames);
         let mut refused = 0u64;
         // Members whose sessions are parked: written by the writer threads, a
         // chunk at a time, handed over as each fills (the threads start on the
         // first while the rest are queued).
         let mut chunk: Vec<Arc<Outbox>> = Vec::new();
         for c in g.members.values() {
-            // One frame or many: the outbox queues a run of one as a plain push.
-            match c.outbox.push_run(&frames, &mut joined) {
+            match c.outbox.push_run(&mut shared) {
                 Pushed::Queued => {}
                 Pushed::Refused => refused += 1,
                 Pushed::Direct => {

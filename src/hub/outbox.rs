@@ -23,7 +23,7 @@
 //! direct write happens under it, so the session and a writer never write at once.
 
 use crate::protocol::close;
-use crate::ws::{Lines, SharedTcp, Text};
+use crate::ws::{Lines, Out, SharedTcp, Text, Wire};
 use futures_util::task::AtomicWaker;
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -45,8 +45,14 @@ pub struct Outbox {
 
 #[derive(Default)]
 struct Inner {
-    frames: VecDeque<Text>,
-    bytes: usize,
+    /// Text frames, and runs of frames in wire form ([`Wire`]).
+    frames: VecDeque<Out>,
+    /// Messages queued (a run in wire form counts each of its frames), for
+    /// `max_frames`. u32 like `bytes`, so that the two take one word.
+    count: u32,
+    /// Bytes queued (a run in wire form with its headers), for `max_bytes`:
+    /// saturating, so a queue past 4 GiB still reads as full.
+    bytes: u32,
     overflowed: bool,
     /// Frames were queued quietly since the session was last woken: the next
     /// waking push must wake it even though the queue is not empty.
@@ -67,6 +73,12 @@ struct Inner {
     queued_direct: bool,
 }
 
+/// An entry's messages and bytes, as the queue counts them.
+fn sizes(entry: &Out) -> (u32, u32) {
+    let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    (clamp(entry.count()), clamp(entry.wire_len()))
+}
+
 #[derive(Default)]
 struct Orders {
     /// The server closes this connection (its drain, or the server API).
@@ -77,6 +89,19 @@ struct Orders {
 }
 
 impl Inner {
+    fn add(&mut self, entry: Out) {
+        let (count, bytes) = sizes(&entry);
+        self.count = self.count.saturating_add(count);
+        self.bytes = self.bytes.saturating_add(bytes);
+        self.frames.push_back(entry);
+    }
+
+    fn remove(&mut self, entry: &Out) {
+        let (count, bytes) = sizes(entry);
+        self.count = self.count.saturating_sub(count);
+        self.bytes = self.bytes.saturating_sub(bytes);
+    }
+
     fn orders(&mut self) -> &mut Orders {
         self.orders.get_or_insert_with(Box::default)
     }
@@ -111,7 +136,7 @@ pub struct Overflowed;
 /// drain has reached this connection (write them, then close), in one look.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Taken {
-    pub frames: VecDeque<Text>,
+    pub frames: VecDeque<Out>,
     pub closing: Option<CloseOrder>,
     /// Rooms the server took the connection out of since the last take.
     pub removed: Vec<Box<str>>,
@@ -132,6 +157,27 @@ pub enum Pushed {
     Direct,
     /// The queue has overflowed (now or before): nothing was queued.
     Refused,
+}
+
+/// A run of messages on its way to a room's receivers ([`Outbox::push_run`]),
+/// with the two forms receivers take it in, each built once, by the first
+/// receiver that needs it, and shared by the rest.
+pub struct SharedRun<'a> {
+    texts: &'a [Text],
+    /// Newline-joined, for receivers that batch (None: too large for one frame).
+    joined: Option<Option<Text>>,
+    /// In wire form, for the others.
+    wire: Option<Wire>,
+}
+
+impl<'a> SharedRun<'a> {
+    pub fn new(texts: &'a [Text]) -> Self {
+        SharedRun {
+            texts,
+            joined: None,
+            wire: None,
+        }
+    }
 }
 
 impl Outbox {
@@ -182,9 +228,10 @@ impl Outbox {
         if g.overflowed {
             return false;
         }
-        if g.frames.len() >= self.max_frames || g.bytes >= self.max_bytes {
+        if g.count as usize >= self.max_frames || g.bytes as usize >= self.max_bytes {
             g.overflowed = true;
             g.frames.clear();
+            g.count = 0;
             g.bytes = 0;
             self.signal.raise();
             return false;
@@ -198,29 +245,28 @@ impl Outbox {
     }
 
     /// Queue a run of messages committed together with one lock and at most one
-    /// wake-up: as one frame if the connection batches (`joined`, built by the
-    /// first batching receiver and shared by the rest; None if the run is too
-    /// large for one frame), else frame by frame. The bounds are checked once,
-    /// before the run: the queue stays bounded by its limits plus one run.
-    pub fn push_run(&self, frames: &[Text], joined: &mut Option<Option<Text>>) -> Pushed {
+    /// wake-up, as one entry built once for every receiver by the first that needs
+    /// it ([`SharedRun`]): the run's frames in wire form, or if the connection
+    /// batches one newline-joined frame (a run too large for one frame goes text
+    /// by text, for the session to join as many as fit). The bounds are checked
+    /// once, before the run: the queue stays bounded by its limits plus one run.
+    pub fn push_run(&self, run: &mut SharedRun<'_>) -> Pushed {
         let mut g = self.lock();
         if !self.admits(&mut g) {
             return Pushed::Refused;
         }
         let must_wake = g.frames.is_empty() || g.unwoken;
-        let one = if g.batch && frames.len() > 1 {
-            joined.get_or_insert_with(|| Lines::joined(frames)).clone()
+        if !g.batch {
+            let wire = run.wire.get_or_insert_with(|| Wire::frames(run.texts));
+            g.add(Out::Wire(wire.clone()));
+        } else if let [one] = run.texts {
+            // Texts, not wire form: the session joins what it takes into lines.
+            g.add(Out::Text(one.clone()));
+        } else if let Some(joined) = run.joined.get_or_insert_with(|| Lines::joined(run.texts)) {
+            g.add(Out::Text(joined.clone()));
         } else {
-            None
-        };
-        if let Some(one) = one {
-            g.bytes += one.len();
-            g.frames.push_back(one);
-        } else {
-            g.frames.reserve(frames.len());
-            for f in frames {
-                g.bytes += f.len();
-                g.frames.push_back(f.clone());
+            for t in run.texts {
+                g.add(Out::Text(t.clone()));
             }
         }
         if g.parked.is_some() {
@@ -289,16 +335,17 @@ impl Outbox {
                     let mut n = n + g.sent as usize;
                     g.sent = 0;
                     while let Some(front) = g.frames.front() {
-                        let len = crate::ws::text_frame_len(front);
+                        let len = front.wire_len();
                         if n < len {
-                            // Cut short: the rest of this frame first, by the session.
+                            // Cut short: the rest of this entry first, by the session.
                             g.sent = n as u32;
                             break;
                         }
                         n -= len;
-                        g.bytes = g.bytes.saturating_sub(front.len());
-                        g.frames.pop_front();
-                        written += 1;
+                        if let Some(done) = g.frames.pop_front() {
+                            written += done.count();
+                            g.remove(&done);
+                        }
                     }
                     if g.sent != 0 {
                         break;
@@ -330,14 +377,12 @@ impl Outbox {
         if !self.admits(&mut g) {
             return false;
         }
-        let len = frame.len();
         // A waking push into a non-empty queue need not wake the session again:
         // the push that made it non-empty did, unless that one (or a later one)
         // was quiet.
         let must_wake = wake && (g.frames.is_empty() || g.unwoken);
         g.unwoken = !wake && (g.frames.is_empty() || g.unwoken);
-        g.bytes += len;
-        g.frames.push_back(frame);
+        g.add(Out::Text(frame));
         drop(g);
         if must_wake {
             self.signal.raise();
@@ -354,6 +399,7 @@ impl Outbox {
             return Err(Overflowed);
         }
         g.bytes = 0;
+        g.count = 0;
         g.unwoken = false;
         // The session writes what it takes: its socket is its own again.
         g.parked = None;
@@ -455,6 +501,17 @@ impl Signal {
 mod tests {
     use super::*;
 
+    /// Push `texts` as one run, as a room's fan-out does.
+    fn run(o: &Outbox, texts: &[&'static str]) -> Pushed {
+        let texts: Vec<Text> = texts.iter().map(|&t| Text::from(t)).collect();
+        o.push_run(&mut SharedRun::new(&texts))
+    }
+
+    /// The payloads of the text frames taken, in order, each entry read back.
+    fn payloads(frames: &VecDeque<Out>) -> Vec<String> {
+        frames.iter().flat_map(Out::payloads).collect()
+    }
+
     #[test]
     fn overflow_in_frames_refuses_and_marks() {
         let o = Outbox::new(2, 1 << 20);
@@ -471,7 +528,7 @@ mod tests {
         assert!(o.push("a".into()));
         o.close();
         let taken = o.take().expect("not overflowed");
-        assert_eq!(taken.frames, VecDeque::from([Text::from("a")]));
+        assert_eq!(taken.frames, VecDeque::from([Out::Text(Text::from("a"))]));
         assert!(taken.closing.is_some(), "the close is seen with the frames");
     }
 
@@ -479,8 +536,11 @@ mod tests {
     fn overflow_in_bytes_refuses_and_marks() {
         let o = Outbox::new(100, 10);
         assert!(o.push("123456".into()));
-        assert!(o.push("123456".into()), "6 bytes queued is under the cap");
-        assert!(!o.push("1".into()), "12 bytes queued is at the cap");
+        assert!(
+            o.push("123456".into()),
+            "8 bytes queued (6 and a 2-byte header) is under the cap"
+        );
+        assert!(!o.push("1".into()), "16 bytes queued is over the cap");
         assert_eq!(o.alarm(), Some(Alarm::Overflowed));
     }
 
@@ -488,15 +548,37 @@ mod tests {
     fn a_run_pushed_at_once_keeps_its_order_behind_what_was_queued() {
         let o = Outbox::new(10, 100);
         assert!(o.push("a".into()));
-        assert_eq!(
-            Pushed::Queued,
-            o.push_run(&["b".into(), "c".into()], &mut None)
-        );
+        assert_eq!(Pushed::Queued, run(&o, &["b", "c"]));
         let taken = o.take().expect("not overflowed");
-        assert_eq!(
-            taken.frames,
-            VecDeque::from(["a".into(), "b".into(), "c".into()])
+        assert_eq!(payloads(&taken.frames), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn a_run_counts_each_of_its_messages_against_the_bound() {
+        let o = Outbox::new(3, 1 << 20);
+        assert_eq!(Pushed::Queued, run(&o, &["a", "b", "c"]));
+        assert!(
+            !o.push("d".into()),
+            "three messages queued fill a queue of 3"
         );
+        assert_eq!(o.alarm(), Some(Alarm::Overflowed));
+    }
+
+    #[test]
+    fn a_plain_connection_gets_a_run_as_one_entry_in_wire_form_shared_with_the_next() {
+        let (a, b) = (Outbox::new(10, 100), Outbox::new(10, 100));
+        let texts: [Text; 2] = ["x".into(), "y".into()];
+        let mut shared = SharedRun::new(&texts);
+        assert_eq!(Pushed::Queued, a.push_run(&mut shared));
+        let Some(built) = shared.wire.clone() else {
+            panic!("the wire form is built by the first receiver")
+        };
+        assert_eq!(Pushed::Queued, b.push_run(&mut shared));
+        for o in [&a, &b] {
+            let frames = o.take().expect("not overflowed").frames;
+            assert_eq!(frames, VecDeque::from([Out::Wire(built.clone())]));
+            assert_eq!(payloads(&frames), ["x", "y"]);
+        }
     }
 
     #[test]
@@ -504,10 +586,10 @@ mod tests {
         let o = Outbox::new(2, 1 << 20);
         assert_eq!(
             Pushed::Queued,
-            o.push_run(&["a".into(), "b".into()], &mut None),
+            run(&o, &["a", "b"]),
             "an empty queue takes a run"
         );
-        assert_eq!(Pushed::Refused, o.push_run(&["c".into()], &mut None));
+        assert_eq!(Pushed::Refused, run(&o, &["c"]));
         assert_eq!(o.alarm(), Some(Alarm::Overflowed));
         assert!(!o.push("d".into()), "and stays overflowed");
     }
@@ -521,35 +603,64 @@ mod tests {
         );
         a.set_batch(true);
         b.set_batch(true);
-        let run: [Text; 2] = ["x".into(), "y".into()];
-        let mut joined = None;
-        assert_eq!(Pushed::Queued, a.push_run(&run, &mut joined));
+        let texts: [Text; 2] = ["x".into(), "y".into()];
+        let mut shared = SharedRun::new(&texts);
+        assert_eq!(Pushed::Queued, a.push_run(&mut shared));
         assert_eq!(
-            joined,
+            shared.joined,
             Some(Some(Text::from("x\ny"))),
             "built once, by the first"
         );
-        assert_eq!(Pushed::Queued, b.push_run(&run, &mut joined));
-        assert_eq!(Pushed::Queued, plain.push_run(&run, &mut joined));
+        assert_eq!(Pushed::Queued, b.push_run(&mut shared));
+        assert_eq!(Pushed::Queued, plain.push_run(&mut shared));
         for o in [&a, &b] {
             let frames = o.take().expect("not overflowed").frames;
-            assert_eq!(frames, VecDeque::from([Text::from("x\ny")]));
+            assert_eq!(frames, VecDeque::from([Out::Text(Text::from("x\ny"))]));
         }
         let frames = plain.take().expect("not overflowed").frames;
-        assert_eq!(frames, VecDeque::from(run.clone()), "frame by frame");
+        assert!(matches!(frames.front(), Some(Out::Wire(_))), "in wire form");
+        assert_eq!(payloads(&frames), ["x", "y"], "frame by frame");
+    }
+
+    #[test]
+    fn a_batching_connection_gets_a_run_of_one_as_text_for_its_session_to_join() {
+        let o = Outbox::new(10, 1 << 20);
+        o.set_batch(true);
+        assert_eq!(Pushed::Queued, run(&o, &["a"]));
+        assert_eq!(Pushed::Queued, run(&o, &["b"]));
+        let frames = o.take().expect("not overflowed").frames;
+        assert_eq!(
+            frames,
+            VecDeque::from([Out::Text("a".into()), Out::Text("b".into())])
+        );
+    }
+
+    #[test]
+    fn a_batching_connection_gets_a_run_too_large_for_one_frame_text_by_text() {
+        let o = Outbox::new(10, 1 << 20);
+        o.set_batch(true);
+        let texts: Vec<Text> = (0..2)
+            .map(|_| Text::from("x".repeat(crate::ws::MAX_BATCH_FRAME / 2 + 1)))
+            .collect();
+        let mut shared = SharedRun::new(&texts);
+        assert_eq!(Pushed::Queued, o.push_run(&mut shared));
+        assert_eq!(shared.joined, Some(None), "too large to join");
+        let frames = o.take().expect("not overflowed").frames;
+        assert_eq!(
+            frames,
+            texts.into_iter().map(Out::Text).collect::<VecDeque<_>>()
+        );
     }
 
     #[tokio::test]
     async fn a_run_wakes_the_session_once() {
         let o = Outbox::new(10, 100);
-        assert_eq!(
-            Pushed::Queued,
-            o.push_run(&["a".into(), "b".into()], &mut None)
-        );
+        assert_eq!(Pushed::Queued, run(&o, &["a", "b"]));
         tokio::time::timeout(std::time::Duration::from_secs(1), o.notified())
             .await
             .expect("woken");
-        assert_eq!(o.take().expect("not overflowed").frames.len(), 2);
+        let taken = o.take().expect("not overflowed");
+        assert_eq!(payloads(&taken.frames), ["a", "b"]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -600,7 +711,7 @@ mod tests {
         assert_eq!(
             o.take(),
             Ok(Taken {
-                frames: VecDeque::from([Text::from("a"), Text::from("b")]),
+                frames: VecDeque::from([Out::Text("a".into()), Out::Text("b".into())]),
                 closing: None,
                 removed: Vec::new(),
                 batch: false,
@@ -631,14 +742,8 @@ mod tests {
             .await
             .expect("wake() wakes it");
         assert!(o.push(Text::from("b".to_owned())));
-        let got: Vec<Vec<u8>> = o
-            .take()
-            .expect("not overflowed")
-            .frames
-            .iter()
-            .map(|t| t.as_bytes().to_vec())
-            .collect();
-        assert_eq!(got, vec![b"a".to_vec(), b"b".to_vec()]);
+        let taken = o.take().expect("not overflowed");
+        assert_eq!(payloads(&taken.frames), ["a", "b"]);
     }
 
     /// Direct writes, over real loopback TCP.
@@ -692,7 +797,7 @@ mod tests {
             let (tcp, mut client) = SharedTcp::loopback_pair().await;
             let o = Outbox::new(10, 1 << 20);
             assert!(o.park(&tcp));
-            assert_eq!(o.push_run(&["hello".into()], &mut None), Pushed::Direct);
+            assert_eq!(run(&o, &["hello"]), Pushed::Direct);
             assert!(!woken(&o), "the session sleeps on");
             assert_eq!(o.write_direct(), 1);
             assert_eq!(read_texts(&mut client, 1).await, vec![b"hello".to_vec()]);
@@ -705,9 +810,9 @@ mod tests {
             let (tcp, mut client) = SharedTcp::loopback_pair().await;
             let o = Outbox::new(10, 1 << 20);
             assert!(o.park(&tcp));
-            assert_eq!(o.push_run(&["a".into()], &mut None), Pushed::Direct);
+            assert_eq!(run(&o, &["a"]), Pushed::Direct);
             assert_eq!(
-                o.push_run(&["b".into()], &mut None),
+                run(&o, &["b"]),
                 Pushed::Queued,
                 "not handed to a writer twice"
             );
@@ -717,7 +822,7 @@ mod tests {
                 vec![b"a".to_vec(), b"b".to_vec()]
             );
             assert_eq!(
-                o.push_run(&["c".into()], &mut None),
+                run(&o, &["c"]),
                 Pushed::Direct,
                 "the writer is done with it: the next run is handed over again"
             );
@@ -728,11 +833,11 @@ mod tests {
             let (tcp, _client) = SharedTcp::loopback_pair().await;
             let o = Outbox::new(10, 1 << 20);
             assert!(o.park(&tcp));
-            assert_eq!(o.push_run(&["a".into()], &mut None), Pushed::Direct);
+            assert_eq!(run(&o, &["a"]), Pushed::Direct);
             o.unpark();
             assert_eq!(o.write_direct(), 0, "the writer leaves it alone");
             let taken = o.take().expect("not overflowed");
-            assert_eq!(taken.frames, VecDeque::from([Text::from("a")]));
+            assert_eq!(payloads(&taken.frames), ["a"]);
             assert_eq!(taken.sent, 0);
         }
 
@@ -743,7 +848,7 @@ mod tests {
             assert!(o.park(&tcp));
             let _ = o.take().expect("not overflowed");
             assert!(!o.is_parked());
-            assert_eq!(o.push_run(&["a".into()], &mut None), Pushed::Queued);
+            assert_eq!(run(&o, &["a"]), Pushed::Queued);
             assert!(woken(&o), "an unparked session is woken as before");
         }
 
@@ -770,9 +875,9 @@ mod tests {
             let (tcp, _client) = SharedTcp::loopback_pair().await;
             let o = Outbox::new(2, 1 << 20);
             assert!(o.park(&tcp));
-            assert_eq!(o.push_run(&["a".into()], &mut None), Pushed::Direct);
-            assert_eq!(o.push_run(&["b".into()], &mut None), Pushed::Queued);
-            assert_eq!(o.push_run(&["c".into()], &mut None), Pushed::Refused);
+            assert_eq!(run(&o, &["a"]), Pushed::Direct);
+            assert_eq!(run(&o, &["b"]), Pushed::Queued);
+            assert_eq!(run(&o, &["c"]), Pushed::Refused);
             assert!(woken(&o));
             assert_eq!(o.write_direct(), 0, "nothing left to write");
             assert_eq!(o.take(), Err(Overflowed));
@@ -783,12 +888,12 @@ mod tests {
             let (tcp, _client) = SharedTcp::loopback_pair().await;
             let o = Outbox::new(10, 1 << 20);
             assert!(o.park(&tcp));
-            assert_eq!(o.push_run(&["a".into()], &mut None), Pushed::Direct);
+            assert_eq!(run(&o, &["a"]), Pushed::Direct);
             o.hand_back();
             assert!(!o.is_parked());
             assert!(woken(&o));
             let taken = o.take().expect("not overflowed");
-            assert_eq!(taken.frames, VecDeque::from([Text::from("a")]));
+            assert_eq!(payloads(&taken.frames), ["a"]);
         }
 
         #[tokio::test]
@@ -804,25 +909,25 @@ mod tests {
                     )
                 })
                 .collect();
-            assert_eq!(o.push_run(&frames, &mut None), Pushed::Direct);
+            // Ten runs of twenty.
+            for run in frames.chunks(20) {
+                o.push_run(&mut SharedRun::new(run));
+            }
             let written = o.write_direct();
             assert!(written < frames.len(), "the socket filled up");
+            assert_eq!(written % 20, 0, "only whole runs count as written");
             assert!(!o.is_parked(), "handed back");
             assert!(woken(&o));
             let taken = o.take().expect("not overflowed");
-            assert!(
-                taken.sent > 0,
-                "a frame was cut short (sent {})",
-                taken.sent
-            );
-            assert_eq!(taken.frames.len(), frames.len() - written);
-            // The session's side: the cut frame first, then the rest.
+            assert!(taken.sent > 0, "a run was cut short (sent {})", taken.sent);
+            assert_eq!(taken.frames.len(), (frames.len() - written) / 20);
+            // The session's side: the cut run first, then the rest.
             let mut ws = WsStream::new(tcp.clone(), 1 << 20);
             let mut rest = taken.frames;
-            let first = rest.pop_front().expect("a frame");
-            ws.push_text_started(first, taken.sent);
+            let first = rest.pop_front().expect("a run");
+            ws.push_out_started(first, taken.sent);
             for f in rest {
-                ws.push_text(f);
+                ws.push_out(f);
             }
             let reader = tokio::spawn(async move { read_texts(&mut client, 200).await });
             ws.flush().await.expect("flushed");

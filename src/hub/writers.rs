@@ -87,7 +87,7 @@ impl Writers {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::outbox::Pushed;
+    use crate::hub::outbox::{Pushed, SharedRun};
     use crate::ws::SharedTcp;
     use std::time::Duration;
     use tokio::io::AsyncReadExt;
@@ -95,7 +95,8 @@ mod tests {
     fn parked_with_a_run(tcp: &SharedTcp) -> Arc<Outbox> {
         let o = Arc::new(Outbox::new(10, 1 << 20));
         assert!(o.park(tcp));
-        assert_eq!(o.push_run(&["hi".into()], &mut None), Pushed::Direct);
+        let texts = ["hi".into()];
+        assert_eq!(o.push_run(&mut SharedRun::new(&texts)), Pushed::Direct);
         o
     }
 

@@ -17,7 +17,7 @@ use crate::hub::{Conn, Outbox};
 use crate::limits::TokenBucket;
 use crate::metrics::{ConnState, Metrics};
 use crate::protocol::{self, close};
-use crate::ws::{Incoming, Lines, MAX_BATCH_FRAME, Text, WsError, WsStream};
+use crate::ws::{Incoming, Lines, MAX_BATCH_FRAME, Out, Text, WsError, WsStream};
 use hyper_util::rt::TokioIo;
 use smallvec::SmallVec;
 use std::borrow::Cow;
@@ -357,17 +357,30 @@ impl Session {
             && let Some(started) = frames.pop_front()
         {
             // A writer thread wrote part of it: the rest, as it is, first.
-            ws.push_text_started(started, sent);
+            ws.push_out_started(started, sent);
         }
         if !batch || frames.len() == 1 {
             ws.reserve(frames.len());
             for f in frames {
-                ws.push_text(f);
+                ws.push_out(f);
             }
         } else {
             let mut lines = Lines::default();
             let mut in_frame = 0u32;
             for f in frames {
+                let f = match f {
+                    Out::Text(f) => f,
+                    wire @ Out::Wire(_) => {
+                        // A run too large for one batched frame: as it came.
+                        if !lines.is_empty() {
+                            ws.push_text(std::mem::take(&mut lines).into_text());
+                            metrics.batch_size.record(u64::from(in_frame));
+                            in_frame = 0;
+                        }
+                        ws.push_out(wire);
+                        continue;
+                    }
+                };
                 if !lines.is_empty() && lines.len() + 1 + f.len() > MAX_BATCH_FRAME {
                     ws.push_text(std::mem::take(&mut lines).into_text());
                     metrics.batch_size.record(u64::from(in_frame));
