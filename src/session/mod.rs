@@ -352,7 +352,9 @@ impl Session {
             return Ok(closing);
         }
         let metrics = &self.state.metrics;
-        metrics.outbox_depth.record(frames.len() as u64);
+        // In messages, as before runs were queued whole in wire form.
+        let depth: usize = frames.iter().map(Out::count).sum();
+        metrics.outbox_depth.record(depth as u64);
         if sent > 0
             && let Some(started) = frames.pop_front()
         {
