@@ -369,32 +369,33 @@ impl Session {
         } else {
             let mut lines = Lines::default();
             let mut in_frame = 0u32;
-            for f in frames {
-                let f = match f {
-                    Out::Text(f) => f,
-                    wire @ Out::Wire(_) => {
-                        // A run too large for one batched frame: as it came.
-                        if !lines.is_empty() {
-                            ws.push_text(std::mem::take(&mut lines).into_text());
-                            metrics.batch_size.record(u64::from(in_frame));
-                            in_frame = 0;
-                        }
-                        ws.push_out(wire);
-                        continue;
-                    }
-                };
-                if !lines.is_empty() && lines.len() + 1 + f.len() > MAX_BATCH_FRAME {
-                    ws.push_text(std::mem::take(&mut lines).into_text());
-                    metrics.batch_size.record(u64::from(in_frame));
-                    in_frame = 0;
+            // The lines gathered so far leave as one frame.
+            let cut = |ws: &mut Socket, lines: &mut Lines, in_frame: &mut u32| {
+                if !lines.is_empty() {
+                    ws.push_text(std::mem::take(lines).into_text());
+                    metrics
+                        .batch_size
+                        .record(u64::from(std::mem::take(in_frame)));
                 }
-                lines.push(&f);
-                in_frame += 1;
+            };
+            for f in frames {
+                match f {
+                    Out::Text(f) => {
+                        if !lines.is_empty() && lines.len() + 1 + f.len() > MAX_BATCH_FRAME {
+                            cut(ws, &mut lines, &mut in_frame);
+                        }
+                        lines.push(&f);
+                        in_frame += 1;
+                    }
+                    // Frames in wire form (queued before the connection asked
+                    // to batch): as they are, in their place.
+                    wire @ Out::Wire(_) => {
+                        cut(ws, &mut lines, &mut in_frame);
+                        ws.push_out(wire);
+                    }
+                }
             }
-            if !lines.is_empty() {
-                ws.push_text(lines.into_text());
-                metrics.batch_size.record(u64::from(in_frame));
-            }
+            cut(ws, &mut lines, &mut in_frame);
         }
         Ok(closing)
     }
