@@ -145,6 +145,8 @@ pub struct Taken {
     /// Bytes of the first frame already written (a direct write cut short): it
     /// must be finished, as it is, before anything else.
     pub sent: usize,
+    /// Messages in `frames` (a run in wire form counts each of its frames).
+    pub messages: usize,
 }
 
 /// What a [`push_run`](Outbox::push_run) did.
@@ -399,7 +401,7 @@ impl Outbox {
             return Err(Overflowed);
         }
         g.bytes = 0;
-        g.count = 0;
+        let messages = std::mem::take(&mut g.count) as usize;
         g.unwoken = false;
         // The session writes what it takes: its socket is its own again.
         g.parked = None;
@@ -414,6 +416,7 @@ impl Outbox {
                 .unwrap_or_default(),
             batch: g.batch,
             sent,
+            messages,
         })
     }
 
@@ -716,6 +719,7 @@ mod tests {
                 removed: Vec::new(),
                 batch: false,
                 sent: 0,
+                messages: 2,
             })
         );
         assert!(o.push("c".into()), "drained queue accepts again");

@@ -344,6 +344,7 @@ impl Session {
             removed,
             batch,
             sent,
+            messages,
         } = self.outbox.take()?;
         for room in removed {
             self.rooms.retain(|r| *r != room);
@@ -352,9 +353,7 @@ impl Session {
             return Ok(closing);
         }
         let metrics = &self.state.metrics;
-        // In messages, as before runs were queued whole in wire form.
-        let depth: usize = frames.iter().map(Out::count).sum();
-        metrics.outbox_depth.record(depth as u64);
+        metrics.outbox_depth.record(messages as u64);
         if sent > 0
             && let Some(started) = frames.pop_front()
         {
