@@ -155,28 +155,43 @@ impl Out {
     /// The payloads of the text frames it holds (for tests): a wire-form run is
     /// read back frame by frame, each header checked.
     pub fn payloads(&self) -> Vec<String> {
-        let mut rest: &[u8] = match self {
+        let bytes: &[u8] = match self {
             Out::Text(t) => return vec![String::from_utf8(t.0.to_vec()).expect("utf-8")],
             Out::Wire(w) => &w.bytes,
         };
-        let mut out = Vec::new();
-        while !rest.is_empty() {
-            assert_eq!(rest[0], 0x80 | OP_TEXT, "a final text frame");
-            let (len, head) = match rest[1] {
-                126 => (usize::from(u16::from_be_bytes([rest[2], rest[3]])), 4),
-                127 => {
-                    let mut l = [0u8; 8];
-                    l.copy_from_slice(&rest[2..10]);
-                    (usize::try_from(u64::from_be_bytes(l)).expect("fits"), 10)
-                }
-                n => (usize::from(n), 2),
-            };
-            out.push(String::from_utf8(rest[head..head + len].to_vec()).expect("utf-8"));
-            rest = &rest[head + len..];
-        }
+        let out: Vec<String> = server_frames(bytes)
+            .into_iter()
+            .map(|(first, payload)| {
+                assert_eq!(first, 0x80 | OP_TEXT, "a final text frame");
+                String::from_utf8(payload).expect("utf-8")
+            })
+            .collect();
         assert_eq!(out.len(), self.count(), "the count matches the frames");
         out
     }
+}
+
+/// Server frames (unmasked, whole) read back from their bytes, for tests: each
+/// frame's first byte (FIN and opcode) and payload. Panics on a masked or cut
+/// frame: what the server writes is neither.
+#[cfg(test)]
+pub fn server_frames(mut rest: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        assert_eq!(rest[1] & 0x80, 0, "server frames are unmasked");
+        let (len, head) = match rest[1] {
+            126 => (usize::from(u16::from_be_bytes([rest[2], rest[3]])), 4),
+            127 => {
+                let mut l = [0u8; 8];
+                l.copy_from_slice(&rest[2..10]);
+                (usize::try_from(u64::from_be_bytes(l)).expect("fits"), 10)
+            }
+            n => (usize::from(n), 2),
+        };
+        out.push((rest[0], rest[head..head + len].to_vec()));
+        rest = &rest[head + len..];
+    }
+    out
 }
 
 impl From<Text> for Out {
@@ -1192,25 +1207,7 @@ mod tests {
         drop(ws);
         let mut got = Vec::new();
         client.read_to_end(&mut got).await.unwrap();
-        let mut at = 0;
-        let mut frames = Vec::new();
-        while at < got.len() {
-            let (op, len, hl) = match got[at + 1] {
-                126 => (
-                    got[at],
-                    u16::from_be_bytes([got[at + 2], got[at + 3]]) as usize,
-                    4,
-                ),
-                127 => (
-                    got[at],
-                    u64::from_be_bytes(got[at + 2..at + 10].try_into().unwrap()) as usize,
-                    10,
-                ),
-                n => (got[at], n as usize, 2),
-            };
-            frames.push((op, got[at + hl..at + hl + len].to_vec()));
-            at += hl + len;
-        }
+        let frames = server_frames(&got);
         assert_eq!(frames.len(), MAX_FRAMES_PER_WRITE + 8);
         assert_eq!(frames[0], (0x81, b"m0".to_vec()));
         assert_eq!(
