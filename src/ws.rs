@@ -33,6 +33,7 @@ use std::future::poll_fn;
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker, ready};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -88,8 +89,17 @@ impl From<&'static str> for Text {
 /// run of k messages cost each receiver k reference counts, taken on the fan-out's
 /// core and dropped on a writer's, and 2k slices: measured as a tenth of the
 /// server's CPU in one room of 1,000, BENCHMARKS.md.)
+///
+/// Behind one `Arc`, so that an outbox entry ([`Out`]) stays the size of a
+/// [`Text`]: with the bytes and the count inline it was 40 bytes against 32,
+/// and the queues of a join storm (every member's `member` events) grew with
+/// it: 2,018-2,020 B of server memory per idle connection in 100 rooms of 190
+/// against 1,928-1,937 B before (BENCHMARKS.md).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Wire {
+pub struct Wire(Arc<WireRun>);
+
+#[derive(Debug, PartialEq, Eq)]
+struct WireRun {
     bytes: Bytes,
     frames: u32,
 }
@@ -104,15 +114,20 @@ impl Wire {
             bytes.extend_from_slice(&head[..usize::from(head_len)]);
             bytes.extend_from_slice(&t.0);
         }
-        Wire {
+        Wire(Arc::new(WireRun {
             bytes: Bytes::from(bytes),
             frames: u32::try_from(texts.len()).unwrap_or(u32::MAX),
-        }
+        }))
     }
 
     /// The text frames it holds.
     pub fn count(&self) -> usize {
-        self.frames as usize
+        self.0.frames as usize
+    }
+
+    /// The frames' bytes, headers included.
+    fn bytes(&self) -> &Bytes {
+        &self.0.bytes
     }
 }
 
@@ -129,7 +144,7 @@ impl Out {
     pub fn wire_len(&self) -> usize {
         match self {
             Out::Text(t) => text_frame_len(t),
-            Out::Wire(w) => w.bytes.len(),
+            Out::Wire(w) => w.bytes().len(),
         }
     }
 
@@ -145,7 +160,7 @@ impl Out {
     fn parts(&self) -> (Head, &[u8]) {
         match self {
             Out::Text(t) => (frame_head(OP_TEXT, t.len()), &t.0[..]),
-            Out::Wire(w) => (([0; 10], 0), &w.bytes[..]),
+            Out::Wire(w) => (([0; 10], 0), &w.bytes()[..]),
         }
     }
 }
@@ -157,7 +172,7 @@ impl Out {
     pub fn payloads(&self) -> Vec<String> {
         let bytes: &[u8] = match self {
             Out::Text(t) => return vec![String::from_utf8(t.0.to_vec()).expect("utf-8")],
-            Out::Wire(w) => &w.bytes,
+            Out::Wire(w) => w.bytes(),
         };
         let out: Vec<String> = server_frames(bytes)
             .into_iter()
@@ -355,11 +370,11 @@ impl WsError {
 /// Both sides hold the socket by reference count, so a writer can never write to a
 /// closed (or reused) descriptor.
 #[derive(Clone, Debug)]
-pub struct SharedTcp(std::sync::Arc<tokio::net::TcpStream>);
+pub struct SharedTcp(Arc<tokio::net::TcpStream>);
 
 impl SharedTcp {
     pub fn new(tcp: tokio::net::TcpStream) -> Self {
-        SharedTcp(std::sync::Arc::new(tcp))
+        SharedTcp(Arc::new(tcp))
     }
 
     /// Write `frames` (the first `sent` bytes of the first one already written)
@@ -623,7 +638,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
             Out::Wire(w) => self.out.push_back(OutFrame {
                 head: [0; 10],
                 head_len: 0,
-                body: w.bytes,
+                body: w.bytes().clone(),
             }),
         }
     }
@@ -1189,6 +1204,13 @@ mod tests {
             ["b".to_owned(), "c".repeat(300), big],
             "and read back as the run"
         );
+    }
+
+    #[test]
+    fn an_outbox_entry_is_the_size_of_a_text() {
+        // Every queued entry of every connection pays it: a run in wire form
+        // must not make the queues of a join storm larger.
+        assert_eq!(std::mem::size_of::<Out>(), std::mem::size_of::<Text>());
     }
 
     #[tokio::test]
