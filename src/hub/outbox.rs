@@ -73,10 +73,9 @@ struct Inner {
     queued_direct: bool,
 }
 
-/// An entry's messages and bytes, as the queue counts them.
-fn sizes(entry: &Out) -> (u32, u32) {
-    let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
-    (clamp(entry.count()), clamp(entry.wire_len()))
+/// A queue counter's share of an entry: u32, saturating.
+fn clamp(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 #[derive(Default)]
@@ -90,16 +89,17 @@ struct Orders {
 
 impl Inner {
     fn add(&mut self, entry: Out) {
-        let (count, bytes) = sizes(&entry);
-        self.count = self.count.saturating_add(count);
-        self.bytes = self.bytes.saturating_add(bytes);
+        self.count = self.count.saturating_add(clamp(entry.count()));
+        self.bytes = self.bytes.saturating_add(clamp(entry.wire_len()));
         self.frames.push_back(entry);
     }
 
-    fn remove(&mut self, entry: &Out) {
-        let (count, bytes) = sizes(entry);
-        self.count = self.count.saturating_sub(count);
-        self.bytes = self.bytes.saturating_sub(bytes);
+    /// The first entry, of `count` messages and `bytes` bytes (as its writer
+    /// measured it), has been written: drop it from the queue and its counters.
+    fn pop_written(&mut self, count: usize, bytes: usize) {
+        self.frames.pop_front();
+        self.count = self.count.saturating_sub(clamp(count));
+        self.bytes = self.bytes.saturating_sub(clamp(bytes));
     }
 
     fn orders(&mut self) -> &mut Orders {
@@ -337,17 +337,15 @@ impl Outbox {
                     let mut n = n + g.sent as usize;
                     g.sent = 0;
                     while let Some(front) = g.frames.front() {
-                        let len = front.wire_len();
+                        let (len, count) = (front.wire_len(), front.count());
                         if n < len {
                             // Cut short: the rest of this entry first, by the session.
                             g.sent = n as u32;
                             break;
                         }
                         n -= len;
-                        if let Some(done) = g.frames.pop_front() {
-                            written += done.count();
-                            g.remove(&done);
-                        }
+                        g.pop_written(count, len);
+                        written += count;
                     }
                     if g.sent != 0 {
                         break;
