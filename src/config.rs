@@ -791,6 +791,12 @@ impl Config {
         if self.publish_check_timeout.is_zero() {
             return Err(invalid("publish_check_timeout", "must be more than 0"));
         }
+        if self.batch_delay_ms > 1000 {
+            return Err(invalid(
+                "batch_delay_ms",
+                "must be at most 1000 (one second)",
+            ));
+        }
         if self.node_timeout < Duration::from_secs(1) {
             return Err(invalid("node_timeout", "must be at least 1 second"));
         }
@@ -888,6 +894,8 @@ settings! {
         "a node silent this long is dead; its users leave presence within 4/3 of it";
     writer_threads: usize = default_writer_threads(); ["one per core"] Value "N";
         "threads that write a room's messages straight into the sockets of idle plain-TCP connections, instead of waking each connection's session (at a lower priority than the rest of the server); 0: off, better where the node shares its cores with other busy processes";
+    batch_delay_ms: u32 = "10"; Value "MS";
+        "a busy room's messages to connections that asked for batches (`hello` with `batch: true`) are written at most this often, so that more leave in one write (a quiet room's next message leaves at once); 0: at once; at most 1000";
     presence_events_max: usize = "1000"; Value "N";
         "rooms with more members than this get a `members` count (at most once a second) instead of per-user `member` events";
     api_keys: Vec<String> = ""; ["none: the API is off"] Repeat "KEY";
@@ -1101,6 +1109,15 @@ mod tests {
     fn a_bad_value_names_its_setting() {
         let err = resolve(ServeArgs::default().with("max_text", "many")).expect_err("refused");
         assert!(err.to_string().starts_with("max_text:"), "{err}");
+    }
+
+    #[test]
+    fn a_batch_delay_over_a_second_is_refused() {
+        let err =
+            resolve(ServeArgs::default().with("batch_delay_ms", "1001")).expect_err("refused");
+        assert!(err.to_string().starts_with("batch_delay_ms:"), "{err}");
+        let ok = resolve(ServeArgs::default().with("batch_delay_ms", "1000")).expect("accepted");
+        assert_eq!(ok.batch_delay_ms, 1000);
     }
 
     #[test]

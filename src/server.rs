@@ -110,6 +110,7 @@ impl Server {
             presence_events_max: config.presence_events_max,
             max_reply_bytes: config.max_reply_bytes,
             writer_threads: config.writer_threads,
+            batch_delay: std::time::Duration::from_millis(u64::from(config.batch_delay_ms)),
         };
         let hub = Hub::start(store, broker, metrics.clone(), options);
         crate::hooks::webhooks::Webhooks::start(&config, &hub, shutdown.clone())?;

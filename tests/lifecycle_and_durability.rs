@@ -252,6 +252,77 @@ async fn batch_hello_lets_the_server_pack_several_messages_per_frame() {
     );
 }
 
+/// The message frames that reach a batching `reader` until `n` messages have, each
+/// with when it arrived: (arrival, seqs it carries).
+async fn batched_arrivals(reader: &mut Client, n: usize) -> Vec<(std::time::Instant, Vec<u64>)> {
+    let mut arrivals = Vec::new();
+    let mut seen = 0;
+    while seen < n {
+        let f = tokio::time::timeout(WAIT, reader.ws.next())
+            .await
+            .expect("frame")
+            .expect("open")
+            .expect("ok");
+        let Message::Text(t) = f else { continue };
+        let mut seqs = Vec::new();
+        for line in t.as_str().split('\n') {
+            let v: Value = serde_json::from_str(line).expect("each line is one JSON object");
+            if v["type"] == "message" {
+                seqs.push(v["seq"].as_u64().expect("seq"));
+            }
+        }
+        if !seqs.is_empty() {
+            seen += seqs.len();
+            arrivals.push((std::time::Instant::now(), seqs));
+        }
+    }
+    arrivals
+}
+
+#[tokio::test]
+async fn a_busy_rooms_messages_reach_a_batching_connection_a_batch_delay_apart() {
+    let s = Server::start(&["--rate-limit", "10000", "--batch-delay-ms", "1000"]).await;
+    let mut reader = Client::connect(&s.url()).await;
+    reader
+        .request(json!({"type": "hello", "name": "batcher", "batch": true}))
+        .await;
+    reader.request(json!({"type": "join", "room": "b"})).await;
+    let mut a = s.member("alice", "b").await;
+    // Alice's `member` event is quiet (it may wait for the presence tick, whose
+    // wake-up would write anything held): let it arrive first.
+    loop {
+        let f = tokio::time::timeout(WAIT, reader.ws.next())
+            .await
+            .expect("frame")
+            .expect("open")
+            .expect("ok");
+        if let Message::Text(t) = f
+            && t.as_str().contains(r#""type":"member""#)
+        {
+            break;
+        }
+    }
+    // The room is quiet: the first message leaves at once.
+    a.send(json!({"type": "send", "room": "b", "text": "first"}))
+        .await;
+    let first = batched_arrivals(&mut reader, 1).await;
+    assert_eq!(first[0].1, [1]);
+    // Now it is busy: the next four wait for the delay since the first.
+    for i in 0..4 {
+        a.send(json!({"type": "send", "room": "b", "text": format!("{i}")}))
+            .await;
+    }
+    a.await_acks(5).await;
+    let rest = batched_arrivals(&mut reader, 4).await;
+    let seqs: Vec<u64> = rest.iter().flat_map(|(_, s)| s.clone()).collect();
+    assert_eq!(seqs, [2, 3, 4, 5], "every message, once, in order");
+    let waited = rest[0].0 - first[0].0;
+    assert!(
+        waited >= std::time::Duration::from_millis(500),
+        "the next write came {waited:?} after the first"
+    );
+}
+
 #[tokio::test]
 async fn without_batch_every_frame_is_exactly_one_object() {
     let s = Server::start(&["--rate-limit", "10000"]).await;

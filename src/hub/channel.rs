@@ -88,6 +88,9 @@ pub(super) struct ChannelInner {
     pub(super) count_dirty: bool,
     /// Members got quiet presence events; the next presence tick wakes them.
     pub(super) wake_pending: bool,
+    /// When this room's batching members were last handed to the writer threads,
+    /// or are due to be ([`super::writers::Writers::write_paced`]).
+    pub(super) batch_written: Option<std::time::Instant>,
     /// Targets of the deletes sequenced here lately (at most [`DELETED_KEPT`]):
     /// an edit, reaction or second delete racing a delete is refused here even
     /// before the delete is stored.
@@ -119,6 +122,7 @@ impl Channel {
                 announced_count: 0,
                 count_dirty: false,
                 wake_pending: false,
+                batch_written: None,
                 deleted_targets: VecDeque::new(),
                 client_ids: HashMap::new(),
                 client_id_order: VecDeque::new(),
@@ -247,7 +251,7 @@ impl Hub {
         for msg in msgs {
             self.deliver_locked(ch, &mut g, msg, &mut run);
         }
-        self.push_run(&g, run);
+        self.push_run(&mut g, run);
     }
 
     fn deliver_locked(
@@ -444,7 +448,7 @@ impl Hub {
     /// or for members that batch one newline-joined frame (unless it would exceed
     /// [`crate::ws::MAX_BATCH_FRAME`]). Called before the channel's lock is
     /// released, so runs leave in `seq` order.
-    fn push_run(&self, g: &MutexGuard<'_, ChannelInner>, run: Run) {
+    fn push_run(&self, g: &mut MutexGuard<'_, ChannelInner>, run: Run) {
         let frames = run.0;
         if frames.is_empty() {
             return; // nothing, or a DM's (sent by fan_out itself)
@@ -455,6 +459,9 @@ impl Hub {
         // chunk at a time, handed over as each fills (the threads start on the
         // first while the rest are queued).
         let mut chunk: Vec<Arc<Outbox>> = Vec::new();
+        // Parked members that batch: handed over together, paced (see
+        // `Writers::write_paced`), so a chunk's worth is not handed over alone.
+        let mut batching: Vec<Vec<Arc<Outbox>>> = Vec::new();
         for c in g.members.values() {
             match c.outbox.push_run(&mut shared) {
                 Pushed::Queued => {}
@@ -468,10 +475,21 @@ impl Hub {
                         self.write_direct(std::mem::take(&mut chunk));
                     }
                 }
+                Pushed::DirectBatch => match batching.last_mut() {
+                    Some(last) if last.len() < writers::CHUNK => last.push(c.outbox.clone()),
+                    _ => {
+                        let mut next = Vec::with_capacity(writers::CHUNK);
+                        next.push(c.outbox.clone());
+                        batching.push(next);
+                    }
+                },
             }
         }
         if !chunk.is_empty() {
             self.write_direct(chunk);
+        }
+        if !batching.is_empty() {
+            self.write_batching(batching, &mut g.batch_written);
         }
         let k = frames.len() as u64;
         let n = g.members.len() as u64;

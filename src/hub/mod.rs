@@ -191,6 +191,9 @@ pub struct HubOptions {
     /// Writer threads for direct writes into parked sockets ([`writers`]); 0:
     /// none, every delivery wakes its session.
     pub writer_threads: usize,
+    /// A room's batching members are written at most this often while its
+    /// messages keep coming ([`writers::Writers::write_paced`]); zero: at once.
+    pub batch_delay: std::time::Duration,
 }
 
 impl Default for HubOptions {
@@ -199,6 +202,7 @@ impl Default for HubOptions {
             presence_events_max: 1000,
             max_reply_bytes: 512 * 1024,
             writer_threads: 0,
+            batch_delay: std::time::Duration::ZERO,
         }
     }
 }
@@ -241,7 +245,12 @@ impl Hub {
         let (tx, rx) = mpsc::channel(JOB_QUEUE);
         let writers = match options.writer_threads {
             0 => None,
-            n => match writers::Writers::start(n, writers::QUEUE, metrics.clone()) {
+            n => match writers::Writers::start(
+                n,
+                writers::QUEUE,
+                options.batch_delay,
+                metrics.clone(),
+            ) {
                 Ok(w) => Some(w),
                 Err(e) => {
                     tracing::warn!(error = %e, "no writer threads; sessions write every delivery");
@@ -292,6 +301,15 @@ impl Hub {
         match &self.writers {
             Some(w) => w.write(chunk),
             None => chunk.iter().for_each(|o| o.hand_back()),
+        }
+    }
+
+    /// [`write_direct`](Self::write_direct) for a room's parked members that
+    /// batch (in chunks), paced by the room's `last` hand-over ([`writers::Writers::write_paced`]).
+    fn write_batching(&self, chunks: Vec<Vec<Arc<Outbox>>>, last: &mut Option<std::time::Instant>) {
+        match &self.writers {
+            Some(w) => w.write_paced(chunks, last),
+            None => chunks.iter().flatten().for_each(|o| o.hand_back()),
         }
     }
 

@@ -157,6 +157,10 @@ pub enum Pushed {
     /// Queued into a parked outbox: hand it to a writer thread
     /// ([`Outbox::write_direct`]) or back to its session ([`Outbox::hand_back`]).
     Direct,
+    /// As [`Pushed::Direct`], for a connection that batches: it may be handed
+    /// over a moment later ([`super::writers::Writers::write_paced`]), so that
+    /// the runs of that moment leave in one write.
+    DirectBatch,
     /// The queue has overflowed (now or before): nothing was queued.
     Refused,
 }
@@ -278,7 +282,11 @@ impl Outbox {
                 return Pushed::Queued; // the writer that has it writes these too
             }
             g.queued_direct = true;
-            return Pushed::Direct;
+            return if g.batch {
+                Pushed::DirectBatch
+            } else {
+                Pushed::Direct
+            };
         }
         g.unwoken = false;
         drop(g);
@@ -805,6 +813,23 @@ mod tests {
             assert_eq!(read_texts(&mut client, 1).await, vec![b"hello".to_vec()]);
             assert!(o.is_parked(), "still parked for the next run");
             assert!(!woken(&o));
+        }
+
+        #[tokio::test]
+        async fn a_run_into_a_parked_batching_outbox_is_handed_over_as_batching() {
+            let (tcp, mut client) = SharedTcp::loopback_pair().await;
+            let o = Outbox::new(10, 1 << 20);
+            o.set_batch(true);
+            assert!(o.park(&tcp));
+            assert_eq!(run(&o, &["a", "b"]), Pushed::DirectBatch);
+            assert_eq!(run(&o, &["c"]), Pushed::Queued, "rides with the first");
+            assert!(!woken(&o), "the session sleeps on");
+            assert_eq!(o.write_direct(), 2, "two frames");
+            assert_eq!(
+                read_texts(&mut client, 2).await,
+                vec![b"a\nb".to_vec(), b"c".to_vec()],
+                "both runs in one write, each as it was queued"
+            );
         }
 
         #[tokio::test]
