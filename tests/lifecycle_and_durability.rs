@@ -213,14 +213,20 @@ async fn concurrent_sends_are_group_committed() {
     );
 }
 
-#[tokio::test]
-async fn batch_hello_lets_the_server_pack_several_messages_per_frame() {
-    let s = Server::start(&["--rate-limit", "10000"]).await;
+/// A connection that said hello with `batch: true` (as "batcher") and joined `room`.
+async fn batching_member(s: &Server, room: &str) -> Client {
     let mut reader = Client::connect(&s.url()).await;
     reader
         .request(json!({"type": "hello", "name": "batcher", "batch": true}))
         .await;
-    reader.request(json!({"type": "join", "room": "b"})).await;
+    reader.request(json!({"type": "join", "room": room})).await;
+    reader
+}
+
+#[tokio::test]
+async fn batch_hello_lets_the_server_pack_several_messages_per_frame() {
+    let s = Server::start(&["--rate-limit", "10000"]).await;
+    let mut reader = batching_member(&s, "b").await;
     let mut a = s.member("alice", "b").await;
     for i in 0..300 {
         a.send(json!({"type": "send", "room": "b", "text": format!("{i}")}))
@@ -282,11 +288,7 @@ async fn batched_arrivals(reader: &mut Client, n: usize) -> Vec<(std::time::Inst
 #[tokio::test]
 async fn a_busy_rooms_messages_reach_a_batching_connection_a_batch_delay_apart() {
     let s = Server::start(&["--rate-limit", "10000", "--batch-delay-ms", "1000"]).await;
-    let mut reader = Client::connect(&s.url()).await;
-    reader
-        .request(json!({"type": "hello", "name": "batcher", "batch": true}))
-        .await;
-    reader.request(json!({"type": "join", "room": "b"})).await;
+    let mut reader = batching_member(&s, "b").await;
     let mut a = s.member("alice", "b").await;
     // Alice's `member` event is quiet (it may wait for the presence tick, whose
     // wake-up would write anything held): let it arrive first.

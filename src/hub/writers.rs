@@ -224,12 +224,28 @@ mod tests {
     use std::time::Duration;
     use tokio::io::AsyncReadExt;
 
-    fn parked_with_a_run(tcp: &SharedTcp) -> Arc<Outbox> {
+    /// An outbox parked on `tcp` (of a connection that batches, or not) and
+    /// given the run "hi".
+    fn parked_with_a_run_of(tcp: &SharedTcp, batch: bool) -> Arc<Outbox> {
         let o = Arc::new(Outbox::new(10, 1 << 20));
+        o.set_batch(batch);
         assert!(o.park(tcp));
         let texts = ["hi".into()];
-        assert_eq!(o.push_run(&mut SharedRun::new(&texts)), Pushed::Direct);
+        let expected = if batch {
+            Pushed::DirectBatch
+        } else {
+            Pushed::Direct
+        };
+        assert_eq!(o.push_run(&mut SharedRun::new(&texts)), expected);
         o
+    }
+
+    fn parked_with_a_run(tcp: &SharedTcp) -> Arc<Outbox> {
+        parked_with_a_run_of(tcp, false)
+    }
+
+    fn batching_parked_with_a_run(tcp: &SharedTcp) -> Arc<Outbox> {
+        parked_with_a_run_of(tcp, true)
     }
 
     #[tokio::test]
@@ -237,23 +253,10 @@ mod tests {
         let writers = Writers::start(1, QUEUE, Duration::ZERO, Metrics::new()).expect("threads");
         let (tcp, mut client) = SharedTcp::loopback_pair().await;
         writers.write(vec![parked_with_a_run(&tcp)]);
-        let mut frame = [0u8; 4];
-        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut frame))
-            .await
-            .expect("written in time")
-            .expect("read");
-        assert_eq!(&frame, b"\x81\x02hi");
+        read_hi(&mut client).await;
     }
 
-    fn batching_parked_with_a_run(tcp: &SharedTcp) -> Arc<Outbox> {
-        let o = Arc::new(Outbox::new(10, 1 << 20));
-        o.set_batch(true);
-        assert!(o.park(tcp));
-        let texts = ["hi".into()];
-        assert_eq!(o.push_run(&mut SharedRun::new(&texts)), Pushed::DirectBatch);
-        o
-    }
-
+    /// Read the frame of "hi" within 10 s.
     async fn read_hi(client: &mut tokio::net::TcpStream) {
         let mut frame = [0u8; 4];
         tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut frame))
