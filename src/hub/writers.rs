@@ -290,6 +290,30 @@ mod tests {
         assert!(written.elapsed() >= delay, "held until due");
     }
 
+    #[tokio::test]
+    async fn a_paced_chunk_beyond_a_full_pacing_queue_is_handed_over_at_once() {
+        // Neither queue is taken from: the pacing queue holds one chunk, the
+        // writers' queue one.
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let (paced, _due) = crossbeam_channel::bounded(1);
+        let writers = Writers {
+            tx,
+            paced: Some(paced),
+            delay: Duration::from_secs(3600),
+            metrics: Metrics::new(),
+        };
+        let (tcp1, _c1) = SharedTcp::loopback_pair().await;
+        let (tcp2, _c2) = SharedTcp::loopback_pair().await;
+        let mut last = Some(Instant::now());
+        writers.write_paced(vec![vec![batching_parked_with_a_run(&tcp1)]], &mut last);
+        assert!(rx.is_empty(), "the first is held for the delay");
+        writers.write_paced(vec![vec![batching_parked_with_a_run(&tcp2)]], &mut last);
+        let chunk = rx
+            .try_recv()
+            .expect("the second went to the writers at once");
+        assert_eq!(chunk.len(), 1);
+    }
+
     #[test]
     fn a_hand_over_while_one_is_waiting_joins_it() {
         let writers =
