@@ -89,7 +89,7 @@ pub(super) struct ChannelInner {
     /// Members got quiet presence events; the next presence tick wakes them.
     pub(super) wake_pending: bool,
     /// When this room's batching members were last handed to the writer threads,
-    /// or are due to be ([`super::writers::Writers::write_paced`]).
+    /// or are due to be ([`super::writers::Writers::due`]).
     pub(super) batch_written: Option<std::time::Instant>,
     /// Targets of the deletes sequenced here lately (at most [`DELETED_KEPT`]):
     /// an edit, reaction or second delete racing a delete is refused here even
@@ -455,44 +455,45 @@ impl Hub {
         }
         let mut shared = SharedRun::new(&frames);
         let mut refused = 0u64;
+        // Disjoint borrows of the members and the room's pace.
+        let inner: &mut ChannelInner = g;
         // Members whose sessions are parked: written by the writer threads, a
         // chunk at a time, handed over as each fills (the threads start on the
-        // first while the rest are queued).
+        // first while the rest are queued). Those that batch go in chunks of
+        // their own, handed over when the room is due (`Writers::due`, asked
+        // once per run, at the first of them).
         let mut chunk: Vec<Arc<Outbox>> = Vec::new();
-        // Parked members that batch: handed over together, paced (see
-        // `Writers::write_paced`), so a chunk's worth is not handed over alone.
-        let mut batching: Vec<Vec<Arc<Outbox>>> = Vec::new();
-        for c in g.members.values() {
-            match c.outbox.push_run(&mut shared) {
-                Pushed::Queued => {}
-                Pushed::Refused => refused += 1,
-                Pushed::Direct => {
-                    if chunk.capacity() == 0 {
-                        chunk.reserve_exact(writers::CHUNK);
-                    }
-                    chunk.push(c.outbox.clone());
-                    if chunk.len() == writers::CHUNK {
-                        self.write_direct(std::mem::take(&mut chunk));
-                    }
+        let mut batching: Vec<Arc<Outbox>> = Vec::new();
+        let mut due = None;
+        for c in inner.members.values() {
+            let (chunk, at) = match c.outbox.push_run(&mut shared) {
+                Pushed::Queued => continue,
+                Pushed::Refused => {
+                    refused += 1;
+                    continue;
                 }
-                Pushed::DirectBatch => match batching.last_mut() {
-                    Some(last) if last.len() < writers::CHUNK => last.push(c.outbox.clone()),
-                    _ => {
-                        let mut next = Vec::with_capacity(writers::CHUNK);
-                        next.push(c.outbox.clone());
-                        batching.push(next);
-                    }
-                },
+                Pushed::Direct => (&mut chunk, None),
+                Pushed::DirectBatch => (
+                    &mut batching,
+                    *due.get_or_insert_with(|| self.batch_due(&mut inner.batch_written)),
+                ),
+            };
+            if chunk.capacity() == 0 {
+                chunk.reserve_exact(writers::CHUNK);
+            }
+            chunk.push(c.outbox.clone());
+            if chunk.len() == writers::CHUNK {
+                self.write_direct(std::mem::take(chunk), at);
             }
         }
         if !chunk.is_empty() {
-            self.write_direct(chunk);
+            self.write_direct(chunk, None);
         }
         if !batching.is_empty() {
-            self.write_batching(batching, &mut g.batch_written);
+            self.write_direct(batching, due.flatten());
         }
         let k = frames.len() as u64;
-        let n = g.members.len() as u64;
+        let n = inner.members.len() as u64;
         self.metrics.deliveries.increment((n - refused) * k);
         self.metrics.out("message", (n - refused) * k);
         self.metrics.dropped_deliveries.increment(refused * k);

@@ -192,7 +192,7 @@ pub struct HubOptions {
     /// none, every delivery wakes its session.
     pub writer_threads: usize,
     /// A room's batching members are written at most this often while its
-    /// messages keep coming ([`writers::Writers::write_paced`]); zero: at once.
+    /// messages keep coming ([`writers::Writers::due`]); zero: at once.
     pub batch_delay: std::time::Duration,
 }
 
@@ -296,21 +296,19 @@ impl Hub {
     }
 
     /// Hand outboxes that a fan-out left a run in while parked to the writer
-    /// threads (or, with none, back to their sessions).
-    fn write_direct(&self, chunk: Vec<Arc<Outbox>>) {
+    /// threads, at once or (`at`, from [`Hub::batch_due`]) when due; with no
+    /// writer threads, back to their sessions.
+    fn write_direct(&self, chunk: Vec<Arc<Outbox>>, at: Option<std::time::Instant>) {
         match &self.writers {
-            Some(w) => w.write(chunk),
+            Some(w) => w.write_at(chunk, at),
             None => chunk.iter().for_each(|o| o.hand_back()),
         }
     }
 
-    /// [`write_direct`](Self::write_direct) for a room's parked members that
-    /// batch (in chunks), paced by the room's `last` hand-over ([`writers::Writers::write_paced`]).
-    fn write_batching(&self, chunks: Vec<Vec<Arc<Outbox>>>, last: &mut Option<std::time::Instant>) {
-        match &self.writers {
-            Some(w) => w.write_paced(chunks, last),
-            None => chunks.iter().flatten().for_each(|o| o.hand_back()),
-        }
+    /// When a room's parked members that batch are due, paced by the room's
+    /// `last` hand-over ([`writers::Writers::due`]); None: at once.
+    fn batch_due(&self, last: &mut Option<std::time::Instant>) -> Option<std::time::Instant> {
+        self.writers.as_ref().and_then(|w| w.due(last))
     }
 
     /// Stop the hub after everything queued is stored, delivered and acked: the

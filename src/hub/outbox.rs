@@ -158,7 +158,7 @@ pub enum Pushed {
     /// ([`Outbox::write_direct`]) or back to its session ([`Outbox::hand_back`]).
     Direct,
     /// As [`Pushed::Direct`], for a connection that batches: it may be handed
-    /// over a moment later ([`super::writers::Writers::write_paced`]), so that
+    /// over a moment later ([`super::writers::Writers::due`]), so that
     /// the runs of that moment leave in one write.
     DirectBatch,
     /// The queue has overflowed (now or before): nothing was queued.

@@ -20,7 +20,7 @@
 //! without direct writes). Nothing waits on the queue and nothing is lost.
 //!
 //! Pacing: a busy room's members that asked for batches are handed over at most
-//! once per batch delay ([`Writers::write_paced`]); one more thread holds their
+//! once per batch delay ([`Writers::due`]); one more thread holds their
 //! chunks until due, in a bounded queue of its own (full: handed over at once).
 //! Why: at 1,000 members in one room, each write into a socket costs the server
 //! a system call and the kernel a TCP send and a wake-up of the reader, whatever
@@ -61,7 +61,7 @@ pub struct Writers {
     metrics: Metrics,
 }
 
-/// A chunk of parked outboxes held until `at` ([`Writers::write_paced`]).
+/// A chunk of parked outboxes held until `at` ([`Writers::due`]).
 struct Due {
     at: Instant,
     chunk: Chunk,
@@ -116,7 +116,7 @@ fn pace(
             Ok(d) => held.push(d),
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                for d in held.into_sorted_vec().into_iter().rev() {
+                while let Some(d) = held.pop() {
                     hand_over(&tx, &metrics, d.chunk);
                 }
                 return;
@@ -184,17 +184,16 @@ impl Writers {
         hand_over(&self.tx, &self.metrics, chunk);
     }
 
-    /// [`write`](Self::write) for a room's parked members that batch, paced: a
-    /// room is handed over at most once per batch delay. `last` is the room's
-    /// previous hand-over (or the one it is waiting for). A quiet room's (none
+    /// When a room's parked members that batch are due to be handed over, paced
+    /// at most once per batch delay; None: at once. `last` is the room's previous
+    /// hand-over (or the one it is waiting for), updated. A quiet room's (none
     /// within the delay) goes at once; a busy room's waits for the delay to pass
     /// since the last, and whatever the fan-out queues into these outboxes
-    /// meanwhile leaves in the same write: under load, fewer and fuller frames
-    /// and writes per member, the same bytes. (Centrifugo's `write_delay` does
-    /// this for every connection; here only for those that asked for batches, and
-    /// without delaying a quiet room.) With no delay, or the pacing queue full: at
-    /// once.
-    pub fn write_paced(&self, chunks: Vec<Chunk>, last: &mut Option<Instant>) {
+    /// meanwhile leaves in the same write: under load, fewer and fuller writes per
+    /// member, the same bytes. (Centrifugo's `write_delay` does this for every
+    /// connection; here only for those that asked for batches, and without
+    /// delaying a quiet room.)
+    pub fn due(&self, last: &mut Option<Instant>) -> Option<Instant> {
         let now = Instant::now();
         let at = match *last {
             // A hand-over is still waiting: join it.
@@ -203,15 +202,19 @@ impl Writers {
             _ => now,
         };
         *last = Some(at);
-        match &self.paced {
-            Some(paced) if at > now => {
-                for chunk in chunks {
-                    if let Err(e) = paced.try_send(Due { at, chunk }) {
-                        self.write(e.into_inner().chunk);
-                    }
+        (self.paced.is_some() && at > now).then_some(at)
+    }
+
+    /// [`write`](Self::write) when due ([`due`](Self::due)): at once for None,
+    /// or held by the pacing thread until `at` (its queue full: at once).
+    pub fn write_at(&self, chunk: Chunk, at: Option<Instant>) {
+        match (&self.paced, at) {
+            (Some(paced), Some(at)) => {
+                if let Err(e) = paced.try_send(Due { at, chunk }) {
+                    self.write(e.into_inner().chunk);
                 }
             }
-            _ => chunks.into_iter().for_each(|chunk| self.write(chunk)),
+            _ => self.write(chunk),
         }
     }
 }
@@ -273,7 +276,8 @@ mod tests {
             Writers::start(1, QUEUE, Duration::from_secs(3600), Metrics::new()).expect("threads");
         let (tcp, mut client) = SharedTcp::loopback_pair().await;
         let mut last = None;
-        writers.write_paced(vec![vec![batching_parked_with_a_run(&tcp)]], &mut last);
+        let at = writers.due(&mut last);
+        writers.write_at(vec![batching_parked_with_a_run(&tcp)], at);
         read_hi(&mut client).await;
     }
 
@@ -284,7 +288,8 @@ mod tests {
         let (tcp, mut client) = SharedTcp::loopback_pair().await;
         let written = Instant::now();
         let mut last = Some(written);
-        writers.write_paced(vec![vec![batching_parked_with_a_run(&tcp)]], &mut last);
+        let at = writers.due(&mut last);
+        writers.write_at(vec![batching_parked_with_a_run(&tcp)], at);
         assert_eq!(last, Some(written + delay), "the room's next hand-over");
         read_hi(&mut client).await;
         assert!(written.elapsed() >= delay, "held until due");
@@ -305,9 +310,11 @@ mod tests {
         let (tcp1, _c1) = SharedTcp::loopback_pair().await;
         let (tcp2, _c2) = SharedTcp::loopback_pair().await;
         let mut last = Some(Instant::now());
-        writers.write_paced(vec![vec![batching_parked_with_a_run(&tcp1)]], &mut last);
+        let at = writers.due(&mut last);
+        writers.write_at(vec![batching_parked_with_a_run(&tcp1)], at);
         assert!(rx.is_empty(), "the first is held for the delay");
-        writers.write_paced(vec![vec![batching_parked_with_a_run(&tcp2)]], &mut last);
+        let at = writers.due(&mut last);
+        writers.write_at(vec![batching_parked_with_a_run(&tcp2)], at);
         let chunk = rx
             .try_recv()
             .expect("the second went to the writers at once");
@@ -320,7 +327,7 @@ mod tests {
             Writers::start(1, QUEUE, Duration::from_secs(60), Metrics::new()).expect("threads");
         let waiting = Instant::now() + Duration::from_secs(30);
         let mut last = Some(waiting);
-        writers.write_paced(Vec::new(), &mut last);
+        writers.due(&mut last);
         assert_eq!(last, Some(waiting));
     }
 
