@@ -894,8 +894,8 @@ settings! {
         "a node silent this long is dead; its users leave presence within 4/3 of it";
     writer_threads: usize = default_writer_threads(); ["one per core"] Value "N";
         "threads that write a room's messages straight into the sockets of idle plain-TCP connections, instead of waking each connection's session (at a lower priority than the rest of the server); 0: off, better where the node shares its cores with other busy processes";
-    batch_delay_ms: u32 = "10"; Value "MS";
-        "a busy room's messages to connections that asked for batches (`hello` with `batch: true`) are written at most this often, so that more leave in one write (a quiet room's next message leaves at once); 0: at once; at most 1000";
+    batch_delay_ms: u32 = "25"; Value "MS";
+        "a busy room's messages to connections that asked for batches (`hello` with `batch: true`) are written at most this often, so that more leave in one write (a quiet room's next message leaves at once, and a connection's write is held only while its queue is under half full); 0: at once; at most 1000";
     presence_events_max: usize = "1000"; Value "N";
         "rooms with more members than this get a `members` count (at most once a second) instead of per-user `member` events";
     api_keys: Vec<String> = ""; ["none: the API is off"] Repeat "KEY";

@@ -290,20 +290,7 @@ async fn a_busy_rooms_messages_reach_a_batching_connection_a_batch_delay_apart()
     let s = Server::start(&["--rate-limit", "10000", "--batch-delay-ms", "1000"]).await;
     let mut reader = batching_member(&s, "b").await;
     let mut a = s.member("alice", "b").await;
-    // Alice's `member` event is quiet (it may wait for the presence tick, whose
-    // wake-up would write anything held): let it arrive first.
-    loop {
-        let f = tokio::time::timeout(WAIT, reader.ws.next())
-            .await
-            .expect("frame")
-            .expect("open")
-            .expect("ok");
-        if let Message::Text(t) = f
-            && t.as_str().contains(r#""type":"member""#)
-        {
-            break;
-        }
-    }
+    until_member_event(&mut reader).await;
     // The room is quiet: the first message leaves at once.
     a.send(json!({"type": "send", "room": "b", "text": "first"}))
         .await;
@@ -322,6 +309,59 @@ async fn a_busy_rooms_messages_reach_a_batching_connection_a_batch_delay_apart()
     assert!(
         waited >= std::time::Duration::from_millis(500),
         "the next write came {waited:?} after the first"
+    );
+}
+
+/// Wait for the `member` event of someone joining: it is quiet (it may wait for
+/// the presence tick, whose wake-up would write anything held), so a test of
+/// when messages arrive lets it arrive first.
+async fn until_member_event(reader: &mut Client) {
+    loop {
+        let f = tokio::time::timeout(WAIT, reader.ws.next())
+            .await
+            .expect("frame")
+            .expect("open")
+            .expect("ok");
+        if let Message::Text(t) = f
+            && t.as_str().contains(r#""type":"member""#)
+        {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_batch_delay_never_closes_a_batching_connection_that_keeps_up() {
+    // A second's delay and a queue of 16 frames: 60 messages in well under the
+    // delay, each its own commit (one in flight), would overflow a queue held for
+    // the whole delay; half full, it is written at once instead.
+    let s = Server::start(&[
+        "--rate-limit",
+        "10000",
+        "--batch-delay-ms",
+        "1000",
+        "--send-queue",
+        "16",
+    ])
+    .await;
+    let mut reader = batching_member(&s, "b").await;
+    let mut a = s.member("alice", "b").await;
+    until_member_event(&mut reader).await;
+    a.send(json!({"type": "send", "room": "b", "text": "first"}))
+        .await;
+    a.await_acks(1).await;
+    assert_eq!(batched_arrivals(&mut reader, 1).await[0].1, [1]);
+    for i in 0..60 {
+        a.send(json!({"type": "send", "room": "b", "text": format!("{i}")}))
+            .await;
+        a.await_acks(1).await;
+    }
+    let rest = batched_arrivals(&mut reader, 60).await;
+    let seqs: Vec<u64> = rest.iter().flat_map(|(_, s)| s.clone()).collect();
+    assert_eq!(
+        seqs,
+        (2..=61).collect::<Vec<u64>>(),
+        "every message, once, in order, and the connection still open"
     );
 }
 

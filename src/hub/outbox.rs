@@ -245,6 +245,12 @@ impl Outbox {
         true
     }
 
+    /// Half the queue's bound taken, in messages or in bytes.
+    fn half_full(&self, g: &Inner) -> bool {
+        g.count as usize >= self.max_frames.div_ceil(2)
+            || g.bytes as usize >= self.max_bytes.div_ceil(2)
+    }
+
     /// The connection asked for newline-batched frames (at `hello`).
     pub fn set_batch(&self, on: bool) {
         self.lock().batch = on;
@@ -262,6 +268,7 @@ impl Outbox {
             return Pushed::Refused;
         }
         let must_wake = g.frames.is_empty() || g.unwoken;
+        let was_half_full = g.batch && self.half_full(&g);
         if !g.batch {
             let wire = run.wire.get_or_insert_with(|| Wire::frames(run.texts));
             g.add(Out::Wire(wire.clone()));
@@ -279,6 +286,13 @@ impl Outbox {
             // Quiet frames queued before this leave with it.
             g.unwoken = false;
             if g.queued_direct {
+                // A batching member's hand-over may be held for its room's pace
+                // (Writers::due); the push that fills half its queue hands it
+                // over at once, so a client that keeps up is never closed as a
+                // slow consumer because of the delay, whatever the room's rate.
+                if g.batch && !was_half_full && self.half_full(&g) {
+                    return Pushed::Direct;
+                }
                 return Pushed::Queued; // the writer that has it writes these too
             }
             g.queued_direct = true;
@@ -829,6 +843,45 @@ mod tests {
                 read_texts(&mut client, 2).await,
                 vec![b"a\nb".to_vec(), b"c".to_vec()],
                 "both runs in one write, each as it was queued"
+            );
+        }
+
+        #[tokio::test]
+        async fn a_held_batching_outbox_is_handed_over_at_once_when_half_its_frames_are_queued() {
+            let (tcp, mut client) = SharedTcp::loopback_pair().await;
+            let o = Outbox::new(10, 1 << 20);
+            o.set_batch(true);
+            assert!(o.park(&tcp));
+            assert_eq!(
+                run(&o, &["a", "b"]),
+                Pushed::DirectBatch,
+                "1 of 10 frames: a run is joined into one"
+            );
+            for (t, n) in [("c", 2), ("d", 3), ("e", 4)] {
+                assert_eq!(run(&o, &[t]), Pushed::Queued, "{n} of 10");
+            }
+            assert_eq!(run(&o, &["f"]), Pushed::Direct, "5 of 10: at once");
+            assert_eq!(run(&o, &["g"]), Pushed::Queued, "handed over already");
+            assert_eq!(o.write_direct(), 6, "every frame queued");
+            assert_eq!(read_texts(&mut client, 6).await.len(), 6);
+            assert_eq!(
+                run(&o, &["g"]),
+                Pushed::DirectBatch,
+                "written: the next run may be held again"
+            );
+        }
+
+        #[tokio::test]
+        async fn a_held_batching_outbox_is_handed_over_at_once_when_half_its_bytes_are_queued() {
+            let (tcp, _client) = SharedTcp::loopback_pair().await;
+            let o = Outbox::new(100, 64);
+            o.set_batch(true);
+            assert!(o.park(&tcp));
+            assert_eq!(run(&o, &["twenty bytes of text"]), Pushed::DirectBatch);
+            assert_eq!(
+                run(&o, &["twenty bytes of text"]),
+                Pushed::Direct,
+                "44 of 64 bytes with the frame headers: at once"
             );
         }
 

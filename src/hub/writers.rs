@@ -22,6 +22,9 @@
 //! Pacing: a busy room's members that asked for batches are handed over at most
 //! once per batch delay ([`Writers::due`]); one more thread holds their
 //! chunks until due, in a bounded queue of its own (full: handed over at once).
+//! A held member whose queue fills half its bound is handed over at once
+//! ([`Outbox::push_run`]), so the delay never makes a slow consumer of a client
+//! that keeps up.
 //! Why: at 1,000 members in one room, each write into a socket costs the server
 //! a system call and the kernel a TCP send and a wake-up of the reader, whatever
 //! it carries; holding a busy room's writes 10 ms made each carry more, and the
