@@ -27,9 +27,11 @@
 //! that keeps up.
 //! Why: at 1,000 members in one room, each write into a socket costs the server
 //! a system call and the kernel a TCP send and a wake-up of the reader, whatever
-//! it carries; holding a busy room's writes 10 ms made each carry more, and the
-//! highest passing batched rate went from 5,551 to 7,429 msg/s in one round
-//! (BENCHMARKS.md, "the batch delay").
+//! it carries (about 8 µs here, as much as ~80 deliveries' bytes); holding a busy
+//! room's writes 10 ms made each carry more, and the highest passing batched rate
+//! went from 5,551 to 7,429 msg/s in one round (BENCHMARKS.md, "the batch
+//! delay"); 25 ms (the default) halved the writes again and took 30 % off the
+//! server's CPU at 5,000 msg/s (BENCHMARKS.md, "the batch delay's default").
 
 use super::outbox::Outbox;
 use crate::metrics::Metrics;
