@@ -236,12 +236,7 @@ async fn batch_hello_lets_the_server_pack_several_messages_per_frame() {
     let mut frames = 0;
     let mut seqs_seen = Vec::new();
     while seqs_seen.len() < 300 {
-        let f = tokio::time::timeout(WAIT, reader.ws.next())
-            .await
-            .expect("frame")
-            .expect("open")
-            .expect("ok");
-        if let Message::Text(t) = f {
+        if let Message::Text(t) = next_frame(&mut reader).await {
             frames += 1;
             for line in t.as_str().split('\n') {
                 let v: Value = serde_json::from_str(line).expect("each line is one JSON object");
@@ -264,12 +259,9 @@ async fn batched_arrivals(reader: &mut Client, n: usize) -> Vec<(std::time::Inst
     let mut arrivals = Vec::new();
     let mut seen = 0;
     while seen < n {
-        let f = tokio::time::timeout(WAIT, reader.ws.next())
-            .await
-            .expect("frame")
-            .expect("open")
-            .expect("ok");
-        let Message::Text(t) = f else { continue };
+        let Message::Text(t) = next_frame(reader).await else {
+            continue;
+        };
         let mut seqs = Vec::new();
         for line in t.as_str().split('\n') {
             let v: Value = serde_json::from_str(line).expect("each line is one JSON object");
@@ -317,17 +309,22 @@ async fn a_busy_rooms_messages_reach_a_batching_connection_a_batch_delay_apart()
 /// when messages arrive lets it arrive first.
 async fn until_member_event(reader: &mut Client) {
     loop {
-        let f = tokio::time::timeout(WAIT, reader.ws.next())
-            .await
-            .expect("frame")
-            .expect("open")
-            .expect("ok");
-        if let Message::Text(t) = f
+        if let Message::Text(t) = next_frame(reader).await
             && t.as_str().contains(r#""type":"member""#)
         {
             return;
         }
     }
+}
+
+/// The next WebSocket frame `reader` gets (it must come, and the connection stay
+/// open).
+async fn next_frame(reader: &mut Client) -> Message {
+    tokio::time::timeout(WAIT, reader.ws.next())
+        .await
+        .expect("frame")
+        .expect("open")
+        .expect("ok")
 }
 
 #[tokio::test]
@@ -376,12 +373,7 @@ async fn without_batch_every_frame_is_exactly_one_object() {
     }
     let mut n = 0;
     while n < 100 {
-        let f = tokio::time::timeout(WAIT, reader.ws.next())
-            .await
-            .expect("frame")
-            .expect("open")
-            .expect("ok");
-        if let Message::Text(t) = f {
+        if let Message::Text(t) = next_frame(&mut reader).await {
             assert!(!t.as_str().contains('\n'));
             let v: Value = serde_json::from_str(t.as_str()).unwrap();
             if v["type"] == "message" {

@@ -809,6 +809,16 @@ mod tests {
         }
 
         /// Was the session woken (the wake-up is consumed)?
+        /// An outbox of a connection that batches, with these bounds, parked on a
+        /// loopback socket, and the socket's other end.
+        async fn parked_batching(max_frames: usize, max_bytes: usize) -> (Outbox, TcpStream) {
+            let (tcp, client) = SharedTcp::loopback_pair().await;
+            let o = Outbox::new(max_frames, max_bytes);
+            o.set_batch(true);
+            assert!(o.park(&tcp));
+            (o, client)
+        }
+
         fn woken(o: &Outbox) -> bool {
             let mut f = pin!(o.notified());
             f.as_mut()
@@ -831,10 +841,7 @@ mod tests {
 
         #[tokio::test]
         async fn a_run_into_a_parked_batching_outbox_is_handed_over_as_batching() {
-            let (tcp, mut client) = SharedTcp::loopback_pair().await;
-            let o = Outbox::new(10, 1 << 20);
-            o.set_batch(true);
-            assert!(o.park(&tcp));
+            let (o, mut client) = parked_batching(10, 1 << 20).await;
             assert_eq!(run(&o, &["a", "b"]), Pushed::DirectBatch);
             assert_eq!(run(&o, &["c"]), Pushed::Queued, "rides with the first");
             assert!(!woken(&o), "the session sleeps on");
@@ -848,10 +855,7 @@ mod tests {
 
         #[tokio::test]
         async fn a_held_batching_outbox_is_handed_over_at_once_when_half_its_frames_are_queued() {
-            let (tcp, mut client) = SharedTcp::loopback_pair().await;
-            let o = Outbox::new(10, 1 << 20);
-            o.set_batch(true);
-            assert!(o.park(&tcp));
+            let (o, mut client) = parked_batching(10, 1 << 20).await;
             assert_eq!(
                 run(&o, &["a", "b"]),
                 Pushed::DirectBatch,
@@ -873,10 +877,7 @@ mod tests {
 
         #[tokio::test]
         async fn a_held_batching_outbox_is_handed_over_at_once_when_half_its_bytes_are_queued() {
-            let (tcp, _client) = SharedTcp::loopback_pair().await;
-            let o = Outbox::new(100, 64);
-            o.set_batch(true);
-            assert!(o.park(&tcp));
+            let (o, _client) = parked_batching(100, 64).await;
             assert_eq!(run(&o, &["twenty bytes of text"]), Pushed::DirectBatch);
             assert_eq!(
                 run(&o, &["twenty bytes of text"]),
