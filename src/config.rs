@@ -869,7 +869,7 @@ settings! {
     max_rooms_per_conn: usize = "100"; Value "N";
         "rooms one connection may join";
     send_queue: usize = "1024"; Value "N";
-        "outgoing queue per connection, in messages";
+        "outgoing queue per connection, in messages (for a connection that batches, in frames: messages committed together count once)";
     send_queue_bytes: usize = "1048576"; Value "BYTES";
         "outgoing queue per connection, in bytes";
     tls_cert: Option<PathBuf> = ""; Value "FILE";
