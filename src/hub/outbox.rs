@@ -808,7 +808,6 @@ mod tests {
             out
         }
 
-        /// Was the session woken (the wake-up is consumed)?
         /// An outbox of a connection that batches, with these bounds, parked on a
         /// loopback socket, and the socket's other end.
         async fn parked_batching(max_frames: usize, max_bytes: usize) -> (Outbox, TcpStream) {
@@ -819,6 +818,7 @@ mod tests {
             (o, client)
         }
 
+        /// Was the session woken (the wake-up is consumed)?
         fn woken(o: &Outbox) -> bool {
             let mut f = pin!(o.notified());
             f.as_mut()
