@@ -265,11 +265,32 @@ fn field(s: &[u8]) -> Option<(u64, &[u8])> {
 
 /// The decimal number `s` starts with and its length in digits: None when `s`
 /// does not start with a digit or the number does not fit a u64.
+///
+/// One pass, and no overflow check for the first 19 digits (10^19 - 1 fits a
+/// u64): a checked multiply per digit made each digit wait for the last one's
+/// overflow test, and with a separate pass to count the digits, this was most of
+/// [`scan`]'s cost, itself 30 % of the generator's CPU in a batched run of 10,000
+/// msg/s to 1,000 members (perf, 2026-12-05); in one pass the generator's user
+/// time in that run went from 5.5-5.9 s to 4.4 s.
 fn number(s: &[u8]) -> Option<(u64, usize)> {
-    let len = s.iter().take_while(|b| b.is_ascii_digit()).count();
-    let value = s[..len].iter().try_fold(0u64, |v, d| {
-        v.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-    })?;
+    const SAFE: usize = 19;
+    let mut value = 0u64;
+    let mut len = 0;
+    for &b in s.iter().take(SAFE) {
+        let d = b.wrapping_sub(b'0');
+        if d > 9 {
+            break;
+        }
+        value = value * 10 + u64::from(d);
+        len += 1;
+    }
+    if len == SAFE {
+        // A 20th digit may still fit; a 21st never does.
+        while let Some(d) = s.get(len).filter(|b| b.is_ascii_digit()) {
+            value = value.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+            len += 1;
+        }
+    }
     (len > 0).then_some((value, len))
 }
 
@@ -327,7 +348,27 @@ mod tests {
         );
     }
 
+    #[test]
+    fn number_reads_every_u64_up_to_the_largest_and_nothing_beyond() {
+        assert_eq!(
+            number(b"9999999999999999999:"),
+            Some((9_999_999_999_999_999_999, 19))
+        );
+        assert_eq!(number(b"18446744073709551615:"), Some((u64::MAX, 20)));
+        assert_eq!(number(b"18446744073709551616:"), None);
+        assert_eq!(number(b"100000000000000000000"), None);
+        assert_eq!(number(b"0"), Some((0, 1)));
+        assert_eq!(number(b":1"), None);
+    }
+
     proptest::proptest! {
+        /// Any u64 written in decimal reads back as itself, with its length.
+        #[test]
+        fn number_reads_back_any_u64(v in proptest::prelude::any::<u64>(), tail in "[:a-z]{0,2}") {
+            let text = format!("{v}{tail}");
+            proptest::prop_assert_eq!(number(text.as_bytes()), Some((v, v.to_string().len())));
+        }
+
         /// Markers between text that holds none (and ends no number) are found,
         /// every one, in order, with their numbers.
         #[test]
