@@ -193,6 +193,16 @@ fn ramp_reports_steps_and_the_highest_passing_rate() {
         .map(|s| s["rate"].as_f64().unwrap())
         .fold(None, |m: Option<f64>, r| Some(m.map_or(r, |m| m.max(r))));
     assert_eq!(r["highest_passing_rate"].as_f64(), best);
+    let ended_by_the_cap = steps.len() == 2 && steps[1]["passes"] == true;
+    assert_eq!(r["capped"], ended_by_the_cap, "{r}");
+}
+
+#[test]
+fn a_ramp_that_only_ran_out_of_steps_says_it_was_capped() {
+    let (_server, url, _dir) = hubbub(&["--store", "memory"]);
+    let r = small_ramp(&url, "1");
+    assert_eq!(r["steps"][0]["passes"], true, "a light load passes: {r}");
+    assert_eq!(r["capped"], true, "{r}");
 }
 
 #[test]
