@@ -97,6 +97,22 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(nodes: usize) -> Shared {
+        Shared {
+            epoch: Instant::now(),
+            window_start_ns: AtomicU64::new(u64::MAX),
+            window_end_ns: AtomicU64::new(u64::MAX),
+            hist: Mutex::new(new_hist()),
+            hist_same: Mutex::new(new_hist()),
+            hist_cross: Mutex::new(new_hist()),
+            nodes,
+            duplicates: AtomicU64::new(0),
+            out_of_order: AtomicU64::new(0),
+            seen: AtomicU64::new(0),
+            closed: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        }
+    }
     fn now_ns(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64
     }
@@ -150,20 +166,7 @@ impl Rig {
     /// Connection i goes to `targets[i % targets.len()]`.
     pub async fn open(targets: &[Target], plan: Plan, progress: bool) -> anyhow::Result<Rig> {
         anyhow::ensure!(!targets.is_empty(), "no server URL");
-        let shared = Arc::new(Shared {
-            epoch: Instant::now(),
-            window_start_ns: AtomicU64::new(u64::MAX),
-            window_end_ns: AtomicU64::new(u64::MAX),
-            hist: Mutex::new(new_hist()),
-            hist_same: Mutex::new(new_hist()),
-            hist_cross: Mutex::new(new_hist()),
-            nodes: targets.len(),
-            duplicates: AtomicU64::new(0),
-            out_of_order: AtomicU64::new(0),
-            seen: AtomicU64::new(0),
-            closed: AtomicU64::new(0),
-            stop: AtomicBool::new(false),
-        });
+        let shared = Arc::new(Shared::new(targets.len()));
         let cores = cores()?;
         let gate = Arc::new(Semaphore::new(256));
         let mut tasks = Vec::with_capacity(plan.conns);
@@ -408,13 +411,12 @@ impl CoreHists {
 
     /// Make sure what this core recorded up to `last_ns` (a connection's last
     /// delivery) is in the shared histograms: already (a merge since), by merging
-    /// now, or, when this core merged less than [`MERGE_EVERY_NS`] ago, later:
-    /// returns how long to wait before asking again.
-    fn merge_covering(&mut self, shared: &Shared, last_ns: u64) -> Option<Duration> {
+    /// now (`now`, the generator's clock), or, when this core merged less than
+    /// [`MERGE_EVERY_NS`] ago, later: returns how long to wait before asking again.
+    fn merge_covering(&mut self, shared: &Shared, last_ns: u64, now: u64) -> Option<Duration> {
         if self.merged_ns > last_ns {
             return None;
         }
-        let now = shared.now_ns();
         let since = now.saturating_sub(self.merged_ns);
         if since < MERGE_EVERY_NS {
             return Some(Duration::from_nanos(MERGE_EVERY_NS - since));
@@ -540,11 +542,82 @@ async fn receive(
                     break;
                 }
                 shared.seen.fetch_add(std::mem::take(&mut seen), Ordering::Relaxed);
-                match CORE_HISTS.with_borrow_mut(|h| h.merge_covering(&shared, last_ns)) {
+                match CORE_HISTS.with_borrow_mut(|h| h.merge_covering(&shared, last_ns, shared.now_ns())) {
                     None => dirty = false,
                     Some(wait) => flush.as_mut().reset(tokio::time::Instant::now() + wait),
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn core() -> CoreHists {
+        CoreHists {
+            all: None,
+            same: None,
+            cross: None,
+            merged_ns: 0,
+        }
+    }
+
+    fn merged(shared: &Shared) -> u64 {
+        shared.hist.lock().expect("histogram").len()
+    }
+
+    #[test]
+    fn a_core_that_merged_long_enough_ago_merges_at_once() {
+        let shared = Shared::new(1);
+        let mut core = core();
+        core.record(10, None);
+        core.record(20, None);
+        let now = MERGE_EVERY_NS + 5;
+        assert_eq!(core.merge_covering(&shared, 4, now), None);
+        assert_eq!(merged(&shared), 2);
+        assert_eq!(core.merged_ns, now);
+    }
+
+    #[test]
+    fn a_core_that_merged_moments_ago_tells_the_connection_when_to_ask_again() {
+        let shared = Shared::new(1);
+        let mut core = core();
+        core.merged_ns = 1_000_000;
+        core.record(10, None);
+        let wait = core.merge_covering(&shared, 1_000_001, 6_000_000);
+        assert_eq!(wait, Some(Duration::from_nanos(MERGE_EVERY_NS - 5_000_000)));
+        assert_eq!(merged(&shared), 0, "nothing merged yet");
+        // Asked again when told: merged, and nothing more to wait for.
+        assert_eq!(core.merge_covering(&shared, 1_000_001, 21_000_000), None);
+        assert_eq!(merged(&shared), 1);
+    }
+
+    #[test]
+    fn a_connection_whose_deliveries_came_before_the_last_merge_needs_none() {
+        let shared = Shared::new(1);
+        let mut core = core();
+        core.merged_ns = 1_000_000;
+        core.record(10, None); // another connection's, after the merge
+        assert_eq!(core.merge_covering(&shared, 999_999, 1_000_100), None);
+        assert_eq!(
+            merged(&shared),
+            0,
+            "left for the connection that recorded it"
+        );
+    }
+
+    #[test]
+    fn a_delivery_read_in_the_same_nanosecond_as_the_merge_is_merged_again() {
+        let shared = Shared::new(1);
+        let mut core = core();
+        core.merged_ns = MERGE_EVERY_NS;
+        core.record(10, None);
+        assert_eq!(
+            core.merge_covering(&shared, MERGE_EVERY_NS, 2 * MERGE_EVERY_NS),
+            None
+        );
+        assert_eq!(merged(&shared), 1);
     }
 }
