@@ -145,7 +145,7 @@ fn describe() {
     );
     describe_counter!(
         "hubbub_direct_writes_total",
-        "Frames the fan-out's writer threads wrote straight into parked sockets (no session woken)"
+        "Queue entries (messages, or a batching connection's group commits) the fan-out's writer threads wrote straight into parked sockets (no session woken)"
     );
     describe_counter!(
         "hubbub_direct_handbacks_total",
