@@ -1079,6 +1079,60 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
 
+    proptest::proptest! {
+        /// `join_front` frames the longest run of leading texts whose joined
+        /// payload fits 64 KiB (two at least, or nothing), as one final text frame
+        /// that reads back as those texts, and `joined_text` recovers its payload.
+        #[test]
+        fn join_front_frames_the_longest_leading_run_that_fits(
+            lens in proptest::collection::vec(0usize..40_000, 0..12),
+            wire_at in proptest::option::of(0usize..12),
+        ) {
+            let mut queue: VecDeque<Out> = lens
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| Out::Text(Text::from(char::from(b'a' + (i % 26) as u8).to_string().repeat(n))))
+                .collect();
+            if let Some(at) = wire_at.filter(|&at| at < queue.len()) {
+                queue[at] = Out::Wire(Wire::frames(&[Text::from("w")]));
+            }
+            let mut fit = 0;
+            let mut payload = 0;
+            for e in &queue {
+                let Out::Text(t) = e else { break };
+                let more = t.len() + usize::from(fit > 0);
+                if payload + more > MAX_BATCH_FRAME {
+                    break;
+                }
+                payload += more;
+                fit += 1;
+            }
+            let mut buf = vec![1, 2, 3];
+            let n = join_front(&queue, &mut buf);
+            if fit < 2 {
+                proptest::prop_assert_eq!(n, 0);
+                proptest::prop_assert!(buf.is_empty());
+            } else {
+                proptest::prop_assert_eq!(n, fit);
+                let frames = server_frames(&buf);
+                proptest::prop_assert_eq!(frames.len(), 1);
+                proptest::prop_assert_eq!(frames[0].0, 0x80 | OP_TEXT);
+                let want: Vec<u8> = queue
+                    .iter()
+                    .take(n)
+                    .map(|e| match e {
+                        Out::Text(t) => t.as_bytes().to_vec(),
+                        Out::Wire(_) => unreachable!("only texts are joined"),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(&b'\n');
+                proptest::prop_assert_eq!(&frames[0].1, &want);
+                let text = joined_text(&buf);
+                proptest::prop_assert_eq!(text.as_bytes(), &want[..]);
+            }
+        }
+    }
+
     fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
         let mask = [0x37, 0xfa, 0x21, 0x3d];
         let mut f = vec![first];

@@ -4,9 +4,10 @@
 //! writes into the session's socket (the session, or while it is parked a writer
 //! thread). Must not: block or wait, ever; the fan-out pushes under a room-wide
 //! lock. (The one thing done under this lock besides queueing is a writer
-//! thread's non-blocking `writev`: a push meets it only when the fan-out of the
-//! next message overtakes the writers at that very outbox, and waits one system
-//! call at most.)
+//! thread's non-blocking write, and for a batching connection the copy that joins
+//! its frames: a push meets it only when the fan-out of the next message overtakes
+//! the writers at that very outbox, and waits one system call and a copy of at
+//! most 64 KiB.)
 //!
 //! Policy when it fills: a push into a queue that already holds `max_frames`
 //! frames or `max_bytes` bytes is refused, the queue is marked overflowed and the session is woken to close the connection
@@ -20,9 +21,9 @@
 //! per delivery. For a connection that batches, the texts queued are joined into
 //! frames of up to 64 KiB on the way, copied into the writer thread's buffer
 //! ([`crate::ws::join_front`]: one contiguous write costs the kernel less than a
-//! slice per text, copy included). Whatever the socket does not take (a full socket, an error) is
-//! handed back: the outbox unparks and wakes the session, which finishes a frame
-//! cut short before anything else. Who writes is decided under this lock, and a
+//! slice per text, copy included). Whatever the socket does not take (a full
+//! socket, an error) is handed back: the outbox unparks and wakes the session,
+//! which finishes a frame cut short before anything else. Who writes is decided under this lock, and a
 //! direct write happens under it, so the session and a writer never write at once.
 
 use crate::protocol::close;
@@ -76,11 +77,12 @@ struct Inner {
     queued_direct: bool,
 }
 
-/// What one write of a parked outbox did.
+/// What one write of a parked outbox did. The numbers are the written entries'
+/// counts ([`Out::count`]: a run in wire form counts its frames, a text one).
 enum Wrote {
-    /// Wrote whole entries holding this many messages, and everything it tried.
+    /// Wrote whole entries, everything it tried.
     All(usize),
-    /// Wrote whole entries holding this many messages, then part of the next.
+    /// Wrote whole entries, then part of the next.
     Cut(usize),
     /// Wrote nothing: the socket is full, or failing.
     Nothing,
@@ -431,8 +433,8 @@ impl Outbox {
         g.queued_direct = false;
         let mut written = 0;
         loop {
-            // Out of its place while written (the lock is held throughout), so
-            // that the queue can change beside it.
+            // Moved out while it writes, so that the queue can be changed beside
+            // it; the lock is held throughout, so no one sees it gone.
             let Some(socket) = g.parked.take() else {
                 // The session took its socket back and takes the frames itself.
                 return written;
@@ -900,6 +902,19 @@ mod tests {
             (o, client)
         }
 
+        /// The session's side of a write cut short: the socket's stream with the
+        /// cut entry first (its first `sent` bytes already written), then the rest.
+        fn as_the_session(tcp: &SharedTcp, taken: Taken) -> WsStream<SharedTcp> {
+            let mut ws = WsStream::new(tcp.clone(), 1 << 20);
+            let mut rest = taken.frames;
+            let first = rest.pop_front().expect("the cut entry");
+            ws.push_out_started(first, taken.sent);
+            for f in rest {
+                ws.push_out(f);
+            }
+            ws
+        }
+
         /// Was the session woken (the wake-up is consumed)?
         fn woken(o: &Outbox) -> bool {
             let mut f = pin!(o.notified());
@@ -1024,13 +1039,7 @@ mod tests {
             assert!(!o.is_parked(), "handed back");
             let taken = o.take().expect("not overflowed");
             assert!(taken.sent > 0, "a joined frame was cut short");
-            let mut ws = WsStream::new(tcp.clone(), 1 << 20);
-            let mut rest = taken.frames;
-            let first = rest.pop_front().expect("the cut frame");
-            ws.push_out_started(first, taken.sent);
-            for f in rest {
-                ws.push_out(f);
-            }
+            let mut ws = as_the_session(&tcp, taken);
             let reader = tokio::spawn(async move {
                 let mut lines = Vec::new();
                 while lines.len() < 12_000 {
@@ -1176,14 +1185,7 @@ mod tests {
             let taken = o.take().expect("not overflowed");
             assert!(taken.sent > 0, "a run was cut short (sent {})", taken.sent);
             assert_eq!(taken.frames.len(), (frames.len() - written) / 20);
-            // The session's side: the cut run first, then the rest.
-            let mut ws = WsStream::new(tcp.clone(), 1 << 20);
-            let mut rest = taken.frames;
-            let first = rest.pop_front().expect("a run");
-            ws.push_out_started(first, taken.sent);
-            for f in rest {
-                ws.push_out(f);
-            }
+            let mut ws = as_the_session(&tcp, taken);
             let reader = tokio::spawn(async move { read_texts(&mut client, 200).await });
             ws.flush().await.expect("flushed");
             let got = reader.await.expect("reader");
