@@ -21,13 +21,15 @@
 //! per delivery. For a connection that batches, the texts queued are joined into
 //! frames of up to 64 KiB on the way, copied into the writer thread's buffer
 //! ([`crate::ws::join_front`]: one contiguous write costs the kernel less than a
-//! slice per text, copy included). Whatever the socket does not take (a full
+//! slice per text, copy included), and that frame is written again, not copied
+//! again, to the next connection whose queue starts with the same texts
+//! ([`crate::ws::Joiner`]: a room's members that batch are queued the same ones). Whatever the socket does not take (a full
 //! socket, an error) is handed back: the outbox unparks and wakes the session,
 //! which finishes a frame cut short before anything else. Who writes is decided under this lock, and a
 //! direct write happens under it, so the session and a writer never write at once.
 
 use crate::protocol::close;
-use crate::ws::{Lines, Out, SharedTcp, Text, Wire, join_front, joined_text};
+use crate::ws::{Joiner, Lines, Out, SharedTcp, Text, Wire, joined_text};
 use futures_util::task::AtomicWaker;
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -89,9 +91,10 @@ enum Wrote {
 }
 
 thread_local! {
-    /// A writer thread's buffer for joined frames ([`Inner::write_joined`]):
-    /// reused, at most one batched frame (64 KiB) and its header.
-    static JOIN_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A writer thread's joined frame ([`Inner::write_joined`]): its buffer
+    /// reused, at most one batched frame (64 KiB) and its header, and the frame
+    /// itself reused for the next connection queued the same texts.
+    static JOINER: std::cell::RefCell<Joiner> = const { std::cell::RefCell::new(Joiner::new()) };
 }
 
 /// A queue counter's share of an entry: u32, saturating.
@@ -165,22 +168,25 @@ impl Inner {
     }
 
     /// For a batching connection: the texts at the front of the queue joined into
-    /// one frame in `buf` ([`join_front`]) and written with one write. None when
+    /// one frame by the writer thread's `joiner` ([`Joiner`], which reuses the
+    /// frame it built for the connection before when this queue starts with the
+    /// same texts) and written with one write. None when
     /// fewer than two join (the queue is written as it is). A write cut short
     /// leaves the joined frame as the first entry, for the session to finish.
-    fn write_joined(&mut self, socket: &SharedTcp, buf: &mut Vec<u8>) -> Option<Wrote> {
-        let n = join_front(&self.frames, buf);
+    fn write_joined(&mut self, socket: &SharedTcp, joiner: &mut Joiner) -> Option<Wrote> {
+        let n = joiner.join(&self.frames);
         if n == 0 {
             return None;
         }
-        Some(match socket.try_write_bytes(buf) {
-            Ok(w) if w == buf.len() => {
+        let frame = joiner.frame();
+        Some(match socket.try_write_bytes(frame) {
+            Ok(w) if w == frame.len() => {
                 self.pop_front_entries(n);
                 Wrote::All(n)
             }
             Ok(w) => {
                 self.pop_front_entries(n);
-                self.add_front(Out::Text(joined_text(buf)));
+                self.add_front(Out::Text(joined_text(frame)));
                 self.sent = clamp(w);
                 Wrote::Cut(0)
             }
@@ -444,7 +450,7 @@ impl Outbox {
                 return written;
             }
             let joined = if g.batch && g.sent == 0 {
-                JOIN_BUF.with_borrow_mut(|buf| g.write_joined(&socket, buf))
+                JOINER.with_borrow_mut(|joiner| g.write_joined(&socket, joiner))
             } else {
                 None
             };
@@ -988,6 +994,38 @@ mod tests {
                 vec![b"one\ntwo\nthree".to_vec()]
             );
             assert!(o.is_parked(), "still parked for the next run");
+        }
+
+        /// Two members of a room that batch, queued the same shared runs, and a
+        /// third queued one more: each reads its whole queue as one frame (the
+        /// writer thread's joined frame is reused only for the same texts).
+        #[tokio::test]
+        async fn members_queued_the_same_runs_each_read_them_all_in_one_frame() {
+            let (a, mut client_a) = parked_batching(100, 1 << 20).await;
+            let (b, mut client_b) = parked_batching(100, 1 << 20).await;
+            let (c, mut client_c) = parked_batching(100, 1 << 20).await;
+            for t in ["one", "two", "three"] {
+                let texts = [Text::from(t)];
+                let mut shared = SharedRun::new(&texts);
+                for o in [&a, &b, &c] {
+                    o.push_run(&mut shared);
+                }
+            }
+            run(&c, &["four"]);
+            for o in [&a, &b] {
+                assert_eq!(o.write_direct(), 3);
+            }
+            assert_eq!(c.write_direct(), 4);
+            for client in [&mut client_a, &mut client_b] {
+                assert_eq!(
+                    read_texts(client, 1).await,
+                    vec![b"one\ntwo\nthree".to_vec()]
+                );
+            }
+            assert_eq!(
+                read_texts(&mut client_c, 1).await,
+                vec![b"one\ntwo\nthree\nfour".to_vec()]
+            );
         }
 
         #[tokio::test]
