@@ -138,7 +138,7 @@ enum PresenceOp {
     Flush(oneshot::Sender<()>),
 }
 
-/// How long [`RedisBroker::ask_user`] waits for the other nodes' answers.
+/// How long [`RedisBroker::ask`] waits for the other nodes' answers.
 const ASK_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long an answer list outlives its question (if the asker never deletes it).
 const ANSWER_TTL_MS: u64 = 5000;

@@ -70,7 +70,7 @@ pub struct ChannelInit {
     pub client_ids: Vec<(String, String, u64, i64)>,
 }
 
-/// What [`Store::append_sequenced`] did with one message of a batch.
+/// What [`PgStore::append_sequenced`] did with one message of a batch.
 #[derive(Debug)]
 pub enum Sequenced {
     /// Stored under a new `seq`.

@@ -4,7 +4,7 @@
 //! messages (the hub did) or hold a transaction across anything but its own work.
 //!
 //! Durability: a commit returns only after SQLite has fsynced the WAL, so an `ack`
-//! sent after [`SqliteStore::append`] survives a crash of the process and of the OS.
+//! sent after [`SqliteStore::append_blocking`] survives a crash of the process and of the OS.
 //! Throughput comes from group commit (the hub's committer hands us every message
 //! that arrived together), not from weakening the sync mode.
 
