@@ -222,6 +222,14 @@ impl From<Text> for Out {
 /// Largest batched frame (`batch: true`) we build.
 pub const MAX_BATCH_FRAME: usize = 64 * 1024;
 
+/// The one rule of a batched frame, wherever one is built: a text of `next`
+/// bytes joins a frame that holds `texts` texts in `joined` bytes when a newline
+/// and it still fit [`MAX_BATCH_FRAME`]; a frame's first text always does (one
+/// text larger than that leaves as a frame of its own).
+pub fn joins_batch(texts: usize, joined: usize, next: usize) -> bool {
+    texts == 0 || joined + 1 + next <= MAX_BATCH_FRAME
+}
+
 /// Texts joined into one, newline-separated (a `batch: true` frame). Still valid
 /// UTF-8: a concatenation of valid UTF-8 and `\n`.
 #[derive(Default)]
@@ -288,11 +296,10 @@ fn batch_fit(queue: &VecDeque<Out>) -> (usize, usize) {
     let mut n = 0;
     for entry in queue {
         let Out::Text(t) = entry else { break };
-        let more = t.len() + usize::from(n > 0);
-        if payload + more > MAX_BATCH_FRAME {
+        if !joins_batch(n, payload, t.len()) {
             break;
         }
-        payload += more;
+        payload += t.len() + usize::from(n > 0);
         n += 1;
     }
     (n, payload)
@@ -1251,6 +1258,21 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_text_joins_a_batch_while_the_newline_and_it_fit_64_kib() {
+        assert!(joins_batch(1, MAX_BATCH_FRAME - 2, 1), "exactly 64 KiB");
+        assert!(!joins_batch(1, MAX_BATCH_FRAME - 1, 1), "one byte over");
+        assert!(
+            !joins_batch(3, 10, MAX_BATCH_FRAME),
+            "a large one after others"
+        );
+    }
+
+    #[test]
+    fn a_frames_first_text_joins_it_whatever_its_size() {
+        assert!(joins_batch(0, 0, MAX_BATCH_FRAME + 1));
     }
 
     fn queue_of(texts: &[&Text]) -> VecDeque<Out> {

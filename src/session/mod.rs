@@ -17,7 +17,7 @@ use crate::hub::{Conn, Outbox};
 use crate::limits::TokenBucket;
 use crate::metrics::{ConnState, Metrics};
 use crate::protocol::{self, close};
-use crate::ws::{Incoming, Lines, MAX_BATCH_FRAME, Out, Text, WsError, WsStream};
+use crate::ws::{Incoming, Lines, Out, Text, WsError, WsStream, joins_batch};
 use hyper_util::rt::TokioIo;
 use smallvec::SmallVec;
 use std::borrow::Cow;
@@ -380,7 +380,7 @@ impl Session {
             for f in frames {
                 match f {
                     Out::Text(f) => {
-                        if !lines.is_empty() && lines.len() + 1 + f.len() > MAX_BATCH_FRAME {
+                        if !joins_batch(in_frame as usize, lines.len(), f.len()) {
                             cut(ws, &mut lines, &mut in_frame);
                         }
                         lines.push(&f);
