@@ -267,28 +267,6 @@ impl Lines {
     }
 }
 
-/// The texts at the front of `queue` that fit one batched frame (newline-joined,
-/// a payload of at most [`MAX_BATCH_FRAME`]), framed into `buf` (cleared first):
-/// returns how many texts the frame holds. Below 2 nothing is joined and `buf` is
-/// left empty: the caller writes the queue as it is.
-///
-/// For a writer thread's direct write to a batching connection: one contiguous
-/// buffer instead of two slices per queued text. Measured on this machine (a
-/// loopback TCP socket, a reader draining it): 250 frames of 170 bytes cost 22.5 µs
-/// of CPU as one `writev` of 500 slices and 12.5-13.3 µs copied into one buffer
-/// and written with one `write`, the copy included; 50 frames 8.5-9.0 against
-/// 5.9-6.1 µs. The kernel's per-slice cost is what the copy saves, and the client
-/// reads one frame instead of 250.
-pub fn join_front(queue: &VecDeque<Out>, buf: &mut Vec<u8>) -> usize {
-    buf.clear();
-    let (n, payload) = batch_fit(queue);
-    if n < 2 {
-        return 0;
-    }
-    frame_front(queue, n, payload, buf);
-    n
-}
-
 /// How many texts at the front of `queue` fit one batched frame, and the
 /// payload they make joined.
 fn batch_fit(queue: &VecDeque<Out>) -> (usize, usize) {
@@ -305,8 +283,16 @@ fn batch_fit(queue: &VecDeque<Out>) -> (usize, usize) {
     (n, payload)
 }
 
-/// The first `n` texts of `queue` (a `payload` of bytes joined) framed as one
-/// text frame into `buf`, which is empty.
+/// The first `n` texts of `queue` (a `payload` of bytes joined, [`batch_fit`])
+/// framed as one text frame into `buf`, which is empty.
+///
+/// For a writer thread's direct write to a batching connection: one contiguous
+/// buffer instead of two slices per queued text. Measured on this machine (a
+/// loopback TCP socket, a reader draining it): 250 frames of 170 bytes cost 22.5 µs
+/// of CPU as one `writev` of 500 slices and 12.5-13.3 µs copied into one buffer
+/// and written with one `write`, the copy included; 50 frames 8.5-9.0 against
+/// 5.9-6.1 µs. The kernel's per-slice cost is what the copy saves, and the client
+/// reads one frame instead of 250.
 fn frame_front(queue: &VecDeque<Out>, n: usize, payload: usize, buf: &mut Vec<u8>) {
     let (head, head_len) = frame_head(OP_TEXT, payload);
     buf.reserve(usize::from(head_len) + payload);
@@ -321,8 +307,10 @@ fn frame_front(queue: &VecDeque<Out>, n: usize, payload: usize, buf: &mut Vec<u8
     }
 }
 
-/// A writer thread's joined frame ([`join_front`]), kept for the next queue
-/// that starts with the same texts.
+/// A writer thread's joined frame: the texts at the front of a queue that fit
+/// one batched frame (newline-joined, a payload of at most [`MAX_BATCH_FRAME`]),
+/// framed once ([`frame_front`]) and kept for the next queue that starts with
+/// the same texts.
 ///
 /// Why: a room's fan-out queues the same shared text (one allocation per group
 /// commit) to every member that batches, and a writer thread writes a chunk of
@@ -350,9 +338,9 @@ impl Joiner {
         }
     }
 
-    /// As [`join_front`] into [`frame`](Self::frame): how many texts at the front
-    /// of `queue` the frame joins (below 2: none, and the frame is not to be
-    /// written). The frame last built is reused when those texts are the ones it
+    /// Join the front of `queue` into [`frame`](Self::frame): how many texts the
+    /// frame holds (below 2: none, and the frame is not to be written: the caller
+    /// writes the queue as it is). The frame last built is reused when those texts are the ones it
     /// joins.
     pub fn join(&mut self, queue: &VecDeque<Out>) -> usize {
         let (n, payload) = batch_fit(queue);
@@ -390,7 +378,7 @@ impl Default for Joiner {
     }
 }
 
-/// The text of a frame [`join_front`] built, as one queue entry (for a write cut
+/// The text of a frame [`Joiner`] built, as one queue entry (for a write cut
 /// short: the session finishes it as it is).
 pub fn joined_text(frame: &[u8]) -> Text {
     let head_len = match frame.get(1).map(|b| b & 0x7f) {
@@ -1171,6 +1159,19 @@ fn parse_close(payload: &[u8]) -> Result<Incoming, WsError> {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+
+    /// The joiner's rule without its memory, as the property tests' model: the
+    /// front of `queue` that fits one batched frame, framed into `buf` (cleared
+    /// first); how many texts it holds, and below 2 nothing (`buf` left empty).
+    fn join_front(queue: &VecDeque<Out>, buf: &mut Vec<u8>) -> usize {
+        buf.clear();
+        let (n, payload) = batch_fit(queue);
+        if n < 2 {
+            return 0;
+        }
+        frame_front(queue, n, payload, buf);
+        n
+    }
 
     proptest::proptest! {
         /// `join_front` frames the longest run of leading texts whose joined

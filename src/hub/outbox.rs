@@ -19,14 +19,15 @@
 //! without waking the session, and one of the writer threads ([`super::writers`])
 //! writes the queue into the socket ([`Outbox::write_direct`]): no task wake-up
 //! per delivery. For a connection that batches, the texts queued are joined into
-//! frames of up to 64 KiB on the way, copied into the writer thread's buffer
-//! ([`crate::ws::join_front`]: one contiguous write costs the kernel less than a
-//! slice per text, copy included), and that frame is written again, not copied
-//! again, to the next connection whose queue starts with the same texts
-//! ([`crate::ws::Joiner`]: a room's members that batch are queued the same ones). Whatever the socket does not take (a full
-//! socket, an error) is handed back: the outbox unparks and wakes the session,
-//! which finishes a frame cut short before anything else. Who writes is decided under this lock, and a
-//! direct write happens under it, so the session and a writer never write at once.
+//! frames of up to 64 KiB on the way, in the writer thread's buffer
+//! ([`crate::ws::Joiner`]: one contiguous write costs the kernel less than a slice
+//! per text, copy included), and that frame is written again, not copied again,
+//! to the next connection whose queue starts with the same texts (a room's
+//! members that batch are queued the same ones). Whatever the socket does not
+//! take (a full socket, an error) is handed back: the outbox unparks and wakes the
+//! session, which finishes a frame cut short before anything else. Who writes is
+//! decided under this lock, and a direct write happens under it, so the session
+//! and a writer never write at once.
 
 use crate::protocol::close;
 use crate::ws::{Joiner, Lines, Out, SharedTcp, Text, Wire, joined_text};
