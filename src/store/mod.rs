@@ -1,10 +1,11 @@
 //! Durable history: the messages of every room and direct-message pair, by `seq`.
 //!
 //! Owns: how messages ([`crate::message`]) are persisted, the history `epoch`, the
-//! SQL schemas and queries, and the three
-//! stores: SQLite (durable, the single-node default), memory (bounded rings, fresh
-//! epoch on every start) and PostgreSQL (shared by several nodes). Must not: deliver
-//! anything, or build what a client sees (the protocol module encodes messages).
+//! SQL schemas and queries (those the two SQL stores share word for word are
+//! written once, in `sql`), and the three stores: SQLite (durable, the single-node
+//! default), memory (bounded rings, fresh epoch on every start) and PostgreSQL
+//! (shared by several nodes). Must not: deliver anything, or build what a client
+//! sees (the protocol module encodes messages).
 //!
 //! Who numbers messages is a type, chosen when the store is opened: a
 //! [`Store::Local`] store (SQLite or memory) keeps what the hub numbered
@@ -15,20 +16,9 @@
 //! The store is an enum rather than a trait object: there are few stores, the calls
 //! are async, and an enum keeps them static-dispatch without boxing every future.
 
-/// `SELECT <every column of an entry> FROM messages <rest>`: the one column list
-/// of both SQL stores, matching [`Row`].
-macro_rules! select_entries {
-    ($rest:literal) => {
-        concat!(
-            "SELECT seq, ts, sender, name, text, meta, client_id, kind, target, emoji, \
-             react_on, deleted FROM messages ",
-            $rest
-        )
-    };
-}
-
 mod memory;
 mod postgres;
+mod sql;
 mod sqlite;
 
 pub use memory::MemoryStore;
@@ -187,14 +177,14 @@ impl Store {
             return Ok(Vec::new());
         }
         match self {
-            Store::Local(LocalStore::Sqlite(s)) => s.range(key, after, upto).await,
+            Store::Local(LocalStore::Sqlite(s)) => s.queries().range(key, after, upto).await,
             Store::Local(LocalStore::Memory(s)) => {
                 // A read yields once, as every other store's does, so an in-memory
                 // server interleaves commits and joins like a durable one.
                 tokio::task::yield_now().await;
                 Ok(s.range(key, after, upto))
             }
-            Store::Shared(s) => s.range(key, after, upto).await,
+            Store::Shared(s) => s.queries().range(key, after, upto).await,
         }
     }
 
@@ -211,9 +201,11 @@ impl Store {
         let after = format!("#{after}");
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = match self {
-            Store::Local(LocalStore::Sqlite(s)) => s.rooms(&prefix, &after, limit).await?,
+            Store::Local(LocalStore::Sqlite(s)) => {
+                s.queries().rooms(&prefix, &after, limit).await?
+            }
             Store::Local(LocalStore::Memory(s)) => s.rooms(&prefix, &after, limit),
-            Store::Shared(s) => s.rooms(&prefix, &after, limit).await?,
+            Store::Shared(s) => s.queries().rooms(&prefix, &after, limit).await?,
         };
         rows.into_iter()
             .map(|(key, seq)| {
@@ -226,9 +218,9 @@ impl Store {
     /// Every stored ban: (user, until in ms or None for "until lifted", reason).
     pub async fn bans(&self) -> Result<Vec<(String, Option<i64>, String)>, StoreError> {
         match self {
-            Store::Local(LocalStore::Sqlite(s)) => s.bans().await,
+            Store::Local(LocalStore::Sqlite(s)) => s.queries().bans().await,
             Store::Local(LocalStore::Memory(s)) => Ok(s.bans()),
-            Store::Shared(s) => s.bans().await,
+            Store::Shared(s) => s.queries().bans().await,
         }
     }
 
@@ -240,30 +232,30 @@ impl Store {
         reason: &str,
     ) -> Result<(), StoreError> {
         match self {
-            Store::Local(LocalStore::Sqlite(s)) => s.put_ban(user, until, reason).await,
+            Store::Local(LocalStore::Sqlite(s)) => s.queries().put_ban(user, until, reason).await,
             Store::Local(LocalStore::Memory(s)) => {
                 s.put_ban(user, until, reason);
                 Ok(())
             }
-            Store::Shared(s) => s.put_ban(user, until, reason).await,
+            Store::Shared(s) => s.queries().put_ban(user, until, reason).await,
         }
     }
 
     /// Lift a user's ban; true if there was one.
     pub async fn delete_ban(&self, user: &str) -> Result<bool, StoreError> {
         match self {
-            Store::Local(LocalStore::Sqlite(s)) => s.delete_ban(user).await,
+            Store::Local(LocalStore::Sqlite(s)) => s.queries().delete_ban(user).await,
             Store::Local(LocalStore::Memory(s)) => Ok(s.delete_ban(user)),
-            Store::Shared(s) => s.delete_ban(user).await,
+            Store::Shared(s) => s.queries().delete_ban(user).await,
         }
     }
 
     /// Token revocations in force at `now_ms`: (key, issued_before in seconds).
     pub async fn revocations(&self, now_ms: i64) -> Result<Vec<(String, Option<i64>)>, StoreError> {
         match self {
-            Store::Local(LocalStore::Sqlite(s)) => s.revocations(now_ms).await,
+            Store::Local(LocalStore::Sqlite(s)) => s.queries().revocations(now_ms).await,
             Store::Local(LocalStore::Memory(s)) => Ok(s.revocations()),
-            Store::Shared(s) => s.revocations(now_ms).await,
+            Store::Shared(s) => s.queries().revocations(now_ms).await,
         }
     }
 
@@ -299,12 +291,14 @@ impl Store {
             return Ok(Vec::new());
         }
         match self {
-            Store::Local(LocalStore::Sqlite(s)) => s.latest(key, before, limit, which).await,
+            Store::Local(LocalStore::Sqlite(s)) => {
+                s.queries().latest(key, before, limit, which).await
+            }
             Store::Local(LocalStore::Memory(s)) => {
                 tokio::task::yield_now().await;
                 Ok(s.latest(key, before, limit, which))
             }
-            Store::Shared(s) => s.latest(key, before, limit, which).await,
+            Store::Shared(s) => s.queries().latest(key, before, limit, which).await,
         }
     }
 
@@ -332,9 +326,9 @@ impl Store {
             return Ok(Vec::new());
         }
         match self {
-            Store::Local(LocalStore::Sqlite(s)) => s.annotations(key, first, last).await,
+            Store::Local(LocalStore::Sqlite(s)) => s.queries().annotations(key, first, last).await,
             Store::Local(LocalStore::Memory(s)) => Ok(s.annotations(key, first, last)),
-            Store::Shared(s) => s.annotations(key, first, last).await,
+            Store::Shared(s) => s.queries().annotations(key, first, last).await,
         }
     }
 
@@ -437,9 +431,9 @@ impl Store {
     pub async fn webhook_batch(&self, limit: usize) -> Result<Vec<QueuedEvent>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let (heads, entries) = match self {
-            Store::Local(LocalStore::Sqlite(s)) => s.webhook_batch(limit).await?,
+            Store::Local(LocalStore::Sqlite(s)) => s.queries().webhook_batch(limit).await?,
             Store::Local(LocalStore::Memory(_)) => return Ok(Vec::new()),
-            Store::Shared(s) => s.webhook_batch(limit).await?,
+            Store::Shared(s) => s.queries().webhook_batch(limit).await?,
         };
         let mut entries: std::collections::HashMap<i64, QueuedRow> =
             entries.into_iter().map(|r| (r.qid, r)).collect();
@@ -477,9 +471,11 @@ impl Store {
             .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
             .unwrap_or(0);
         match self {
-            Store::Local(LocalStore::Sqlite(s)) => s.queue_webhook_event(channel, body, now).await,
+            Store::Local(LocalStore::Sqlite(s)) => {
+                s.queries().queue_webhook_event(channel, body, now).await
+            }
             Store::Local(LocalStore::Memory(_)) => Ok(()),
-            Store::Shared(s) => s.queue_webhook_event(channel, body, now).await,
+            Store::Shared(s) => s.queries().queue_webhook_event(channel, body, now).await,
         }
     }
 
@@ -495,9 +491,9 @@ impl Store {
     /// How many events wait in the queue.
     pub async fn webhook_len(&self) -> Result<u64, StoreError> {
         let n = match self {
-            Store::Local(LocalStore::Sqlite(s)) => s.webhook_len().await?,
+            Store::Local(LocalStore::Sqlite(s)) => s.queries().webhook_len().await?,
             Store::Local(LocalStore::Memory(_)) => 0,
-            Store::Shared(s) => s.webhook_len().await?,
+            Store::Shared(s) => s.queries().webhook_len().await?,
         };
         to_seq(n)
     }
@@ -524,9 +520,9 @@ impl Store {
     /// Is the store usable? (`/readyz`)
     pub async fn check(&self) -> Result<(), StoreError> {
         match self {
-            Store::Local(LocalStore::Sqlite(s)) => s.check().await,
+            Store::Local(LocalStore::Sqlite(s)) => s.queries().check().await,
             Store::Local(LocalStore::Memory(_)) => Ok(()),
-            Store::Shared(s) => s.check().await,
+            Store::Shared(s) => s.queries().check().await,
         }
     }
 
@@ -605,7 +601,7 @@ pub enum Which {
     Messages,
 }
 
-/// An entry row as both SQL stores return it (see `select_entries!`).
+/// An entry row as both SQL stores return it (see `sql::select_entries!`).
 #[derive(sqlx::FromRow)]
 pub(crate) struct Row {
     pub seq: i64,

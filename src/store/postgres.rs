@@ -1,6 +1,7 @@
 //! The PostgreSQL store: history shared by every node, and the source of `seq`.
 //!
-//! Owns: the PostgreSQL schema (migrations/postgres), its queries and the
+//! Owns: the PostgreSQL schema (migrations/postgres), the queries written in its
+//! dialect (those both SQL stores run word for word are in `super::sql`) and the
 //! numbering transaction. Must not: publish or deliver; the committer does, after
 //! this commit returns.
 //!
@@ -17,7 +18,7 @@
 
 use super::{
     ChannelInit, ChannelKey, MAX_UNREAD, Row, Sequenced, StateRow, StoreError, StoredMessage,
-    Which, kind_columns, new_epoch, to_message, to_seq,
+    kind_columns, new_epoch, to_message, to_seq,
 };
 use crate::message::EntryKind;
 use sqlx::PgPool;
@@ -67,6 +68,11 @@ impl PgStore {
             epoch,
             webhooks: super::WebhookGate::default(),
         })
+    }
+
+    /// This store's pool, for the statements both SQL stores share.
+    pub(super) fn queries(&self) -> super::sql::Queries<'_, sqlx::Postgres> {
+        super::sql::Queries(&self.pool)
     }
 
     pub fn epoch(&self) -> &str {
@@ -337,67 +343,6 @@ impl PgStore {
         Ok(out)
     }
 
-    pub async fn range(
-        &self,
-        key: &ChannelKey,
-        after: u64,
-        upto: u64,
-    ) -> Result<Vec<Arc<StoredMessage>>, StoreError> {
-        let rows: Vec<Row> = sqlx::query_as(select_entries!(
-            "WHERE channel = $1 AND seq > $2 AND seq <= $3 ORDER BY seq ASC"
-        ))
-        .bind(key.storage_key())
-        .bind(i64::try_from(after).unwrap_or(i64::MAX))
-        .bind(i64::try_from(upto).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter().map(|r| to_message(key, r)).collect()
-    }
-
-    pub async fn latest(
-        &self,
-        key: &ChannelKey,
-        before: Option<u64>,
-        limit: u64,
-        which: Which,
-    ) -> Result<Vec<Arc<StoredMessage>>, StoreError> {
-        let before = before.map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
-        let query = match which {
-            Which::Entries => {
-                select_entries!("WHERE channel = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3")
-            }
-            Which::Messages => select_entries!(
-                "WHERE channel = $1 AND seq < $2 AND kind = 0 ORDER BY seq DESC LIMIT $3"
-            ),
-        };
-        let mut rows: Vec<Row> = sqlx::query_as(query)
-            .bind(key.storage_key())
-            .bind(before)
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.reverse();
-        rows.into_iter().map(|r| to_message(key, r)).collect()
-    }
-
-    /// Edits and reactions of the messages `first..=last`, ascending.
-    pub async fn annotations(
-        &self,
-        key: &ChannelKey,
-        first: u64,
-        last: u64,
-    ) -> Result<Vec<Arc<StoredMessage>>, StoreError> {
-        let rows: Vec<Row> = sqlx::query_as(select_entries!(
-            "WHERE channel = $1 AND target >= $2 AND target <= $3 AND kind IN (1, 3) ORDER BY seq ASC"
-        ))
-        .bind(key.storage_key())
-        .bind(i64::try_from(first).unwrap_or(i64::MAX))
-        .bind(i64::try_from(last).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter().map(|r| to_message(key, r)).collect()
-    }
-
     /// Store a read position: clamped to the latest seq, never backwards.
     pub async fn mark_read(
         &self,
@@ -460,70 +405,6 @@ impl PgStore {
         .await?)
     }
 
-    /// (channel storage key, last seq) of channels starting with `prefix`, after
-    /// `after`, by key.
-    pub async fn rooms(
-        &self,
-        prefix: &str,
-        after: &str,
-        limit: i64,
-    ) -> Result<Vec<(String, i64)>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT channel, MAX(seq) FROM messages WHERE substr(channel, 1, length($1)) = $1 \
-             AND channel > $2 GROUP BY channel ORDER BY channel LIMIT $3",
-        )
-        .bind(prefix)
-        .bind(after)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
-    /// Every ban: (user, until in ms or None, reason).
-    pub async fn bans(&self) -> Result<Vec<(String, Option<i64>, String)>, StoreError> {
-        Ok(sqlx::query_as("SELECT user_id, until_ms, reason FROM bans")
-            .fetch_all(&self.pool)
-            .await?)
-    }
-
-    pub async fn put_ban(
-        &self,
-        user: &str,
-        until: Option<i64>,
-        reason: &str,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO bans (user_id, until_ms, reason) VALUES ($1, $2, $3) \
-             ON CONFLICT (user_id) DO UPDATE SET until_ms = excluded.until_ms, reason = excluded.reason",
-        )
-        .bind(user)
-        .bind(until)
-        .bind(reason)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    /// True if there was a ban to lift.
-    pub async fn delete_ban(&self, user: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query("DELETE FROM bans WHERE user_id = $1")
-            .bind(user)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() > 0)
-    }
-
-    /// Revocations still in force at `now_ms` (older ones are deleted).
-    pub async fn revocations(&self, now_ms: i64) -> Result<Vec<(String, Option<i64>)>, StoreError> {
-        sqlx::query("DELETE FROM revocations WHERE keep_until_ms < $1")
-            .bind(now_ms)
-            .execute(&self.pool)
-            .await?;
-        Ok(sqlx::query_as("SELECT key, issued_before FROM revocations")
-            .fetch_all(&self.pool)
-            .await?)
-    }
-
     /// Store a revocation; a user's keeps the latest `issued_before` and the
     /// longest keep.
     pub async fn put_revocation(
@@ -546,63 +427,12 @@ impl PgStore {
         Ok(())
     }
 
-    /// The oldest `limit` queue rows, and the entries those of them name.
-    pub(crate) async fn webhook_batch(
-        &self,
-        limit: i64,
-    ) -> Result<(Vec<super::QueueHead>, Vec<super::QueuedRow>), StoreError> {
-        let heads: Vec<super::QueueHead> =
-            sqlx::query_as("SELECT id, created_ms, body FROM webhook_queue ORDER BY id LIMIT $1")
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?;
-        let (Some(first), Some(last)) = (heads.first(), heads.last()) else {
-            return Ok((heads, Vec::new()));
-        };
-        let entries: Vec<super::QueuedRow> = sqlx::query_as(
-            "SELECT q.id AS qid, q.created_ms AS qcreated, q.channel AS qchannel, \
-             m.seq, m.ts, m.sender, m.name, m.text, m.meta, m.client_id, m.kind, m.target, \
-             m.emoji, m.react_on, m.deleted \
-             FROM webhook_queue q JOIN messages m ON m.channel = q.channel AND m.seq = q.seq \
-             WHERE q.id >= $1 AND q.id <= $2 AND q.body IS NULL",
-        )
-        .bind(first.0)
-        .bind(last.0)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok((heads, entries))
-    }
-
-    /// Queue a non-entry event (its own transaction).
-    pub async fn queue_webhook_event(
-        &self,
-        channel: &str,
-        body: &str,
-        now_ms: i64,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO webhook_queue (channel, seq, body, created_ms) VALUES ($1, 0, $2, $3)",
-        )
-        .bind(channel)
-        .bind(body)
-        .bind(now_ms)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
     pub async fn webhook_done(&self, ids: &[i64]) -> Result<(), StoreError> {
         sqlx::query("DELETE FROM webhook_queue WHERE id = ANY($1)")
             .bind(ids)
             .execute(&self.pool)
             .await?;
         Ok(())
-    }
-
-    pub async fn webhook_len(&self) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM webhook_queue")
-            .fetch_one(&self.pool)
-            .await?)
     }
 
     /// Take the webhook lock on a connection of its own, if no other node holds it.
@@ -615,11 +445,6 @@ impl PgStore {
         // A connection without the lock goes back to the pool; one with it is
         // detached, so the lock ends with it (or with this node).
         Ok(got.then(|| super::WebhookLeader::Shared(Box::new(conn.detach()))))
-    }
-
-    pub async fn check(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
     }
 
     pub async fn close(&self) {

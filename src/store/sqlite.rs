@@ -1,7 +1,9 @@
 //! The SQLite store: WAL journal, `synchronous = FULL`, one transaction per batch.
 //!
-//! Owns: the SQLite schema (migrations/sqlite) and its queries. Must not: number
-//! messages (the hub did) or hold a transaction across anything but its own work.
+//! Owns: the SQLite schema (migrations/sqlite) and the queries written in its
+//! dialect (those both SQL stores run word for word are in `super::sql`). Must
+//! not: number messages (the hub did) or hold a transaction across anything but
+//! its own work.
 //!
 //! Durability: a commit returns only after SQLite has fsynced the WAL, so an `ack`
 //! sent after [`SqliteStore::append_blocking`] survives a crash of the process and of the OS.
@@ -9,8 +11,8 @@
 //! that arrived together), not from weakening the sync mode.
 
 use super::{
-    ChannelInit, ChannelKey, MAX_UNREAD, Row, StateRow, StoreError, StoredMessage, Which,
-    ensure_dir, kind_columns, new_epoch, to_message, to_seq,
+    ChannelInit, ChannelKey, MAX_UNREAD, StateRow, StoreError, StoredMessage, ensure_dir,
+    kind_columns, new_epoch, to_seq,
 };
 use crate::message::EntryKind;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -87,6 +89,11 @@ impl SqliteStore {
             webhooks: super::WebhookGate::default(),
             with_state: Mutex::new(with_state.into_iter().collect()),
         })
+    }
+
+    /// This store's pool, for the statements both SQL stores share.
+    pub(super) fn queries(&self) -> super::sql::Queries<'_, sqlx::Sqlite> {
+        super::sql::Queries(&self.pool)
     }
 
     pub fn epoch(&self) -> &str {
@@ -210,67 +217,6 @@ impl SqliteStore {
         }
     }
 
-    pub async fn range(
-        &self,
-        key: &ChannelKey,
-        after: u64,
-        upto: u64,
-    ) -> Result<Vec<Arc<StoredMessage>>, StoreError> {
-        let rows: Vec<Row> = sqlx::query_as(select_entries!(
-            "WHERE channel = ? AND seq > ? AND seq <= ? ORDER BY seq ASC"
-        ))
-        .bind(key.storage_key())
-        .bind(i64::try_from(after).unwrap_or(i64::MAX))
-        .bind(i64::try_from(upto).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter().map(|r| to_message(key, r)).collect()
-    }
-
-    pub async fn latest(
-        &self,
-        key: &ChannelKey,
-        before: Option<u64>,
-        limit: u64,
-        which: Which,
-    ) -> Result<Vec<Arc<StoredMessage>>, StoreError> {
-        let before = before.map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
-        let query = match which {
-            Which::Entries => {
-                select_entries!("WHERE channel = ? AND seq < ? ORDER BY seq DESC LIMIT ?")
-            }
-            Which::Messages => select_entries!(
-                "WHERE channel = ? AND seq < ? AND kind = 0 ORDER BY seq DESC LIMIT ?"
-            ),
-        };
-        let mut rows: Vec<Row> = sqlx::query_as(query)
-            .bind(key.storage_key())
-            .bind(before)
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.reverse();
-        rows.into_iter().map(|r| to_message(key, r)).collect()
-    }
-
-    /// Edits and reactions of the messages `first..=last`, ascending.
-    pub async fn annotations(
-        &self,
-        key: &ChannelKey,
-        first: u64,
-        last: u64,
-    ) -> Result<Vec<Arc<StoredMessage>>, StoreError> {
-        let rows: Vec<Row> = sqlx::query_as(select_entries!(
-            "WHERE channel = ? AND target >= ? AND target <= ? AND kind IN (1, 3) ORDER BY seq ASC"
-        ))
-        .bind(key.storage_key())
-        .bind(i64::try_from(first).unwrap_or(i64::MAX))
-        .bind(i64::try_from(last).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter().map(|r| to_message(key, r)).collect()
-    }
-
     /// Store a read position: clamped to the latest seq, never backwards.
     pub async fn mark_read(
         &self,
@@ -346,70 +292,6 @@ impl SqliteStore {
         .await?)
     }
 
-    /// (channel storage key, last seq) of channels starting with `prefix`, after
-    /// `after`, by key.
-    pub async fn rooms(
-        &self,
-        prefix: &str,
-        after: &str,
-        limit: i64,
-    ) -> Result<Vec<(String, i64)>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT channel, MAX(seq) FROM messages WHERE substr(channel, 1, length(?1)) = ?1 \
-             AND channel > ?2 GROUP BY channel ORDER BY channel LIMIT ?3",
-        )
-        .bind(prefix)
-        .bind(after)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
-    /// Every ban: (user, until in ms or None, reason).
-    pub async fn bans(&self) -> Result<Vec<(String, Option<i64>, String)>, StoreError> {
-        Ok(sqlx::query_as("SELECT user_id, until_ms, reason FROM bans")
-            .fetch_all(&self.pool)
-            .await?)
-    }
-
-    pub async fn put_ban(
-        &self,
-        user: &str,
-        until: Option<i64>,
-        reason: &str,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO bans (user_id, until_ms, reason) VALUES (?1, ?2, ?3) \
-             ON CONFLICT (user_id) DO UPDATE SET until_ms = excluded.until_ms, reason = excluded.reason",
-        )
-        .bind(user)
-        .bind(until)
-        .bind(reason)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    /// True if there was a ban to lift.
-    pub async fn delete_ban(&self, user: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query("DELETE FROM bans WHERE user_id = ?1")
-            .bind(user)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() > 0)
-    }
-
-    /// Revocations still in force at `now_ms` (older ones are deleted).
-    pub async fn revocations(&self, now_ms: i64) -> Result<Vec<(String, Option<i64>)>, StoreError> {
-        sqlx::query("DELETE FROM revocations WHERE keep_until_ms < ?1")
-            .bind(now_ms)
-            .execute(&self.pool)
-            .await?;
-        Ok(sqlx::query_as("SELECT key, issued_before FROM revocations")
-            .fetch_all(&self.pool)
-            .await?)
-    }
-
     /// Store a revocation; a user's keeps the latest `issued_before` and the
     /// longest keep.
     pub async fn put_revocation(
@@ -432,51 +314,6 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// The oldest `limit` queue rows, and the entries those of them name.
-    pub(crate) async fn webhook_batch(
-        &self,
-        limit: i64,
-    ) -> Result<(Vec<super::QueueHead>, Vec<super::QueuedRow>), StoreError> {
-        let heads: Vec<super::QueueHead> =
-            sqlx::query_as("SELECT id, created_ms, body FROM webhook_queue ORDER BY id LIMIT ?1")
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?;
-        let (Some(first), Some(last)) = (heads.first(), heads.last()) else {
-            return Ok((heads, Vec::new()));
-        };
-        let entries: Vec<super::QueuedRow> = sqlx::query_as(
-            "SELECT q.id AS qid, q.created_ms AS qcreated, q.channel AS qchannel, \
-             m.seq, m.ts, m.sender, m.name, m.text, m.meta, m.client_id, m.kind, m.target, \
-             m.emoji, m.react_on, m.deleted \
-             FROM webhook_queue q JOIN messages m ON m.channel = q.channel AND m.seq = q.seq \
-             WHERE q.id >= ?1 AND q.id <= ?2 AND q.body IS NULL",
-        )
-        .bind(first.0)
-        .bind(last.0)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok((heads, entries))
-    }
-
-    /// Queue a non-entry event (its own transaction).
-    pub async fn queue_webhook_event(
-        &self,
-        channel: &str,
-        body: &str,
-        now_ms: i64,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO webhook_queue (channel, seq, body, created_ms) VALUES (?1, 0, ?2, ?3)",
-        )
-        .bind(channel)
-        .bind(body)
-        .bind(now_ms)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
     pub async fn webhook_done(&self, ids: &[i64]) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         for id in ids {
@@ -486,17 +323,6 @@ impl SqliteStore {
                 .await?;
         }
         tx.commit().await?;
-        Ok(())
-    }
-
-    pub async fn webhook_len(&self) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM webhook_queue")
-            .fetch_one(&self.pool)
-            .await?)
-    }
-
-    pub async fn check(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
 
