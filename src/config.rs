@@ -797,6 +797,9 @@ impl Config {
                 "must be at most 1000 (one second)",
             ));
         }
+        if self.commit_interval_ms > 100 {
+            return Err(invalid("commit_interval_ms", "must be at most 100"));
+        }
         if self.node_timeout < Duration::from_secs(1) {
             return Err(invalid("node_timeout", "must be at least 1 second"));
         }
@@ -896,6 +899,8 @@ settings! {
         "threads that write a room's messages straight into the sockets of idle plain-TCP connections, instead of waking each connection's session (at a lower priority than the rest of the server); 0: off, better where the node shares its cores with other busy processes";
     batch_delay_ms: u32 = "25"; Value "MS";
         "a busy room's messages to connections that asked for batches (`hello` with `batch: true`) are written at most this often, so that more leave in one write (a quiet room's next message leaves at once, and a connection's write is held only while its queue is under half full); 0: at once; at most 1000";
+    commit_interval_ms: u32 = "1"; Value "MS";
+        "under load, store commits (a write and an fsync each) start at most once this often, each storing every message that came meanwhile: fewer, fuller commits (a message after a quiet spell commits at once); 0: at once; at most 100";
     presence_events_max: usize = "1000"; Value "N";
         "rooms with more members than this get a `members` count (at most once a second) instead of per-user `member` events";
     api_keys: Vec<String> = ""; ["none: the API is off"] Repeat "KEY";
@@ -1118,6 +1123,15 @@ mod tests {
         assert!(err.to_string().starts_with("batch_delay_ms:"), "{err}");
         let ok = resolve(ServeArgs::default().with("batch_delay_ms", "1000")).expect("accepted");
         assert_eq!(ok.batch_delay_ms, 1000);
+    }
+
+    #[test]
+    fn a_commit_interval_over_100_ms_is_refused() {
+        let err =
+            resolve(ServeArgs::default().with("commit_interval_ms", "101")).expect_err("refused");
+        assert!(err.to_string().starts_with("commit_interval_ms:"), "{err}");
+        let ok = resolve(ServeArgs::default().with("commit_interval_ms", "100")).expect("accepted");
+        assert_eq!(ok.commit_interval_ms, 100);
     }
 
     #[test]

@@ -111,6 +111,7 @@ impl Server {
             max_reply_bytes: config.max_reply_bytes,
             writer_threads: config.writer_threads,
             batch_delay: std::time::Duration::from_millis(u64::from(config.batch_delay_ms)),
+            commit_interval: std::time::Duration::from_millis(u64::from(config.commit_interval_ms)),
         };
         let hub = Hub::start(store, broker, metrics.clone(), options);
         crate::hooks::webhooks::Webhooks::start(&config, &hub, shutdown.clone())?;

@@ -194,6 +194,9 @@ pub struct HubOptions {
     /// A room's batching members are written at most this often while its
     /// messages keep coming ([`writers::Writers::due`]); zero: at once.
     pub batch_delay: std::time::Duration,
+    /// Under load, store commits start at most once this often, each with
+    /// everything that came meanwhile ([`committer`]); zero: at once.
+    pub commit_interval: std::time::Duration,
 }
 
 impl Default for HubOptions {
@@ -203,6 +206,7 @@ impl Default for HubOptions {
             max_reply_bytes: 512 * 1024,
             writer_threads: 0,
             batch_delay: std::time::Duration::ZERO,
+            commit_interval: std::time::Duration::ZERO,
         }
     }
 }
