@@ -2,11 +2,11 @@
 //! [`Database`] (SQLite reads PostgreSQL's `$N` parameters as they are).
 //!
 //! Owns: those shared statements: reads of a channel's entries, the rooms list,
-//! bans, revocations in force, and the webhook queue's reads and inserts. Must
-//! not: hold anything a dialect decides (upserts built on `GREATEST` or `MIN`, the
-//! numbering transaction, `channels` bookkeeping, deleting many queue rows at
-//! once): those stay in [`super::sqlite`] and [`super::postgres`], next to the
-//! dialect they are written in.
+//! bans, revocations in force, and the webhook queue's reads and inserts.
+//! Must not: hold anything a dialect decides (upserts built on `GREATEST` or
+//! `MIN`, the numbering transaction, `channels` bookkeeping, deleting many queue
+//! rows at once): those stay in [`super::sqlite`] and [`super::postgres`], next to
+//! the dialect they are written in.
 
 /// `SELECT <every column of an entry> FROM messages <rest>`: the column list
 /// matching [`Row`].

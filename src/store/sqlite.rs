@@ -1,9 +1,9 @@
 //! The SQLite store: WAL journal, `synchronous = FULL`, one transaction per batch.
 //!
 //! Owns: the SQLite schema (migrations/sqlite) and the queries written in its
-//! dialect (those both SQL stores run word for word are in `super::sql`). Must
-//! not: number messages (the hub did) or hold a transaction across anything but
-//! its own work.
+//! dialect (those both SQL stores run word for word are in `super::sql`).
+//! Must not: number messages (the hub did) or hold a transaction across anything
+//! but its own work.
 //!
 //! Durability: a commit returns only after SQLite has fsynced the WAL, so an `ack`
 //! sent after [`SqliteStore::append_blocking`] survives a crash of the process and of the OS.
