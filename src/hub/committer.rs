@@ -52,9 +52,9 @@ pub const MAX_BATCH: usize = 2048;
 /// messages (18,000 commits in an 11 s run), and each commit cost the server
 /// ~150 µs of CPU (the write and the fsync's VM exits, the worker handing off its
 /// tasks around the blocking call, the wake-ups). With a 1 ms interval there were
-/// a quarter as many commits and far less server CPU, also at 1,000 members in the
-/// room, where each batch is one push per member (BENCHMARKS.md, "the commit
-/// interval"). The wait is at most `interval` plus the timer's tick (tokio's
+/// a third as many commits and 40 % less server CPU for that run, 17 % less at
+/// 1,000 members in the room, where each batch is also one push per member, for
+/// acks 1.5-2.5 ms later under load (BENCHMARKS.md, "the commit interval"). The wait is at most `interval` plus the timer's tick (tokio's
 /// timers count whole milliseconds). PostgreSQL's `commit_delay` does the like
 /// for its WAL flushes.
 async fn top_up(
