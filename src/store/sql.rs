@@ -45,6 +45,23 @@ where
     for<'r> (i64,): FromRow<'r, DB::Row>,
     for<'r> (String,): FromRow<'r, DB::Row>,
 {
+    /// A channel's entry rows that `sql` picks: `$1` is the channel, `$2` and `$3`
+    /// two bounds (saturated into SQL's i64), in the order `sql` gives them.
+    async fn entries(
+        &self,
+        sql: &'static str,
+        key: &ChannelKey,
+        low: u64,
+        high: u64,
+    ) -> Result<Vec<Row>, StoreError> {
+        Ok(sqlx::query_as(sql)
+            .bind(key.storage_key())
+            .bind(i64::try_from(low).unwrap_or(i64::MAX))
+            .bind(i64::try_from(high).unwrap_or(i64::MAX))
+            .fetch_all(self.0)
+            .await?)
+    }
+
     /// A channel's entries `after < seq <= upto`, ascending.
     pub async fn range(
         &self,
@@ -52,14 +69,8 @@ where
         after: u64,
         upto: u64,
     ) -> Result<Vec<Arc<StoredMessage>>, StoreError> {
-        let rows: Vec<Row> = sqlx::query_as(select_entries!(
-            "WHERE channel = $1 AND seq > $2 AND seq <= $3 ORDER BY seq ASC"
-        ))
-        .bind(key.storage_key())
-        .bind(i64::try_from(after).unwrap_or(i64::MAX))
-        .bind(i64::try_from(upto).unwrap_or(i64::MAX))
-        .fetch_all(self.0)
-        .await?;
+        let sql = select_entries!("WHERE channel = $1 AND seq > $2 AND seq <= $3 ORDER BY seq ASC");
+        let rows = self.entries(sql, key, after, upto).await?;
         rows.into_iter().map(|r| to_message(key, r)).collect()
     }
 
@@ -71,8 +82,7 @@ where
         limit: u64,
         which: Which,
     ) -> Result<Vec<Arc<StoredMessage>>, StoreError> {
-        let before = before.map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
-        let query = match which {
+        let sql = match which {
             Which::Entries => {
                 select_entries!("WHERE channel = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3")
             }
@@ -80,11 +90,8 @@ where
                 "WHERE channel = $1 AND seq < $2 AND kind = 0 ORDER BY seq DESC LIMIT $3"
             ),
         };
-        let mut rows: Vec<Row> = sqlx::query_as(query)
-            .bind(key.storage_key())
-            .bind(before)
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(self.0)
+        let mut rows = self
+            .entries(sql, key, before.unwrap_or(u64::MAX), limit)
             .await?;
         rows.reverse();
         rows.into_iter().map(|r| to_message(key, r)).collect()
@@ -97,14 +104,10 @@ where
         first: u64,
         last: u64,
     ) -> Result<Vec<Arc<StoredMessage>>, StoreError> {
-        let rows: Vec<Row> = sqlx::query_as(select_entries!(
+        let sql = select_entries!(
             "WHERE channel = $1 AND target >= $2 AND target <= $3 AND kind IN (1, 3) ORDER BY seq ASC"
-        ))
-        .bind(key.storage_key())
-        .bind(i64::try_from(first).unwrap_or(i64::MAX))
-        .bind(i64::try_from(last).unwrap_or(i64::MAX))
-        .fetch_all(self.0)
-        .await?;
+        );
+        let rows = self.entries(sql, key, first, last).await?;
         rows.into_iter().map(|r| to_message(key, r)).collect()
     }
 
