@@ -510,9 +510,10 @@ fn read_into_scratch(
     Got::Frames
 }
 
-/// One connection's reader: parse frames in place, scan them for markers, count
-/// and time deliveries, answer pings, and merge its latencies into the shared
-/// histogram every 100 ms.
+/// One connection's reader: read through its core's shared buffer
+/// ([`read_into_scratch`]), scan the frames for markers, count and time
+/// deliveries, answer pings, and see its latencies merged into the shared
+/// histograms 100 ms after its first unmerged delivery.
 async fn receive(
     read: OwnedReadHalf,
     mut buf: BytesMut,
