@@ -57,25 +57,29 @@ pub const MAX_BATCH: usize = 2048;
 /// acks 1.5-2.5 ms later under load (BENCHMARKS.md, "the commit interval"). The wait is at most `interval` plus the timer's tick (tokio's
 /// timers count whole milliseconds). PostgreSQL's `commit_delay` does the like
 /// for its WAL flushes.
+///
+/// Returns when the batch is ready: its commit's start, for the next call.
 async fn top_up(
     rx: &mut mpsc::Receiver<Job>,
     jobs: &mut Vec<Job>,
     last_start: Option<tokio::time::Instant>,
     interval: Duration,
-) {
+) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
     let Some(due) = last_start.map(|start| start + interval) else {
-        return;
+        return now;
     };
-    if jobs.len() >= MAX_BATCH || tokio::time::Instant::now() >= due {
-        return;
+    if jobs.len() >= MAX_BATCH || now >= due {
+        return now;
     }
     tokio::time::sleep_until(due).await;
     while jobs.len() < MAX_BATCH {
         match rx.try_recv() {
             Ok(job) => jobs.push(job),
-            Err(_) => return,
+            Err(_) => break,
         }
     }
+    tokio::time::Instant::now()
 }
 
 pub enum Job {
@@ -168,10 +172,10 @@ async fn run_local(mut rx: mpsc::Receiver<Job>, hub: Arc<Hub>, store: &LocalStor
         if rx.recv_many(&mut jobs, MAX_BATCH).await == 0 {
             break;
         }
-        top_up(&mut rx, &mut jobs, last_start, interval).await;
+        let ready = top_up(&mut rx, &mut jobs, last_start, interval).await;
         appends(&jobs, &mut msgs);
         if !msgs.is_empty() {
-            last_start = Some(tokio::time::Instant::now());
+            last_start = Some(ready);
             commit(store, &msgs, &metrics, &hub).await;
         }
         let stopping = jobs.iter().any(|j| matches!(j, Job::Stop(_)));
@@ -202,10 +206,10 @@ async fn run_shared(mut rx: mpsc::Receiver<Job>, hub: Arc<Hub>, store: &PgStore)
         if rx.recv_many(&mut jobs, MAX_BATCH).await == 0 {
             return;
         }
-        top_up(&mut rx, &mut jobs, last_start, interval).await;
+        let ready = top_up(&mut rx, &mut jobs, last_start, interval).await;
         appends(&jobs, &mut msgs);
         if !msgs.is_empty() {
-            last_start = Some(tokio::time::Instant::now());
+            last_start = Some(ready);
         }
         if let Some(tx) = commit_sequenced(store, &hub, &metrics, &msgs, &mut jobs).await {
             let _ = tx.send(());
