@@ -294,6 +294,27 @@ async fn an_unknown_route_is_404_with_the_error_body() {
 }
 
 #[tokio::test]
+async fn a_method_the_path_does_not_take_is_404_with_the_error_body() {
+    let s = api_server(&[]).await;
+    for (method, path) in [
+        ("PUT", "/api/v1/rooms"),
+        ("DELETE", "/api/v1/rooms/lobby/messages"),
+        ("GET", "/api/v1/users/alice/ban"),
+        ("PATCH", "/api/v1/tokens/revoke"),
+    ] {
+        let (st, v, _) = http(s.addr, method, path, &[AUTH], Some("{}")).await;
+        assert_error((st, v), 404, "not_found");
+    }
+}
+
+#[tokio::test]
+async fn a_method_the_path_does_not_take_still_needs_the_key() {
+    let s = api_server(&[]).await;
+    let (st, v, _) = http(s.addr, "PUT", "/api/v1/rooms", &[], None).await;
+    assert_error((st, v), 401, "unauthorized");
+}
+
+#[tokio::test]
 async fn malformed_or_wrongly_typed_bodies_are_400_and_store_nothing() {
     let s = api_server(&[]).await;
     for body in [

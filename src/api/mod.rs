@@ -95,8 +95,17 @@ pub fn routes<S: Clone + Send + Sync + 'static>(state: Arc<AppState>) -> Router<
         keys,
         buckets: Arc::new(Mutex::new(buckets)),
     };
+    // A route is a method and a path (SERVER-API.md's table): a method the path
+    // does not take is an unknown route too, 404 with the error body, not axum's
+    // bodiless 405 (the contract's errors all carry the body, and 405 has no code).
     routes::router()
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such route") })
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            ApiError::new(
+                ErrorCode::NotFound,
+                format!("no such route: this path does not take {method}"),
+            )
+        })
         .layer(middleware::from_fn_with_state(api.clone(), guard))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(api)
