@@ -324,6 +324,8 @@ async fn malformed_or_wrongly_typed_bodies_are_400_and_store_nothing() {
         "{\"text\": \"\"}",
         "{\"text\": \"x\", \"meta\": [1]}",
         "{\"text\": \"x\", \"from\": 7}",
+        "{\"text\": \"x\", \"from\": \"a\\u0001b\"}",
+        "{\"text\": \"x\", \"from\": \"   \"}",
         "{}",
     ] {
         let (st, v, _) = http(

@@ -541,12 +541,14 @@ impl Fields<'_> {
         Ok(room.to_owned())
     }
 
+    /// A user id: the rule for a token's `sub` ([`valid_user_id`]), which every
+    /// user id the server hands out (a `sub`, a guest's name) follows, so nothing
+    /// else can name a user.
     fn user_id(&self, key: &str) -> Result<String, CommandError> {
         let user = self.req_str(key)?;
-        let chars = user.chars().count();
-        if chars == 0 || chars > MAX_USER_ID_CHARS {
+        if !valid_user_id(user) {
             return Err(CommandError::bad_request(format!(
-                "{key} must be a user id of 1-{MAX_USER_ID_CHARS} characters"
+                "{key} must be a user id: 1-{MAX_USER_ID_CHARS} characters, no control characters, not only spaces"
             )));
         }
         Ok(user.to_owned())
@@ -706,6 +708,33 @@ mod tests {
         assert_eq!(f.error.code, ErrorCode::TooLarge);
         // Exactly 10 code points of 2 bytes each passes although it is 20 bytes.
         assert!(parse_command(r#"{"type":"send","room":"r","text":"éééééééééé"}"#, LIMITS).is_ok());
+    }
+
+    #[test]
+    fn a_user_id_with_a_control_character_or_only_spaces_is_bad_request() {
+        for frame in [
+            r#"{"type":"direct","to":"a\u0001b","text":"x"}"#,
+            r#"{"type":"direct","to":"   ","text":"x"}"#,
+            r#"{"type":"presence","room":"r","after":"a\nb"}"#,
+            r#"{"type":"history","dm":"a\u007fb"}"#,
+        ] {
+            let f = err_of(frame);
+            assert_eq!(f.error.code, ErrorCode::BadRequest, "{frame}");
+            assert!(
+                f.error.message.contains("user id"),
+                "{frame}: {}",
+                f.error.message
+            );
+        }
+    }
+
+    #[test]
+    fn an_api_post_from_a_user_id_with_a_control_character_is_bad_request() {
+        let e =
+            parse_api_post(br#"{"text":"x","from":"a\u0001b"}"#, LIMITS).expect_err("should fail");
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        assert!(e.message.contains("from"), "{}", e.message);
+        assert!(parse_api_post(br#"{"text":"x","from":"guest:bob"}"#, LIMITS).is_ok());
     }
 
     #[test]
