@@ -75,3 +75,44 @@ test("a new token for another user is refused and the page says so", async () =>
     await server.stop();
   }
 });
+
+test("the SDK back with a token that expired while it was away asks getToken for a new one and connects with it", async () => {
+  const server = await new Server(["--jwt-secret", SECRET]).start();
+  try {
+    const context = await browser.newContext();
+    const page = await context.newPage();
+    page.on("pageerror", (e) => console.error("[sdk] page error:", e));
+    await page.goto(server.http + "/");
+    const stale = jwt({ sub: "alice", exp: now() - 60 });
+    const fresh = jwt({ sub: "alice", exp: now() + 600 });
+    const got = await page.evaluate(
+      async ({ url, stale, fresh }) => {
+        const { Hubbub } = await import("/hubbub.js");
+        let asked = 0;
+        const hub = new Hubbub({
+          url,
+          token: stale,
+          getToken: async () => {
+            asked += 1;
+            return fresh;
+          },
+        });
+        const closes = [];
+        hub.on("state", (ev) => {
+          if (ev.code) closes.push(`${ev.code} ${ev.reason}`);
+        });
+        const welcome = await hub.connect();
+        const seen = [...closes];
+        hub.close();
+        return { type: welcome.type, user: welcome.user, asked, closes: seen };
+      },
+      { url: server.ws, stale, fresh },
+    );
+    assert.equal(got.type, "welcome");
+    assert.equal(got.user, "alice");
+    assert.equal(got.asked, 1, "one new token asked for");
+    assert.deepEqual(got.closes, ["4001 token expired"], "the close said why");
+  } finally {
+    await server.stop();
+  }
+});

@@ -113,6 +113,19 @@ async fn expired_token_gets_unauthorized_then_4001() {
 }
 
 #[tokio::test]
+async fn an_expired_tokens_close_says_token_expired_so_a_client_knows_to_get_a_new_one() {
+    let s = Server::start(&["--jwt-secret", "k"]).await;
+    let t = jwt_hs256("k", json!({"sub": "late", "exp": now_secs() - 60}));
+    let mut c = s.client().await;
+    let e = c.request(json!({"type": "hello", "token": t})).await;
+    assert_eq!(e["type"], "error", "{e}");
+    assert_eq!(e["message"], "token expired");
+    let (closed, _) = c.expect_close(Duration::from_secs(5)).await;
+    assert_eq!(closed, Closed::Code(4001));
+    assert_eq!(c.close_reason.as_deref(), Some("token expired"));
+}
+
+#[tokio::test]
 async fn bad_signature_gets_unauthorized_then_4001() {
     let s = Server::start(&["--jwt-secret", "k"]).await;
     let t = jwt_hs256("other", json!({"sub": "x"}));

@@ -737,6 +737,20 @@ async fn a_ban_closes_the_user_and_refuses_their_hello_with_4001() {
 }
 
 #[tokio::test]
+async fn a_banned_users_hello_is_closed_with_4001_giving_the_ban_and_its_reason() {
+    let s = api_server(&[]).await;
+    let (st, v) = post(&s, "/api/v1/users/ann/ban", json!({"reason": "abuse"})).await;
+    assert_eq!(st, 200, "{v}");
+    let mut c = s.client().await;
+    let r = c.request(json!({"type": "hello", "name": "ann"})).await;
+    assert_eq!(r["type"], "error", "{r}");
+    assert_eq!(r["message"], "banned: abuse");
+    let (closed, _) = c.expect_close(Duration::from_secs(2)).await;
+    assert_eq!(closed, Closed::Code(4001));
+    assert_eq!(c.close_reason.as_deref(), Some("banned: abuse"));
+}
+
+#[tokio::test]
 async fn a_ban_survives_a_restart_and_an_unban_lifts_it() {
     let mut s = api_server(&[]).await;
     let (st, v) = post(&s, "/api/v1/users/ann/ban", json!({})).await;
@@ -995,6 +1009,20 @@ async fn revoking_a_jti_closes_its_connections_and_refuses_it_but_not_other_toke
         r["type"], "welcome",
         "another token of the user is fine: {r}"
     );
+}
+
+#[tokio::test]
+async fn a_revoked_tokens_hello_is_closed_with_4001_saying_token_revoked() {
+    let s = jwt_api_server(None).await;
+    let old = token(json!({"sub": "ann", "jti": "t-1"}));
+    let (st, v) = post(&s, "/api/v1/tokens/revoke", json!({"jti": "t-1"})).await;
+    assert_eq!(st, 200, "{v}");
+    let (mut c, r) = token_hello(&s, &old).await;
+    assert_eq!(r["type"], "error", "{r}");
+    assert_eq!(r["message"], "token revoked");
+    let (closed, _) = c.expect_close(Duration::from_secs(2)).await;
+    assert_eq!(closed, Closed::Code(4001));
+    assert_eq!(c.close_reason.as_deref(), Some("token revoked"));
 }
 
 #[tokio::test]

@@ -171,11 +171,17 @@ impl Session {
             Err(e) => {
                 let remote = self.state.session_ip(self.id);
                 tracing::info!(conn = self.id, remote = ?remote, error = %e, "hello refused");
-                self.reply_error(
-                    id,
-                    &CommandError::new(ErrorCode::Unauthorized, e.to_string()),
-                );
-                return Some(Exit::close(close::UNAUTHORIZED, "unauthorized"));
+                // The close frame's reason is the error's: a client that reconnects
+                // with a token that expired meanwhile reads "token expired" in the
+                // close and asks for a new one (the bundled SDK does), where
+                // "unauthorized" left it closed for good.
+                let why = e.to_string();
+                self.reply_error(id, &CommandError::new(ErrorCode::Unauthorized, why.clone()));
+                return Some(Exit::Close {
+                    code: close::UNAUTHORIZED,
+                    reason: why.into(),
+                    announce: false,
+                });
             }
         };
         tracing::Span::current().record("user", identity.user.as_str());
@@ -213,9 +219,15 @@ impl Session {
         }) {
             self.state.hub.unregister(&conn, std::iter::empty::<&str>());
             let remote = self.state.session_ip(self.id);
-            tracing::info!(conn = self.id, remote = ?remote, "hello refused: banned");
-            self.reply_error(id, &CommandError::new(ErrorCode::Unauthorized, why));
-            return Some(Exit::close(close::UNAUTHORIZED, "banned"));
+            tracing::info!(conn = self.id, remote = ?remote, why = %why, "hello refused");
+            // The close frame says what the `error` says (a ban, with its reason,
+            // or a revoked token), as PROTOCOL.md asks of every 4001.
+            self.reply_error(id, &CommandError::new(ErrorCode::Unauthorized, why.clone()));
+            return Some(Exit::Close {
+                code: close::UNAUTHORIZED,
+                reason: why.into(),
+                announce: false,
+            });
         }
         let cfg = &self.state.config;
         let closed = self

@@ -315,6 +315,8 @@ pub struct Client {
     next_id: i64,
     /// Every close seen while reading, kept for `expect_close`.
     closed: Option<Closed>,
+    /// The reason in the server's close frame, once one has arrived.
+    pub close_reason: Option<String>,
 }
 
 impl Client {
@@ -331,6 +333,7 @@ impl Client {
             buffered: VecDeque::new(),
             next_id: 1000,
             closed: None,
+            close_reason: None,
         }
     }
 
@@ -391,6 +394,7 @@ impl Client {
                     return self.buffered.pop_front();
                 }
                 Some(Ok(Message::Close(f))) => {
+                    self.close_reason = f.as_ref().map(|f| f.reason.to_string());
                     self.closed = Some(Closed::Code(f.map_or(1005, |f: CloseFrame| f.code.into())));
                     return None;
                 }
