@@ -177,11 +177,7 @@ impl Session {
                 // "unauthorized" left it closed for good.
                 let why = e.to_string();
                 self.reply_error(id, &CommandError::new(ErrorCode::Unauthorized, why.clone()));
-                return Some(Exit::Close {
-                    code: close::UNAUTHORIZED,
-                    reason: why.into(),
-                    announce: false,
-                });
+                return Some(Exit::close(close::UNAUTHORIZED, why));
             }
         };
         tracing::Span::current().record("user", identity.user.as_str());
@@ -221,13 +217,9 @@ impl Session {
             let remote = self.state.session_ip(self.id);
             tracing::info!(conn = self.id, remote = ?remote, why = %why, "hello refused");
             // The close frame says what the `error` says (a ban, with its reason,
-            // or a revoked token), as PROTOCOL.md asks of every 4001.
+            // or a revoked token), as docs/PROTOCOL.md says of a refused hello.
             self.reply_error(id, &CommandError::new(ErrorCode::Unauthorized, why.clone()));
-            return Some(Exit::Close {
-                code: close::UNAUTHORIZED,
-                reason: why.into(),
-                announce: false,
-            });
+            return Some(Exit::close(close::UNAUTHORIZED, why));
         }
         let cfg = &self.state.config;
         let closed = self

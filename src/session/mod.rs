@@ -77,10 +77,10 @@ impl Exit {
             announce: true,
         }
     }
-    fn close(code: u16, reason: &'static str) -> Exit {
+    fn close(code: u16, reason: impl Into<Cow<'static, str>>) -> Exit {
         Exit::Close {
             code,
-            reason: Cow::Borrowed(reason),
+            reason: reason.into(),
             announce: false,
         }
     }
