@@ -138,16 +138,11 @@ fn number(q: &HashMap<String, String>, key: &str) -> Result<Option<u64>, ApiErro
         .transpose()
 }
 
-/// `limit`: default `default`, 1..=`max`.
+/// `limit`: default `default`; above `max` it counts as `max` and 0 as 1, as the
+/// WebSocket `history` and `presence` commands clamp theirs (SERVER-API.md: the
+/// same limits give the same answers). Only what is not a whole number is 400.
 fn limit(q: &HashMap<String, String>, default: u64, max: u64) -> Result<u64, ApiError> {
-    let n = number(q, "limit")?.unwrap_or(default);
-    if n == 0 || n > max {
-        return Err(ApiError::new(
-            ErrorCode::BadRequest,
-            format!("limit must be 1-{max}"),
-        ));
-    }
-    Ok(n)
+    Ok(number(q, "limit")?.unwrap_or(default).clamp(1, max))
 }
 
 /// `Idempotency-Key`, at most 64 characters: the message's `client_id`.
