@@ -814,7 +814,10 @@ impl Config {
                 let value = match key {
                     "jwt_secret" if self.jwt_secret.is_some() => "\"********\"".to_owned(),
                     "webhook_secret" if self.webhook_secret.is_some() => "\"********\"".to_owned(),
-                    "api_keys" => format!("\"({} keys)\"", self.api_keys.len()),
+                    "api_keys" => match self.api_keys.len() {
+                        1 => "\"(1 key)\"".to_owned(),
+                        n => format!("\"({n} keys)\""),
+                    },
                     "database_url" | "redis_url" => mask_url(&value),
                     _ => value,
                 };
@@ -1134,6 +1137,20 @@ mod tests {
     #[test]
     fn a_commit_interval_over_100_ms_is_refused() {
         assert_at_most("commit_interval_ms", 100, |c| c.commit_interval_ms);
+    }
+
+    #[test]
+    fn config_check_counts_the_api_keys_and_never_shows_them() {
+        let one = resolve(ServeArgs::default().with("api_keys", "key-one-0123456789"))
+            .unwrap()
+            .describe();
+        assert!(one.contains("api_keys = \"(1 key)\""), "{one}");
+        let two =
+            resolve(ServeArgs::default().with("api_keys", "key-one-0123456789,key-two-0123456789"))
+                .unwrap()
+                .describe();
+        assert!(two.contains("api_keys = \"(2 keys)\""), "{two}");
+        assert!(!two.contains("0123456789"), "{two}");
     }
 
     #[test]
