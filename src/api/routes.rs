@@ -138,11 +138,12 @@ fn number(q: &HashMap<String, String>, key: &str) -> Result<Option<u64>, ApiErro
         .transpose()
 }
 
-/// `limit`: default `default`; above `max` it counts as `max` and 0 as 1, as the
-/// WebSocket `history` and `presence` commands clamp theirs (SERVER-API.md: the
-/// same limits give the same answers). Only what is not a whole number is 400.
-fn limit(q: &HashMap<String, String>, default: u64, max: u64) -> Result<u64, ApiError> {
-    Ok(number(q, "limit")?.unwrap_or(default).clamp(1, max))
+/// `limit`: default `default`, clamped to `min..=max` as the WebSocket `history`
+/// (0 is no messages) and `presence` (0 counts as 1) commands clamp theirs
+/// (SERVER-API.md: the same limits give the same answers). Only what is not a
+/// whole number is 400.
+fn limit(q: &HashMap<String, String>, default: u64, min: u64, max: u64) -> Result<u64, ApiError> {
+    Ok(number(q, "limit")?.unwrap_or(default).clamp(min, max))
 }
 
 /// `Idempotency-Key`, at most 64 characters: the message's `client_id`.
@@ -248,7 +249,7 @@ async fn room_history(
     let room = room_of(path)?;
     let q = query_of(q)?;
     let before = number(&q, "before")?;
-    let limit = limit(&q, DEFAULT_HISTORY, MAX_HISTORY)?;
+    let limit = limit(&q, DEFAULT_HISTORY, 0, MAX_HISTORY)?;
     // `current=true`: messages only, each in its current state (PROTOCOL.md 1.1).
     let current = match q.get("current").map(String::as_str) {
         None | Some("false") => false,
@@ -352,7 +353,7 @@ async fn room_presence(
     let room = room_of(path)?;
     let q = query_of(q)?;
     let max = MAX_PRESENCE_PAGE as u64;
-    let limit = usize::try_from(limit(&q, max, max)?).unwrap_or(MAX_PRESENCE_PAGE);
+    let limit = usize::try_from(limit(&q, max, 1, max)?).unwrap_or(MAX_PRESENCE_PAGE);
     let after = q.get("after").map(String::as_str);
     let page = api.state.hub.presence_page(&room, after, limit).await?;
     let body = Presence {
@@ -379,7 +380,7 @@ async fn list_rooms(State(api): State<Api>, q: Query_) -> Result<Response, ApiEr
             ));
         }
     }
-    let limit = limit(&q, DEFAULT_ROOMS_PAGE as u64, MAX_ROOMS_PAGE as u64)?;
+    let limit = limit(&q, DEFAULT_ROOMS_PAGE as u64, 1, MAX_ROOMS_PAGE as u64)?;
     let limit = usize::try_from(limit).unwrap_or(MAX_ROOMS_PAGE);
     let page = api.state.hub.rooms_page(prefix, after, limit).await?;
     let body = RoomsPage {
