@@ -43,6 +43,15 @@ impl Session {
         self.outbox.push(protocol::error_event(id, err).into());
     }
 
+    /// Refuse a `hello` as unauthorized: the `error`, then 4001 with the same
+    /// reason in the close frame (docs/PROTOCOL.md). A client that reconnects with
+    /// a token that expired meanwhile reads "token expired" there and asks for a
+    /// new one (the bundled SDK does); a bare "unauthorized" left it closed.
+    fn refuse_hello(&self, id: Option<&CommandId>, why: String) -> Exit {
+        self.reply_error(id, &CommandError::new(ErrorCode::Unauthorized, why.clone()));
+        Exit::close(close::UNAUTHORIZED, why)
+    }
+
     fn rate_limited(&self, id: Option<&CommandId>) {
         self.state.metrics.rate_limited.increment(1);
         self.reply_error(
@@ -171,13 +180,7 @@ impl Session {
             Err(e) => {
                 let remote = self.state.session_ip(self.id);
                 tracing::info!(conn = self.id, remote = ?remote, error = %e, "hello refused");
-                // The close frame's reason is the error's: a client that reconnects
-                // with a token that expired meanwhile reads "token expired" in the
-                // close and asks for a new one (the bundled SDK does), where
-                // "unauthorized" left it closed for good.
-                let why = e.to_string();
-                self.reply_error(id, &CommandError::new(ErrorCode::Unauthorized, why.clone()));
-                return Some(Exit::close(close::UNAUTHORIZED, why));
+                return Some(self.refuse_hello(id, e.to_string()));
             }
         };
         tracing::Span::current().record("user", identity.user.as_str());
@@ -216,10 +219,7 @@ impl Session {
             self.state.hub.unregister(&conn, std::iter::empty::<&str>());
             let remote = self.state.session_ip(self.id);
             tracing::info!(conn = self.id, remote = ?remote, why = %why, "hello refused");
-            // The close frame says what the `error` says (a ban, with its reason,
-            // or a revoked token), as docs/PROTOCOL.md says of a refused hello.
-            self.reply_error(id, &CommandError::new(ErrorCode::Unauthorized, why.clone()));
-            return Some(Exit::close(close::UNAUTHORIZED, why));
+            return Some(self.refuse_hello(id, why));
         }
         let cfg = &self.state.config;
         let closed = self
